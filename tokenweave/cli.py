@@ -1,0 +1,134 @@
+"""The ``tokenweave`` command.
+
+    tokenweave train --config configs/sft_tiny.yaml [--key value ...]
+    tokenweave eval --model smollm2-135m [--adapter out/checkpoint] [--output results.json]
+    tokenweave sample --model smollm2-135m --output data/samples [--num_samples_per_prompt 4]
+    tokenweave pairs --samples data/samples --output data/pairs
+    tokenweave quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _eval_command(args) -> None:
+    from .evaluate import evaluate_model
+
+    result = evaluate_model(
+        args.model,
+        adapter=args.adapter,
+        task=args.task,
+        split=args.split,
+        num_examples=args.num_examples,
+        difficulty=args.difficulty,
+        seed=args.task_seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        output=args.output,
+    )
+    print(json.dumps({key: value for key, value in result.items() if key != "samples"}, indent=2))
+
+
+def _sample_command(args) -> None:
+    from .data.preferences import sample_trajectories
+
+    samples = sample_trajectories(
+        args.model,
+        adapter=args.adapter,
+        task=args.task,
+        split=args.split,
+        num_examples=args.num_examples,
+        difficulty=args.difficulty,
+        task_seed=args.task_seed,
+        num_samples_per_prompt=args.num_samples_per_prompt,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    samples.save_to_disk(args.output)
+    print(f"wrote {len(samples)} trajectories ({sum(samples['correct'])} correct) to {args.output}")
+
+
+def _pairs_command(args) -> None:
+    from datasets import load_from_disk
+
+    from .data.preferences import build_preference_pairs
+
+    pairs = build_preference_pairs(load_from_disk(args.samples), reference_fallback=args.reference_fallback)
+    pairs.save_to_disk(args.output)
+    print(f"wrote {len(pairs)} preference pairs to {args.output}")
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser, default_num_examples: int | None) -> None:
+    parser.add_argument("--model", required=True, help="Built-in model name, local directory or hub id.")
+    parser.add_argument("--adapter", default=None, help="A LoRA adapter directory to load on the model.")
+    parser.add_argument("--task", default="arithmetic", help="Built-in task or dataset with prompt/answer columns.")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--num_examples", type=int, default=default_num_examples)
+    parser.add_argument("--difficulty", default="easy")
+    parser.add_argument("--task_seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenweave", description="Token-aware fine-tuning and RL on top of TRL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "train", help="Train from a YAML config (all further arguments go to the config parser).", add_help=False
+    )
+
+    evaluate = commands.add_parser("eval", help="Greedy accuracy of a model on a task's test split.")
+    _add_task_arguments(evaluate, default_num_examples=200)
+    evaluate.add_argument("--output", default=None, help="Write the result (with every sample) as JSON here.")
+
+    sample = commands.add_parser("sample", help="Sample trajectories per question and label them with a reward.")
+    _add_task_arguments(sample, default_num_examples=None)
+    sample.set_defaults(split="train")
+    sample.add_argument("--num_samples_per_prompt", type=int, default=4)
+    sample.add_argument("--temperature", type=float, default=0.7)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--output", required=True, help="Directory for the dataset (save_to_disk).")
+
+    pairs = commands.add_parser("pairs", help="Build preference pairs from labelled trajectories.")
+    pairs.add_argument("--samples", required=True, help="Output directory of `tokenweave sample`.")
+    pairs.add_argument("--output", required=True, help="Directory for the pairs (save_to_disk).")
+    pairs.add_argument(
+        "--reference_fallback",
+        action="store_true",
+        help="When no sample of a question is correct, use the task's reference solution as chosen.",
+    )
+
+    quickstart = commands.add_parser("quickstart", help="Offline demo: SmolLM2 on arithmetic, before/after accuracy.")
+    quickstart.add_argument("--output_dir", default="quickstart_output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if argv and argv[0] == "train":
+        from .train import train
+
+        train(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        _eval_command(args)
+    elif args.command == "sample":
+        _sample_command(args)
+    elif args.command == "pairs":
+        _pairs_command(args)
+    elif args.command == "quickstart":
+        from .quickstart import run_quickstart
+
+        run_quickstart(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Load a run's train and test data: a built-in task or any Hugging Face dataset, checked before training.
+
+The built-in ``arithmetic`` task is formatted for the method (SFT: prompt/completion; DPO: prompt/chosen/
+rejected; GRPO: prompt/answer). Any other dataset must already have the columns the method needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from .arithmetic import load_arithmetic
+
+BUILTIN_TASKS = ("arithmetic",)
+DEFAULT_NUM_TRAIN_EXAMPLES = 1000
+DEFAULT_NUM_TEST_EXAMPLES = 200
+
+# The built-in task's format for each method.
+_ARITHMETIC_FORMAT = {"sft": "sft", "dpo": "preference", "grpo": "prompt"}
+# Column sets a method accepts (any one of them), as TRL's trainers read them.
+REQUIRED_COLUMNS = {
+    "sft": (("messages",), ("prompt", "completion"), ("text",)),
+    "dpo": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+    "grpo": (("prompt",),),
+}
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_run_dataset(
+    dataset_name: str,
+    split: str,
+    method: str,
+    *,
+    dataset_config: str | None = None,
+    num_examples: int | None = None,
+    difficulty: str = "easy",
+    seed: int = 0,
+) -> Dataset:
+    """Load one split for ``method`` and check it has the columns that method needs.
+
+    ``num_examples`` caps the split (built-in tasks generate exactly that many). Raises ``ValueError``
+    naming the dataset, the split and the missing columns.
+    """
+    if dataset_name in BUILTIN_TASKS:
+        default_size = DEFAULT_NUM_TRAIN_EXAMPLES if split == "train" else DEFAULT_NUM_TEST_EXAMPLES
+        dataset = load_arithmetic(
+            split=split,
+            fmt=_ARITHMETIC_FORMAT[method],
+            num_examples=num_examples or default_size,
+            difficulty=difficulty,
+            seed=seed,
+        )
+    else:
+        dataset = _load_external(dataset_name, split, dataset_config)
+        if num_examples is not None:
+            dataset = dataset.select(range(min(num_examples, len(dataset))))
+    check_columns(dataset, method, f"{dataset_name} (split {split!r})")
+    return dataset
+
+
+def check_columns(dataset: Dataset, method: str, name: str) -> None:
+    """Raise ``ValueError`` unless ``dataset`` has one of the column sets ``method`` accepts."""
+    accepted = REQUIRED_COLUMNS[method]
+    if not any(set(columns) <= set(dataset.column_names) for columns in accepted):
+        options = " or ".join("[" + ", ".join(columns) + "]" for columns in accepted)
+        raise ValueError(
+            f"Dataset {name} has columns {dataset.column_names}; method {method!r} needs columns {options}."
+        )
+
+
+def _load_external(dataset_name: str, split: str, dataset_config: str | None) -> Dataset:
+    path = Path(dataset_name).expanduser()
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = load_from_disk(str(path))
+    elif path.is_file() and path.suffix in _FILE_BUILDERS:
+        loaded = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path))
+    elif path.exists():
+        loaded = load_dataset(str(path), dataset_config)
+    elif dataset_name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"Dataset path {dataset_name!r} does not exist.")
+    else:
+        loaded = load_dataset(dataset_name, dataset_config)
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"Dataset {dataset_name!r} has no split {split!r}; it has {list(loaded)}.")
+        return loaded[split]
+    return loaded

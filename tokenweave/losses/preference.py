@@ -1,0 +1,242 @@
+"""Token-level preference losses: token-weighted DPO (critical tokens, cDPO) and TDPO.
+
+Pure tensor math. Per-token inputs are ``[B, T]`` over response positions for a batch of ``B``
+preference pairs; chosen and rejected come as separate tensors, each with its own 0/1 mask (float or
+bool), so they may have different lengths ``T``. ``*_logps`` are the policy log-probs of the labelled
+tokens and ``ref_*_logps`` the reference log-probs of the same tokens. Padded positions are ignored
+whatever value they hold.
+
+Contents, top to bottom:
+
+* ``token_weighted_dpo_loss``: DPO with a weight on every token's log-ratio (cDPO, arXiv 2411.19943).
+* ``critical_token_weights``: cDPO's default weights from critical-token scores.
+* ``tdpo_loss``: TDPO1 / TDPO2 (arXiv 2404.11999).
+* ``sequential_kl`` / ``chunked_sequential_kl``: TDPO's per-position KL(π_ref ‖ π_θ) over the full
+  vocabulary, from logits or, chunk by chunk, from hidden states and LM heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+class PreferenceLossOutput(NamedTuple):
+    """What a preference loss returns. Every field is ``[B]``; only ``losses`` carries gradients.
+
+    ``logits`` is the argument of the log-sigmoid (``β·z`` for DPO, ``β·logits`` for TDPO): ``logits
+    > 0`` means the pair is ranked the right way by the quantity the loss optimises.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    logits: Tensor
+
+
+def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """``Σ_t values[:, t]`` over positions where ``mask`` is set; padding is ignored even if NaN."""
+    return torch.where(mask.bool(), values, 0.0).sum(-1)
+
+
+def token_weighted_dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    chosen_weights: Tensor | None = None,
+    rejected_weights: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> PreferenceLossOutput:
+    """DPO whose log-ratio sums weight every token: the loss of cDPO (critical tokens).
+
+    With ``m`` the masks and ``w`` the per-token weights (``None`` means all ones)::
+
+        z    = Σ_t m_w,t·w_w,t·(lp_w,t − ref_w,t) − Σ_t m_l,t·w_l,t·(lp_l,t − ref_l,t)
+        loss = −(1 − ε)·log σ(β·z) − ε·log σ(−β·z)
+
+    ``ε = label_smoothing`` is the conservative-DPO smoothing used by TRL's ``sigmoid`` loss
+    (Mitchell, "A note on DPO with noisy preferences", 2023; not to be confused with the
+    critical-token cDPO). With all weights 1 and ``ε = 0`` this is DPO (Rafailov et al., arXiv
+    2305.18290). Token weights as in "Critical Tokens Matter" (Lin et al., ICML 2025, arXiv
+    2411.19943), whose released trainer uses ``ε = 0``; see ``critical_token_weights``.
+
+    Rewards are the *unweighted* DPO rewards, as cDPO's code logs them, detached:
+    ``β·Σ_t m_t·(lp_t − ref_t)`` for each side. ``logits`` is ``β·z`` (detached).
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    if chosen_weights is None:
+        chosen_weights = torch.ones_like(chosen_logratios)
+    if rejected_weights is None:
+        rejected_weights = torch.ones_like(rejected_logratios)
+    weighted_chosen = _masked_sum(chosen_weights * chosen_logratios, chosen_mask)
+    weighted_rejected = _masked_sum(rejected_weights * rejected_logratios, rejected_mask)
+    logits = beta * (weighted_chosen - weighted_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return PreferenceLossOutput(
+        losses=losses,
+        chosen_rewards=beta * _masked_sum(chosen_logratios, chosen_mask).detach(),
+        rejected_rewards=beta * _masked_sum(rejected_logratios, rejected_mask).detach(),
+        logits=logits.detach(),
+    )
+
+
+def critical_token_weights(
+    chosen_scores: Tensor,
+    rejected_scores: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    *,
+    weight_chosen: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """cDPO's per-token weights from critical-token scores ``s_t ∈ [0, 1]`` (arXiv 2411.19943).
+
+    ``s_t`` is the contrastive score of token ``t`` (positive vs negative model; low means likely
+    critical), aligned with completion tokens. Following ``CDPOTrainer.dpo_loss`` of the official code
+    (methods.md section 2, step 4)::
+
+        chosen:   w_w,t = 1        (the shipped default, ``only_neg=True``)
+                  w_w,t = s_t      (``weight_chosen=True``)
+        rejected: w_l,t = 1 − s_t
+        EOS:      w = 1 on both sides
+
+    where EOS is the last valid (mask set) token of each response: the official code appends a score
+    of 1 to the chosen scores and of 0 to the rejected ones for the EOS token it adds. The scores
+    given at that position are ignored, so the caller's responses must end with EOS. Padding gets
+    weight 0. Returns ``(chosen_weights, rejected_weights)``, each ``[B, T]`` like its scores.
+    """
+    chosen_weights = chosen_scores if weight_chosen else torch.ones_like(chosen_scores)
+    return (
+        _eos_one_padding_zero(chosen_weights, chosen_mask),
+        _eos_one_padding_zero(1 - rejected_scores, rejected_mask),
+    )
+
+
+def _eos_one_padding_zero(weights: Tensor, mask: Tensor) -> Tensor:
+    """Set the weight of each row's last valid token to 1 and of every padded position to 0."""
+    mask = mask.bool()
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last_valid = torch.where(mask, positions, -1).amax(-1, keepdim=True)  # -1 for an empty row
+    weights = torch.where(positions == last_valid, 1.0, weights)
+    return torch.where(mask, weights, 0.0)
+
+
+def tdpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    chosen_seq_kl: Tensor,
+    rejected_seq_kl: Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    variant: Literal["tdpo1", "tdpo2"] = "tdpo2",
+) -> PreferenceLossOutput:
+    """TDPO: Token-level Direct Preference Optimization (Zeng et al., ICML 2024, arXiv 2404.11999).
+
+    With ``Δ = Σ_t m_t·(lp_t − ref_t)`` per response and ``SeqKL = Σ_t m_t·KL(π_ref ‖ π_θ)(s_t)``
+    (``[B]``, from ``sequential_kl`` or ``chunked_sequential_kl`` summed over positions)::
+
+        TDPO1: logits = (Δ_w − Δ_l) − (SeqKL_l − SeqKL_w)
+        TDPO2: logits = (Δ_w − Δ_l) − α·(SeqKL_l − stopgrad(SeqKL_w))
+        loss  = −log σ(β·logits)
+
+    ``alpha`` is used by TDPO2 only: TDPO1 has no α, as in the official ``tdpo_loss`` (which ignores
+    ``alpha`` when ``if_tdpo2=False``). The default is TDPO2, the README's recommendation and the
+    default of the official Python function (its yaml defaults to TDPO1). With ``alpha=0`` TDPO2 is
+    exactly DPO. Rewards are the ones the paper's code logs, detached: ``β·(Δ + SeqKL)`` for each side.
+    ``logits`` in the output is ``β·logits`` (detached).
+    """
+    chosen_logratio = _masked_sum(chosen_logps - ref_chosen_logps, chosen_mask)
+    rejected_logratio = _masked_sum(rejected_logps - ref_rejected_logps, rejected_mask)
+    if variant == "tdpo1":
+        kl_penalty = rejected_seq_kl - chosen_seq_kl
+    elif variant == "tdpo2":
+        kl_penalty = alpha * (rejected_seq_kl - chosen_seq_kl.detach())
+    else:
+        raise ValueError(f"variant must be 'tdpo1' or 'tdpo2', got {variant!r}")
+    logits = beta * (chosen_logratio - rejected_logratio - kl_penalty)
+    return PreferenceLossOutput(
+        losses=-F.logsigmoid(logits),
+        chosen_rewards=beta * (chosen_logratio + chosen_seq_kl).detach(),
+        rejected_rewards=beta * (rejected_logratio + rejected_seq_kl).detach(),
+        logits=logits.detach(),
+    )
+
+
+def _forward_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """``Σ_v p_ref(v)·(log p_ref(v) − log p_θ(v))`` over the last dimension, in fp32.
+
+    The reference is a constant: gradients flow through ``policy_logits`` only.
+    """
+    policy_logps = policy_logits.float().log_softmax(-1)
+    ref_logps = ref_logits.detach().float().log_softmax(-1)
+    return (ref_logps.exp() * (ref_logps - policy_logps)).sum(-1)
+
+
+def sequential_kl(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
+    """TDPO's per-position KL over the full vocabulary (arXiv 2404.11999), ``[B, T, V]`` → ``[B, T]``::
+
+        kl_t = KL(π_ref ‖ π_θ)(s_t) = Σ_v p_ref(v|s_t)·(log p_ref(v|s_t) − log p_θ(v|s_t))
+
+    computed in fp32 from log-softmaxed logits, 0 where ``mask`` is not set. TDPO's ``SeqKL`` is
+    ``sequential_kl(...).sum(-1)`` (a sum over positions, not a mean). The reference is a constant:
+    gradients flow through ``policy_logits`` only. This builds the full logits of both models; use
+    ``chunked_sequential_kl`` in training.
+    """
+    return torch.where(mask.bool(), _forward_kl(policy_logits, ref_logits), 0.0)
+
+
+def chunked_sequential_kl(
+    policy_hidden: Tensor,
+    ref_hidden: Tensor,
+    policy_head: Callable[[Tensor], Tensor],
+    ref_head: Callable[[Tensor], Tensor],
+    mask: Tensor,
+    chunk_size: int = 256,
+) -> Tensor:
+    """``sequential_kl`` from hidden states ``[B, T, H]``, one chunk of positions at a time → ``[B, T]``.
+
+    Same formula as ``sequential_kl`` (TDPO, arXiv 2404.11999), with ``policy_logits =
+    policy_head(policy_hidden)`` and ``ref_logits = ref_head(ref_hidden)``; the heads map ``[..., H]``
+    to ``[..., V]`` logits (e.g. the models' ``lm_head`` modules).
+
+    Only the masked positions are computed: they are flattened and split into chunks of
+    ``chunk_size``. Each chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so its ``[chunk,
+    V]`` logits are freed after the forward and recomputed in the backward: peak memory is about one
+    chunk's logits (a few ``chunk_size × V`` fp32 tensors) instead of ``[B, T, V]`` for both models.
+    The reference side runs under ``torch.no_grad()``; gradients reach ``policy_hidden`` and the
+    policy head's parameters only.
+    """
+    mask = mask.bool()
+    policy_positions = policy_hidden[mask]  # [N, H], N = number of masked positions
+    ref_positions = ref_hidden.detach()[mask]
+
+    def chunk_kl(policy_chunk: Tensor, ref_chunk: Tensor) -> Tensor:
+        with torch.no_grad():
+            ref_logits = ref_head(ref_chunk)
+        return _forward_kl(policy_head(policy_chunk), ref_logits)
+
+    chunk_kls = [
+        checkpoint(chunk_kl, policy_chunk, ref_chunk, use_reentrant=False)
+        for policy_chunk, ref_chunk in zip(
+            policy_positions.split(chunk_size), ref_positions.split(chunk_size), strict=True
+        )
+    ]
+    kl = policy_hidden.new_zeros(mask.shape, dtype=torch.float32)
+    if chunk_kls:
+        kl[mask] = torch.cat(chunk_kls)
+    return kl

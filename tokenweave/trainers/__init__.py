@@ -1,0 +1,22 @@
+"""Thin subclasses of TRL's trainers, one per TRL trainer; a method is picked by config, not by class."""
+
+from .dpo import TokenDPOConfig, TokenDPOTrainer
+from .grpo import TokenGRPOConfig, TokenGRPOTrainer
+from .sft import TokenSFTConfig, TokenSFTTrainer
+
+# ``method:`` in a run config -> (trainer class, config class).
+METHODS = {
+    "sft": (TokenSFTTrainer, TokenSFTConfig),
+    "dpo": (TokenDPOTrainer, TokenDPOConfig),
+    "grpo": (TokenGRPOTrainer, TokenGRPOConfig),
+}
+
+__all__ = [
+    "METHODS",
+    "TokenDPOConfig",
+    "TokenDPOTrainer",
+    "TokenGRPOConfig",
+    "TokenGRPOTrainer",
+    "TokenSFTConfig",
+    "TokenSFTTrainer",
+]

@@ -1,0 +1,17 @@
+"""TokenSFTTrainer: TRL's SFTTrainer, the home of the token-weighted SFT family (Rho-1, ssToken, PRIOR).
+
+No behaviour change yet: token weights arrive with the SFT family's issue.
+"""
+
+from dataclasses import dataclass
+
+from trl import SFTConfig, SFTTrainer
+
+
+@dataclass
+class TokenSFTConfig(SFTConfig):
+    """TRL's ``SFTConfig``; tokenweave's SFT options are added here."""
+
+
+class TokenSFTTrainer(SFTTrainer):
+    """TRL's ``SFTTrainer`` under tokenweave's name, so runs and later token weighting share one class."""
