@@ -1,0 +1,346 @@
+"""Policy-gradient losses for token-aware RL: a registry of per-token losses and one shared aggregation.
+
+Like verl's ``core_algos.py``, a loss is a plain function registered by name (``@register_policy_loss("name")``)
+and looked up with :func:`get_policy_loss`. All share one signature::
+
+    fn(logps, old_logps, advantages, mask, config, token_weights=None, entropy=None) -> (per_token_loss, metrics)
+
+    logps, old_logps  [B, T]  log-probs of the sampled tokens under π_θ (with gradient) and π_old
+    advantages        [B] or [B, T]
+    mask              [B, T]  1 for completion tokens that enter the loss
+    config            PolicyLossConfig
+    token_weights     [B, T]  multiplies the per-token loss: this is how signals of other methods combine
+                              (TRL's entropy mask, off-policy mask, vLLM IS ratios, a critical-token weight ...)
+    entropy           [B, T]  token entropies of π_θ (HAPO; used without gradient)
+
+The per-token loss is NOT masked; :func:`aggregate_loss` applies the mask. Metrics are detached 0-dim tensors
+(fractions of the local active tokens).
+
+Mapping to TRL 1.16 ``GRPOTrainer._compute_loss`` (same per-token loss and, with the normaliser below, the same
+number; ``GA`` = ``current_gradient_accumulation_steps`` in training, 1 in eval, ``P`` = ``num_processes``)::
+
+    TRL loss_type                  here                   aggregate_loss(mode, normalizer)        then
+    grpo                           "grpo"                 "seq-mean-token-mean", None             / GA
+    grpo + importance_sampling_    "gspo"                 "seq-mean-token-mean", None             / GA
+       level="sequence"
+    bnpo                           "grpo"                 "token-mean", None                      / GA
+    dr_grpo                        "grpo"                 "seq-mean-token-sum-norm",              / GA
+                                                          B · max_completion_length
+    luspo                          "grpo"                 "seq-mean-token-sum", None              / GA
+    dapo                           "dapo"                 "token-mean", N_glob                    -
+    cispo                          "cispo"                "token-mean", N_glob                    -
+
+    N_glob = num_items_in_batch.clamp(min=1) / P · GA / steps_per_generation   (train; eval: .clamp(min=1) / P)
+
+``N_glob`` is the generation batch's global active-token count brought to one process and one accumulation
+window: the GA micro-batch losses summed, then averaged over processes by DDP, give Σ loss / (tokens of the window),
+whatever the split into micro-batches, accumulation steps and processes (with steps_per_generation > GA, TRL assumes
+the windows of a generation batch hold equal token counts). HAPO (not in TRL) aggregates with token-mean as DAPO.
+TRL's config maps as ``epsilon_low = args.epsilon``, ``epsilon_high = args.epsilon_high or args.epsilon``,
+``delta = args.delta``; for cispo ``cispo_epsilon_max = args.epsilon_high``. TRL's ``beta`` KL term is not a policy
+loss: add ``beta · per_token_kl`` to the per-token loss before aggregating.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tokenweave.tokens.advantage import redistribute_advantage
+from tokenweave.tokens.entropy import entropy_signal
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: register a policy loss under ``name`` (a name can be taken only once)."""
+
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        if POLICY_LOSSES.get(name, fn) is not fn:
+            raise ValueError(f"a policy loss is already registered as {name!r}")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+    """The policy loss registered as ``name``; ``ValueError`` listing the registered names otherwise."""
+    try:
+        return POLICY_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy loss {name!r}; registered: {', '.join(sorted(POLICY_LOSSES))}") from None
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Knobs of the registered policy losses (paper defaults; a loss reads only the fields it needs)."""
+
+    epsilon_low: float = 0.2
+    """Lower clip range: the ratio is clipped at ``1 − epsilon_low`` (TRL ``epsilon``)."""
+    epsilon_high: float = 0.28
+    """Upper clip range: ``1 + epsilon_high`` (DAPO clip-higher 0.28; set it to ``epsilon_low`` for GRPO's
+    symmetric clip; GSPO uses 3e-4 / 4e-4)."""
+    dual_clip_c: float | None = None
+    """Dual clip (arXiv 1912.09729): for A < 0 the loss is capped at ``−A · c`` (HAPO recipes: 10). ``None``: off."""
+    delta: float | None = None
+    """TRL's two-sided clip (INTELLECT-2): the unclipped ratio is capped at ``delta``. ``None``: off."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """``"sequence"``: one ratio per sequence, exp(masked mean of the log-ratio) (GSPO); ``"gspo"`` forces it."""
+    cispo_epsilon_max: float = 5.0
+    """CISPO's absolute cap on the detached IS weight (TRL ``epsilon_high`` for cispo; ScaleRL: 5.0)."""
+    entropy_pivot: float = 0.8
+    """HAPO: quantile of the log-entropies that splits high (ĥ > 0) from low entropy."""
+    released_sign: bool = False
+    """HAPO: reproduce the released code's entropy signal (non-negative) instead of the paper's (see tokens.entropy)."""
+    adaptive_clip: bool = True
+    """HAPO: entropy-adaptive asymmetric clip bounds (:func:`adaptive_clip_bounds`)."""
+    clip_alpha: float = 1.0
+    """HAPO: strength of the adaptive clip bounds."""
+    adaptive_advantage: bool = True
+    """HAPO: differential advantage redistribution (``tokens.advantage.redistribute_advantage``)."""
+    adv_beta: float = 1.0
+    """HAPO: strength of the advantage redistribution."""
+
+    def __post_init__(self):
+        if min(self.epsilon_low, self.epsilon_high) < 0:
+            raise ValueError("epsilon_low and epsilon_high must be >= 0")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"unknown importance_sampling_level {self.importance_sampling_level!r}")
+        if not 0.0 <= self.entropy_pivot <= 1.0:
+            raise ValueError(f"entropy_pivot must be in [0, 1], got {self.entropy_pivot}")
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar over the masked tokens (verl's ``agg_loss`` modes).
+
+    ``normalizer`` replaces the default divisor, e.g. a global count so that micro-batches, gradient accumulation
+    and processes give the same update (see the module docstring for TRL's)::
+
+        token-mean               Σ_{b,t} ℓ·m / (normalizer or Σ m)                  DAPO (arXiv 2503.14476)
+        seq-mean-token-mean      Σ_b [Σ_t ℓ·m / Σ_t m] / (normalizer or B)          GRPO (arXiv 2402.03300)
+        seq-mean-token-sum       Σ_b Σ_t ℓ·m / (normalizer or B)
+        seq-mean-token-sum-norm  Σ_{b,t} ℓ·m / (normalizer or B·T)                  Dr. GRPO (arXiv 2503.20783):
+                                                                                    pass B · max_completion_length
+    """
+    mask = mask.to(per_token_loss.dtype)
+    masked = per_token_loss * mask
+    if mode == "token-mean":
+        return masked.sum() / (mask.sum().clamp(min=1.0) if normalizer is None else normalizer)
+    if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        per_seq = masked.sum(-1)
+        if mode == "seq-mean-token-mean":
+            per_seq = per_seq / mask.sum(-1).clamp(min=1.0)
+        return per_seq.mean() if normalizer is None else per_seq.sum() / normalizer
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum() / (per_token_loss.numel() if normalizer is None else normalizer)
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {', '.join(LOSS_AGG_MODES)}")
+
+
+def adaptive_clip_bounds(
+    h_hat: torch.Tensor, epsilon_low: float, epsilon_high: float, clip_alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HAPO asymmetric adaptive clipping (arXiv 2509.16591, Sec. 3.4, ``ada_clip``): per-token ``(ε_lo, ε_hi)``.
+
+    ::
+
+        ε_lo(t) = ε_lo · (1 − clip_alpha · ĥ)   where ĥ ≤ 0, else ε_lo     (low entropy: wider lower bound)
+        ε_hi(t) = ε_hi · (1 + clip_alpha · ĥ)   where ĥ > 0, else ε_hi     (high entropy: wider upper bound)
+    """
+    eps_low = torch.where(h_hat <= 0, epsilon_low * (1 - clip_alpha * h_hat), epsilon_low)
+    eps_high = torch.where(h_hat > 0, epsilon_high * (1 + clip_alpha * h_hat), epsilon_high)
+    return eps_low, eps_high
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ((x * mask).sum() / mask.sum().clamp(min=1.0)).detach()
+
+
+def _importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """``[B, T]`` ratio π_θ/π_old per token, or per sequence exp(masked mean log-ratio) broadcast (GSPO)."""
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    return torch.exp(log_ratio).expand_as(logps)
+
+
+def _clip_metrics(ratio, advantages, eps_low, eps_high, mask, h_hat) -> dict[str, torch.Tensor]:
+    """TRL's clip ratios, and, given ĥ, the same split into high (ĥ > 0) and low (ĥ ≤ 0) entropy tokens."""
+    low = ((ratio < 1 - eps_low) & (advantages < 0)).float()
+    high = ((ratio > 1 + eps_high) & (advantages > 0)).float()
+    metrics = {
+        "clip_ratio/low_mean": _masked_mean(low, mask),
+        "clip_ratio/high_mean": _masked_mean(high, mask),
+        "clip_ratio/region_mean": _masked_mean(low + high, mask),
+    }
+    if h_hat is not None:
+        for name, side in (("high_entropy", h_hat > 0), ("low_entropy", h_hat <= 0)):
+            metrics[f"clip_ratio/low_mean_{name}"] = _masked_mean(low, mask * side)
+            metrics[f"clip_ratio/high_mean_{name}"] = _masked_mean(high, mask * side)
+        metrics["entropy_signal/mean"] = _masked_mean(h_hat, mask)
+    return metrics
+
+
+def _clipped_loss(
+    logps, old_logps, advantages, mask, config, token_weights, entropy, *, level, adaptive_clip, adaptive_advantage
+):
+    """PPO clipped surrogate shared by grpo / dapo / gspo / hapo (HAPO's components switched by the flags)."""
+    mask = mask.to(logps.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    if entropy is None and (adaptive_clip or adaptive_advantage):
+        raise ValueError("HAPO's adaptive clip and advantage need the token entropies: pass `entropy`")
+    h_hat = None if entropy is None else entropy_signal(entropy, mask, config.entropy_pivot, config.released_sign)
+    ratio = _importance_ratio(logps, old_logps, mask, level)
+
+    eps_low, eps_high = config.epsilon_low, config.epsilon_high
+    if adaptive_clip:
+        eps_low, eps_high = adaptive_clip_bounds(h_hat, eps_low, eps_high, config.clip_alpha)
+    metrics = {}
+    if adaptive_advantage:
+        advantages, redistributed = redistribute_advantage(
+            advantages, h_hat, ratio.detach(), eps_low, eps_high, config.adv_beta
+        )
+        metrics["hapo/redistributed_frac"] = _masked_mean(redistributed.float(), mask)
+
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    unclipped_ratio = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+    per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)
+    if config.dual_clip_c is not None:
+        cap = -advantages * config.dual_clip_c
+        dual_clipped = (advantages < 0) & (per_token_loss > cap)
+        per_token_loss = torch.where(dual_clipped, cap, per_token_loss)
+        metrics["clip_ratio/dual_mean"] = _masked_mean(dual_clipped.float(), mask)
+    if token_weights is not None:
+        per_token_loss = per_token_loss * token_weights
+
+    metrics.update(_clip_metrics(ratio, advantages, eps_low, eps_high, mask, h_hat))
+    return per_token_loss, metrics
+
+
+@register_policy_loss("dapo")
+@register_policy_loss("grpo")
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    token_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate: ``grpo`` (arXiv 2402.03300) and ``dapo`` (clip-higher, arXiv 2503.14476).
+
+    ::
+
+        r = exp(logp − old_logp)                  (per sequence with importance_sampling_level="sequence")
+        ℓ = −min(min(r, δ) · A, clip(r, 1 − ε_lo, 1 + ε_hi) · A)          (δ = config.delta, ∞ when None)
+        ℓ = min(ℓ, −A · c)  where A < 0                                   (dual clip, when dual_clip_c is set)
+        ℓ = ℓ · token_weights
+
+    = TRL ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo, which share this per-token loss and differ only in
+    aggregation (module docstring). ``grpo`` and ``dapo`` are the same function; DAPO is the default epsilons
+    0.2 / 0.28 with token-mean aggregation. ``entropy``, when given, only adds entropy-split clip metrics.
+    """
+    return _clipped_loss(
+        logps, old_logps, advantages, mask, config, token_weights, entropy,
+        level=config.importance_sampling_level, adaptive_clip=False, adaptive_advantage=False,
+    )
+
+
+@register_policy_loss("gspo")
+def gspo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    token_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (arXiv 2507.18071): the clipped surrogate with one ratio per sequence.
+
+    ::
+
+        s_i = exp(Σ_t (logp − old_logp)·m / Σ_t m)      (gradient flows through the mean)
+        ℓ_{i,t} = −min(s_i · A_i, clip(s_i, 1 − ε_lo, 1 + ε_hi) · A_i)   for every t of sequence i
+
+    = TRL ``loss_type="grpo", importance_sampling_level="sequence"`` (its recipe: ε = 3e-4 / 4e-4, beta = 0),
+    aggregated with ``seq-mean-token-mean``. The clip metrics count tokens (TRL's count sequences here).
+    """
+    return _clipped_loss(
+        logps, old_logps, advantages, mask, config, token_weights, entropy,
+        level="sequence", adaptive_clip=False, adaptive_advantage=False,
+    )
+
+
+@register_policy_loss("cispo")
+def cispo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    token_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): REINFORCE with a capped, detached importance weight.
+
+    ::
+
+        ℓ = −sg(min(r, ε_max)) · A · logp       (ε_max = config.cispo_epsilon_max; no lower bound, as TRL)
+
+    so no token's gradient is dropped: ∂ℓ/∂logp = −min(r, ε_max) · A. = TRL ``loss_type="cispo"`` (TRL's
+    ``epsilon_high`` is ε_max), aggregated with token-mean and TRL's global normaliser. ``entropy`` is unused.
+    """
+    mask = mask.to(logps.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    ratio = _importance_ratio(logps, old_logps, mask, config.importance_sampling_level)
+    weight = torch.clamp(ratio, max=config.cispo_epsilon_max).detach()
+    per_token_loss = -weight * advantages * logps
+    if token_weights is not None:
+        per_token_loss = per_token_loss * token_weights
+    clipped = ((ratio > config.cispo_epsilon_max) & (advantages > 0)).float()
+    return per_token_loss, {"cispo_clip_ratio": _masked_mean(clipped, mask)}
+
+
+@register_policy_loss("hapo")
+def hapo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    token_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """HAPO policy loss (arXiv 2509.16591, ``compute_policy_loss`` of the official verl fork).
+
+    ĥ = ``entropy_signal(entropy, mask, entropy_pivot, released_sign)`` from this micro-batch, then::
+
+        ε_lo(t), ε_hi(t) = adaptive_clip_bounds(ĥ, ε_lo, ε_hi, clip_alpha)          if config.adaptive_clip
+        A'               = redistribute_advantage(A, ĥ, sg(r), ε_lo(t), ε_hi(t))     if config.adaptive_advantage
+        ℓ = −min(r · A', clip(r, 1 − ε_lo(t), 1 + ε_hi(t)) · A');   ℓ = min(ℓ, −A' · c) where A' < 0
+
+    With both components off it is exactly ``dapo``. Paper setup: token-mean aggregation, dual_clip_c = 10, no KL,
+    advantages from ``tokens.advantage.token_group_advantage``. Extra metrics: ``hapo/redistributed_frac``,
+    ``entropy_signal/mean`` and the clip ratios split by entropy side.
+    """
+    return _clipped_loss(
+        logps, old_logps, advantages, mask, config, token_weights, entropy,
+        level=config.importance_sampling_level,
+        adaptive_clip=config.adaptive_clip, adaptive_advantage=config.adaptive_advantage,
+    )

@@ -1,0 +1,99 @@
+"""HAPO's advantages: token-level group average and differential redistribution (arXiv 2509.16591).
+
+Official code: ``compute_hapo_outcome_advantage`` and ``ada_advantage`` in ``verl/trainer/ppo/core_algos.py``.
+"""
+
+import torch
+
+
+def token_group_advantage(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int | None = None,
+    group_ids: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    fallback_threshold: float = 5.0,
+) -> torch.Tensor:
+    """Token-level group-average advantage ``[N, T]`` (HAPO Sec. 3.2), 0 at padding.
+
+    For each prompt group g, every token of response i carries its reward r_i, and the statistics are taken over
+    ALL valid tokens of the group (longer responses weigh more; σ is the population std)::
+
+        μ_g = Σ_i L_i r_i / Σ_i L_i,   σ_g² = Σ_i L_i (r_i − μ_g)² / Σ_i L_i      (L_i: valid tokens of i)
+        A_i = (r_i − μ_g) / (σ_g + eps)
+
+    so that Σ_{i,t} A_{i,t} = 0 under token-mean aggregation. If some valid token of a group has |A| ≥
+    ``fallback_threshold`` (5), the whole group falls back to the per-sequence GRPO advantage
+    ``(r_i − mean_g r) / (std_unbiased_g r + eps)``. (The released code also scans padding, where its value is
+    −μ/σ; that never changes the outcome when 0 lies within the group's rewards, e.g. ±1 or 0/1 rewards.)
+
+    Args:
+        rewards: ``[N]`` one scalar reward per response.
+        mask: ``[N, T]`` completion mask.
+        group_size: responses per prompt, groups being consecutive (TRL's layout). Give this or ``group_ids``.
+        group_ids: ``[N]`` any integer id per response; responses with equal ids form a group.
+    """
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("give exactly one of group_size and group_ids")
+    n = rewards.shape[0]
+    if group_ids is None:
+        if n % group_size:
+            raise ValueError(f"{n} rewards do not split into groups of {group_size}")
+        group_ids = torch.arange(n, device=rewards.device) // group_size
+    _, group = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(group.max()) + 1
+
+    def group_sum(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(num_groups).index_add_(0, group, values)
+
+    rewards = rewards.float()
+    lengths = mask.float().sum(-1)
+
+    token_count = group_sum(lengths).clamp_min(1.0)
+    token_mean = group_sum(lengths * rewards) / token_count
+    token_dev = rewards - token_mean[group]
+    token_std = (group_sum(lengths * token_dev**2) / token_count).sqrt()
+    token_adv = token_dev / (token_std[group] + eps)
+
+    too_large = ((token_adv.abs() >= fallback_threshold) & (lengths > 0)).float()
+    fallback = group_sum(too_large)[group] > 0
+
+    seq_count = group_sum(torch.ones_like(rewards))
+    seq_dev = rewards - (group_sum(rewards) / seq_count)[group]
+    seq_std = (group_sum(seq_dev**2) / (seq_count - 1).clamp_min(1.0)).sqrt()
+    grpo_adv = seq_dev / (seq_std[group] + eps)
+
+    return torch.where(fallback, grpo_adv, token_adv).unsqueeze(-1) * mask.float()
+
+
+@torch.no_grad()
+def redistribute_advantage(
+    advantages: torch.Tensor,
+    h_hat: torch.Tensor,
+    ratio: torch.Tensor,
+    epsilon_low: float | torch.Tensor,
+    epsilon_high: float | torch.Tensor,
+    adv_beta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HAPO differential advantage redistribution (Sec. 3.3, ``ada_advantage``): ``(A' [B, T], redistributed)``.
+
+    ::
+
+        neutral = (1 − ε_lo/2 < r < 1 + ε_hi/2)
+        A'      = A · (1 + adv_beta · ĥ)   if (ĥ > 0 and not neutral) or (ĥ ≤ 0 and neutral)
+        A'      = A                        otherwise
+
+    High-entropy tokens whose ratio already moved get a larger advantage; low-entropy tokens still near ratio 1 get
+    a smaller one (with ĥ ≤ 0). On-policy (r ≡ 1) the high-entropy branch never fires.
+
+    Args:
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
+        h_hat: ``[B, T]`` entropy signal.
+        ratio: ``[B, T]`` importance ratio π_θ/π_old (used without gradient).
+        epsilon_low, epsilon_high: clip ranges, floats or per-token ``[B, T]`` (HAPO's adaptive ones when on).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    neutral = (ratio > 1.0 - epsilon_low / 2) & (ratio < 1.0 + epsilon_high / 2)
+    redistributed = torch.where(h_hat > 0, ~neutral, neutral)
+    return torch.where(redistributed, advantages * (1.0 + adv_beta * h_hat), advantages), redistributed
