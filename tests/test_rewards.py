@@ -7,6 +7,7 @@ import pytest
 from tokenweave.data.arithmetic import load_arithmetic
 from tokenweave.rewards import (
     REWARD_FUNCS,
+    closeness_reward,
     correctness_reward,
     extract_answer,
     format_reward,
@@ -153,7 +154,7 @@ def test_rewards_on_arithmetic_pairs(difficulty):
 
 
 def test_registry():
-    assert REWARD_FUNCS == {"correctness": correctness_reward, "format": format_reward}
+    assert REWARD_FUNCS == {"correctness": correctness_reward, "format": format_reward, "closeness": closeness_reward}
     assert get_reward_func("correctness") is correctness_reward
     assert get_reward_func("format") is format_reward
     assert get_reward_func("tokenweave.rewards.math:format_reward") is format_reward
@@ -173,3 +174,15 @@ def test_registry_errors(name):
         get_reward_func(name)
     if ":" not in name:
         assert "correctness" in str(error.value) and "format" in str(error.value)
+
+
+def test_closeness_reward_gives_partial_credit():
+    from tokenweave.rewards import closeness_reward, get_reward_func
+
+    completions = ["The answer is 50.", "The answer is 75.", "The answer is 200.", "no number", "The answer is 1,010."]
+    rewards = closeness_reward(None, completions, answer=["50", "50", "50", "50", "1000"])
+    assert rewards == pytest.approx([1.0, 0.5, 0.0, 0.0, 0.99])
+    assert closeness_reward(None, ["The answer is 3."], answer=["x"]) == [None]
+    assert get_reward_func("closeness") is closeness_reward
+    with pytest.raises(ValueError, match="answer"):
+        closeness_reward(None, ["1"])

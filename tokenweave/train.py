@@ -71,7 +71,7 @@ def build_trainer(run_args, training_args, model_args):
 
 
 def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
-    """What the run was: method, model, how it was distributed, and its final training metrics."""
+    """What the run was: method, model, how it was distributed, and what it logged."""
     accelerator = trainer.accelerator
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     return {
@@ -84,6 +84,7 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
         "zero_stage": deepspeed_plugin.zero_stage if deepspeed_plugin is not None else None,
         "global_step": trainer.state.global_step,
         "train_metrics": train_metrics,
+        "log_history": trainer.state.log_history,
     }
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from .math import completion_to_text, correctness_reward, extract_answer, format_reward, is_correct
+from .math import closeness_reward, completion_to_text, correctness_reward, extract_answer, format_reward, is_correct
 
 __all__ = [
     "REWARD_FUNCS",
+    "closeness_reward",
     "completion_to_text",
     "correctness_reward",
     "extract_answer",
@@ -24,6 +25,7 @@ __all__ = [
 REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
     "correctness": correctness_reward,
     "format": format_reward,
+    "closeness": closeness_reward,
 }
 
 

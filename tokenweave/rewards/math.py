@@ -108,6 +108,41 @@ def correctness_reward(
     return rewards
 
 
+def closeness_reward(
+    prompts: list,
+    completions: list,
+    completion_ids: list[list[int]] | None = None,
+    answer: list[str] | None = None,
+    **kwargs: Any,
+) -> list[float | None]:
+    """Partial credit for a numeric answer near the gold one: ``max(0, 1 - |pred - gold| / max(|gold|, 1))``.
+
+    A dense signal for small models that are rarely exactly right (a completion with no number gets 0.0;
+    a row whose gold answer is not a number gets `None`, which TRL skips).
+    """
+    if answer is None:
+        raise ValueError("closeness_reward needs the gold answers: a dataset column named 'answer'.")
+    rewards: list[float | None] = []
+    for completion, gold in zip(completions, answer, strict=True):
+        gold_value = _as_number(str(gold))
+        if gold_value is None:
+            rewards.append(None)
+            continue
+        predicted = _as_number(extract_answer(completion_to_text(completion)))
+        if predicted is None:
+            rewards.append(0.0)
+        else:
+            rewards.append(max(0.0, 1.0 - abs(predicted - gold_value) / max(abs(gold_value), 1.0)))
+    return rewards
+
+
+def _as_number(text: str | None) -> float | None:
+    try:
+        return float(text.replace(",", "")) if text is not None else None
+    except ValueError:
+        return None
+
+
 def format_reward(
     prompts: list, completions: list, completion_ids: list[list[int]] | None = None, **kwargs: Any
 ) -> list[float]:
