@@ -8,7 +8,11 @@ import torch
 from transformers import LogitsProcessorList
 
 from tokenweave.losses.policy import adaptive_clip_bounds
-from tokenweave.tokens.advantage import redistribute_advantage, token_group_advantage
+from tokenweave.tokens.advantage import (
+    redistribute_advantage,
+    token_group_advantage,
+    token_group_advantage_values,
+)
 from tokenweave.tokens.entropy import (
     AdaptiveTemperatureLogitsProcessor,
     EntropyStats,
@@ -125,12 +129,24 @@ def test_logits_processor_on_random_logits():
     stats = entropy_stats(torch.rand(4, 30) * 3, torch.ones(4, 30))
     out = AdaptiveTemperatureLogitsProcessor(stats, base_temperature=0.7, tau=0.05)(None, scores)
 
-    p = scores.softmax(-1)
+    p = (scores / 0.7).softmax(-1)  # the entropy at the base temperature, as the trainer's statistics are
     entropy = -(p * p.log()).sum(-1)
     temperature = 0.7 * (1 + 0.05 * stats.signal(entropy).clamp(-1, 1))
     close(out, scores / temperature.unsqueeze(-1))
     assert ((temperature >= 0.7 * 0.95 - 1e-6) & (temperature <= 0.7 * 1.05 + 1e-6)).all()
     assert temperature[0] > temperature[-1]  # flat rows (high entropy) sample hotter than peaked rows
+
+
+def test_logits_processor_records_its_temperatures():
+    # no statistics: every row at T_base = 2 → the record is [B = 3, steps = 2] of 2.0; popping clears it
+    processor = AdaptiveTemperatureLogitsProcessor(None, base_temperature=2.0, record_temperatures=True)
+    for _ in range(2):
+        processor(None, torch.randn(3, 5))
+    close(processor.pop_temperatures(), [[2.0, 2.0]] * 3)
+    assert processor.temperatures == []
+    silent = AdaptiveTemperatureLogitsProcessor(None)
+    silent(None, torch.randn(3, 5))
+    assert silent.temperatures == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +188,20 @@ def test_token_group_advantage_with_group_size():
         token_group_advantage(rewards, mask)
     with pytest.raises(ValueError):
         token_group_advantage(rewards, mask, group_size=3)
+
+
+def test_token_group_advantage_values_from_lengths():
+    # the same hand group 7 (rewards [1, 0], lengths [1, 3]) given by lengths, and an unscored (NaN) response added
+    # to it: it enters neither μ, σ nor the fall-back, and gets A = 0
+    values = token_group_advantage_values(torch.tensor([1.0, 0.0]), torch.tensor([1, 3]), group_size=2)
+    close(values, [SQRT3, -1 / SQRT3])
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 1.0])
+    values = token_group_advantage_values(rewards, torch.tensor([1, 5, 3, 2]), group_ids=torch.tensor([0, 0, 0, 1]))
+    close(values, [SQRT3, 0.0, -1 / SQRT3, 0.0])
+    # GRPO fall-back (hand group 3 above, lengths [1, 13, 13]) with an unscored response: unbiased std over 3, not 4
+    rewards = torch.tensor([1.0, 0.0, 0.0, float("nan")])
+    values = token_group_advantage_values(rewards, torch.tensor([1, 13, 13, 4]), group_size=4)
+    close(values, [2 / SQRT3, -1 / SQRT3, -1 / SQRT3, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

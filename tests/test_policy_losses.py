@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokenweave.losses.policy import (
+    POLICY_LOSS_AGG_MODES,
     POLICY_LOSSES,
     PolicyLossConfig,
     aggregate_loss,
@@ -49,6 +50,13 @@ def test_builtin_losses_are_registered():
         get_policy_loss("nope")
 
 
+def test_each_loss_registers_its_papers_aggregation():
+    assert POLICY_LOSS_AGG_MODES["grpo"] == POLICY_LOSS_AGG_MODES["gspo"] == "seq-mean-token-mean"
+    assert {POLICY_LOSS_AGG_MODES[name] for name in ("dapo", "cispo", "hapo")} == {"token-mean"}
+    with pytest.raises(ValueError, match="unknown loss aggregation mode"):
+        register_policy_loss("test_bad_mode", loss_agg_mode="sum")
+
+
 def test_user_registered_loss_is_found_by_name():
     @register_policy_loss("test_reinforce")
     def reinforce(logps, old_logps, advantages, mask, config, token_weights=None, entropy=None):
@@ -61,7 +69,7 @@ def test_user_registered_loss_is_found_by_name():
         with pytest.raises(ValueError, match="already registered"):
             register_policy_loss("test_reinforce")(lambda *args: None)
     finally:
-        del POLICY_LOSSES["test_reinforce"]
+        del POLICY_LOSSES["test_reinforce"], POLICY_LOSS_AGG_MODES["test_reinforce"]
 
 
 def test_config_is_frozen_and_validated():

@@ -56,14 +56,21 @@ POLICY_LOSSES: dict[str, PolicyLossFn] = {}
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
+POLICY_LOSS_AGG_MODES: dict[str, str] = {}
+"""The aggregation each registered loss's paper uses: the default of ``TokenGRPOConfig.loss_agg_mode``."""
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: register a policy loss under ``name`` (a name can be taken only once)."""
+
+def register_policy_loss(name: str, loss_agg_mode: str = "token-mean") -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: register a policy loss under ``name`` (a name can be taken only once), with the aggregation mode
+    its paper uses (:func:`aggregate_loss`; trainers use it unless told otherwise)."""
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation mode {loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         if POLICY_LOSSES.get(name, fn) is not fn:
             raise ValueError(f"a policy loss is already registered as {name!r}")
         POLICY_LOSSES[name] = fn
+        POLICY_LOSS_AGG_MODES[name] = loss_agg_mode
         return fn
 
     return decorator
@@ -168,8 +175,9 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x * mask).sum() / mask.sum().clamp(min=1.0)).detach()
 
 
-def _importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """``[B, T]`` ratio π_θ/π_old per token, or per sequence exp(masked mean log-ratio) broadcast (GSPO)."""
+def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """``[B, T]`` ratio π_θ/π_old per token, or per sequence exp(masked mean log-ratio) broadcast (GSPO); TRL's
+    ``coef_1`` (also the bias correction of its KL term)."""
     log_ratio = logps - old_logps
     if level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
@@ -203,7 +211,7 @@ def _clipped_loss(
     if entropy is None and (adaptive_clip or adaptive_advantage):
         raise ValueError("HAPO's adaptive clip and advantage need the token entropies: pass `entropy`")
     h_hat = None if entropy is None else entropy_signal(entropy, mask, config.entropy_pivot, config.released_sign)
-    ratio = _importance_ratio(logps, old_logps, mask, level)
+    ratio = importance_ratio(logps, old_logps, mask, level)
 
     eps_low, eps_high = config.epsilon_low, config.epsilon_high
     if adaptive_clip:
@@ -231,7 +239,7 @@ def _clipped_loss(
 
 
 @register_policy_loss("dapo")
-@register_policy_loss("grpo")
+@register_policy_loss("grpo", loss_agg_mode="seq-mean-token-mean")
 def clipped_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -260,7 +268,7 @@ def clipped_policy_loss(
     )
 
 
-@register_policy_loss("gspo")
+@register_policy_loss("gspo", loss_agg_mode="seq-mean-token-mean")
 def gspo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -308,7 +316,7 @@ def cispo_policy_loss(
     mask = mask.to(logps.dtype)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    ratio = _importance_ratio(logps, old_logps, mask, config.importance_sampling_level)
+    ratio = importance_ratio(logps, old_logps, mask, config.importance_sampling_level)
     weight = torch.clamp(ratio, max=config.cispo_epsilon_max).detach()
     per_token_loss = -weight * advantages * logps
     if token_weights is not None:

@@ -105,17 +105,37 @@ def adaptive_temperature(
 class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
     """Divides each row of logits by its HAPO adaptive temperature (the patched vLLM sampler, for ``generate``).
 
-    At every decoding step: ``H = entropy(softmax(scores))`` per row, ``T = adaptive_temperature(H, stats, ...)``,
-    ``scores / T``. It replaces the temperature warper, so generate with ``temperature=1.0`` and put this processor
-    before top-k / top-p / min-p. Update ``stats`` between rollouts (``None``: plain ``base_temperature``).
+    At every decoding step: ``H = entropy(softmax(scores / T_base))`` per row (the entropy at the base temperature,
+    as the trainer's statistics are; the released sampler, with T_base = 1, takes it on the raw logits),
+    ``T = adaptive_temperature(H, stats, T_base, τ)``, ``scores / T``. It replaces the temperature warper, so
+    generate with ``temperature=1.0`` and put this processor before top-k / top-p / min-p (``generate`` runs the
+    ``logits_processor`` it is given before its warpers). Update ``stats`` between rollouts (``None``: plain
+    ``base_temperature``). With ``record_temperatures=True``, each call appends its ``[B]`` temperatures to
+    :attr:`temperatures`; :meth:`pop_temperatures` returns them as ``[B, steps]`` and starts a new record.
     """
 
-    def __init__(self, stats: EntropyStats | None = None, base_temperature: float = 1.0, tau: float = 0.05):
+    def __init__(
+        self,
+        stats: EntropyStats | None = None,
+        base_temperature: float = 1.0,
+        tau: float = 0.05,
+        record_temperatures: bool = False,
+    ):
         self.stats = stats
         self.base_temperature = base_temperature
         self.tau = tau
+        self.record_temperatures = record_temperatures
+        self.temperatures: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        entropy = torch.special.entr(torch.softmax(scores.float(), dim=-1)).sum(-1)  # entr(0) = 0 for −inf logits
+        probs = torch.softmax(scores.float() / self.base_temperature, dim=-1)
+        entropy = torch.special.entr(probs).sum(-1)  # entr(0) = 0 for −inf logits
         temperature = adaptive_temperature(entropy, self.stats, self.base_temperature, self.tau)
+        if self.record_temperatures:
+            self.temperatures.append(temperature)
         return scores / temperature.unsqueeze(-1).to(scores.dtype)
+
+    def pop_temperatures(self) -> torch.Tensor:
+        """The recorded temperatures ``[B, steps]`` (one column per decoding step), and clear the record."""
+        temperatures, self.temperatures = self.temperatures, []
+        return torch.stack(temperatures, dim=1)
