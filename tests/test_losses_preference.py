@@ -331,3 +331,24 @@ def test_chunked_sequential_kl_with_no_valid_position():
     policy_hidden, ref_hidden, policy_head, ref_head, mask = kl_setup()
     kl = chunked_sequential_kl(policy_hidden, ref_hidden, policy_head, ref_head, torch.zeros_like(mask))
     assert kl.shape == mask.shape and kl.eq(0).all()
+
+
+def test_chunked_sequential_kl_padded_with_empty_chunks_calls_the_heads_a_fixed_number_of_times():
+    # num_chunks makes the head calls data-independent (DeepSpeed ZeRO-3): forward + backward recompute.
+    policy_hidden, ref_hidden, policy_head, ref_head, mask = kl_setup()
+    expected = chunked_sequential_kl(policy_hidden, ref_hidden, policy_head, ref_head, mask, chunk_size=4)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), policy_hidden)
+    calls = []
+    policy_head.register_forward_hook(lambda module, args, output: calls.append("policy"))
+    ref_head.register_forward_hook(lambda module, args, output: calls.append("ref"))
+    num_needed = -(-int(mask.sum()) // 4)
+
+    kl = chunked_sequential_kl(
+        policy_hidden, ref_hidden, policy_head, ref_head, mask, chunk_size=4, num_chunks=num_needed + 3
+    )
+    (grad,) = torch.autograd.grad(kl.sum(), policy_hidden)
+    torch.testing.assert_close(kl, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert calls.count("policy") == calls.count("ref") == 2 * (num_needed + 3)
+    with pytest.raises(ValueError, match="num_chunks"):
+        chunked_sequential_kl(policy_hidden, ref_hidden, policy_head, ref_head, mask, chunk_size=4, num_chunks=1)

@@ -207,6 +207,7 @@ def chunked_sequential_kl(
     ref_head: Callable[[Tensor], Tensor],
     mask: Tensor,
     chunk_size: int = 256,
+    num_chunks: int | None = None,
 ) -> Tensor:
     """``sequential_kl`` from hidden states ``[B, T, H]``, one chunk of positions at a time → ``[B, T]``.
 
@@ -220,10 +221,22 @@ def chunked_sequential_kl(
     chunk's logits (a few ``chunk_size × V`` fp32 tensors) instead of ``[B, T, V]`` for both models.
     The reference side runs under ``torch.no_grad()``; gradients reach ``policy_hidden`` and the
     policy head's parameters only.
+
+    Each chunk calls both heads once in the forward and once more in the backward. ``num_chunks``
+    (at least ``ceil(N / chunk_size)``) pads the chunks with empty ones, so that the number of head
+    calls does not depend on the data: under DeepSpeed ZeRO-3 every head call gathers sharded weights
+    collectively, and all processes must make the same calls.
     """
     mask = mask.bool()
     policy_positions = policy_hidden[mask]  # [N, H], N = number of masked positions
     ref_positions = ref_hidden.detach()[mask]
+    policy_chunks = list(policy_positions.split(chunk_size))
+    ref_chunks = list(ref_positions.split(chunk_size))
+    if num_chunks is not None:
+        if num_chunks < len(policy_chunks):
+            raise ValueError(f"num_chunks={num_chunks} is less than the {len(policy_chunks)} chunks needed.")
+        policy_chunks += [policy_positions[:0]] * (num_chunks - len(policy_chunks))
+        ref_chunks += [ref_positions[:0]] * (num_chunks - len(ref_chunks))
 
     def chunk_kl(policy_chunk: Tensor, ref_chunk: Tensor) -> Tensor:
         with torch.no_grad():
@@ -232,9 +245,7 @@ def chunked_sequential_kl(
 
     chunk_kls = [
         checkpoint(chunk_kl, policy_chunk, ref_chunk, use_reentrant=False)
-        for policy_chunk, ref_chunk in zip(
-            policy_positions.split(chunk_size), ref_positions.split(chunk_size), strict=True
-        )
+        for policy_chunk, ref_chunk in zip(policy_chunks, ref_chunks, strict=True)
     ]
     kl = policy_hidden.new_zeros(mask.shape, dtype=torch.float32)
     if chunk_kls:
