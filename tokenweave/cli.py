@@ -4,6 +4,8 @@
     tokenweave eval --model smollm2-135m [--adapter out/checkpoint] [--output results.json]
     tokenweave sample --model smollm2-135m --output data/samples [--num_samples_per_prompt 4]
     tokenweave pairs --samples data/samples --output data/pairs
+    tokenweave critical --config configs/critical_tiny.yaml [--key value ...]
+    tokenweave heatmap --scores outputs/critical_tokens/pairs --output page.html [--terminal]
     tokenweave quickstart
 """
 
@@ -64,6 +66,28 @@ def _pairs_command(args) -> None:
     print(f"wrote {len(pairs)} preference pairs to {args.output}")
 
 
+def _critical_command(argv: list[str]) -> None:
+    from .data.critical import parse_pipeline_config, run_critical_pipeline
+
+    outputs = run_critical_pipeline(parse_pipeline_config(argv))
+    for step, path in outputs.items():
+        print(f"{step:>10}: {path}")
+
+
+def _heatmap_command(args) -> None:
+    from datasets import load_from_disk
+
+    from .heatmap import render_html, render_terminal, trajectories_from_dataset
+
+    trajectories = trajectories_from_dataset(load_from_disk(args.scores), max_examples=args.max_examples)
+    if args.terminal:
+        sys.stdout.write(render_terminal(trajectories, color=sys.stdout.isatty(), threshold=args.threshold))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(render_html(trajectories, title=f"Critical tokens: {args.scores}"))
+        print(f"wrote {len(trajectories)} scored trajectories to {args.output}")
+
+
 def _add_task_arguments(parser: argparse.ArgumentParser, default_num_examples: int | None) -> None:
     parser.add_argument("--model", required=True, help="Built-in model name, local directory or hub id.")
     parser.add_argument("--adapter", default=None, help="A LoRA adapter directory to load on the model.")
@@ -104,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="When no sample of a question is correct, use the task's reference solution as chosen.",
     )
 
+    commands.add_parser(
+        "critical",
+        help="Critical-token pipeline (cDPO): sample, positive/negative LoRA models, scored pairs, cDPO "
+        "(all further arguments go to its config parser).",
+        add_help=False,
+    )
+
+    heatmap = commands.add_parser("heatmap", help="Show critical-token scores as an HTML page or in the terminal.")
+    heatmap.add_argument("--scores", required=True, help="A scored dataset directory (`tokenweave critical`'s pairs/).")
+    heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
+    heatmap.add_argument("--terminal", action="store_true", help="Print the scored tokens to the terminal.")
+    heatmap.add_argument("--max_examples", type=int, default=None, help="Show only the first N rows.")
+    heatmap.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="Terminal without colours: mark tokens scoring below this as [token|score].",
+    )
+
     quickstart = commands.add_parser("quickstart", help="Offline demo: SmolLM2 on arithmetic, before/after accuracy.")
     quickstart.add_argument("--output_dir", default="quickstart_output")
     return parser
@@ -117,13 +160,20 @@ def main(argv: list[str] | None = None) -> None:
 
         train(argv[1:])
         return
+    if argv and argv[0] == "critical":
+        _critical_command(argv[1:])
+        return
     args = build_parser().parse_args(argv)
+    if args.command == "heatmap" and not (args.output or args.terminal):
+        build_parser().error("heatmap needs --output, --terminal or both.")
     if args.command == "eval":
         _eval_command(args)
     elif args.command == "sample":
         _sample_command(args)
     elif args.command == "pairs":
         _pairs_command(args)
+    elif args.command == "heatmap":
+        _heatmap_command(args)
     elif args.command == "quickstart":
         from .quickstart import run_quickstart
 

@@ -1,0 +1,300 @@
+"""Critical-token scores of cDPO (arXiv 2411.19943) and the pipeline that produces them, on the tiny model."""
+
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset, load_from_disk
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig
+from trl.trainer.dpo_trainer import DPOTrainer
+
+import tokenweave.data.critical as pipeline
+from tokenweave.cli import main as cli_main
+from tokenweave.data.critical import CriticalPipelineConfig, parse_pipeline_config
+from tokenweave.data.preferences import SAMPLE_COLUMNS
+from tokenweave.models import CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, resolve_model
+from tokenweave.tokens.critical import (
+    ScoringModel,
+    chunked_contrastive_scores,
+    contrastive_log_scores,
+    load_contrastive_models,
+    score_dataset,
+    tokenize_like_dpo,
+)
+from tokenweave.train import RUN_INFO_FILE
+
+from .conftest import CONFIGS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's matrices are small: on a shared 2-core machine, a second thread only adds waiting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def conversation(question, chosen, rejected):
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+PAIRS = [
+    conversation("What is 2 + 3?", "2 + 3 = 5\nThe answer is 5.", "2 + 3 = 6\nThe answer is 6."),
+    conversation("What is 10 - 4?", "10 - 4 = 6\nThe answer is 6.", "The answer is 5."),
+    conversation("Add 7 and 8.", "<think>7 + 8 = 15</think>\nThe answer is 15.", "7 + 8 = 14"),
+]
+
+
+def trl_tokenize(dataset, tokenizer):
+    """TRL's own tokenisation of a preference dataset: DPOTrainer._prepare_dataset, which reads nothing else
+    from the trainer for conversational data."""
+    args = DPOConfig(output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none")
+    return DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args, "test")
+
+
+# -- the score ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [1.0, 0.5, 2.0])
+def test_score_equals_the_normalised_probability_ratio_over_the_vocabulary(b):
+    generator = torch.Generator().manual_seed(0)
+    pos_logits, neg_logits = torch.randn(2, 3, 5, 11, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 11, (3, 5), generator=generator)
+    # s_t = p_pos(y)^(1+b) p_neg(y)^(-b) / Σ_v p_pos(v)^(1+b) p_neg(v)^(-b), in probabilities, float64.
+    ratio = pos_logits.softmax(-1) ** (1 + b) * neg_logits.softmax(-1) ** (-b)
+    expected = (ratio / ratio.sum(-1, keepdim=True)).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    scores = contrastive_log_scores(pos_logits.float(), neg_logits.float(), targets, b=b).exp()
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_score_by_hand():
+    # b = 1: 2·[ln 2, 0] − [0, 0] = [ln 4, 0] -> softmax [4/5, 1/5].
+    pos_logits, neg_logits = torch.tensor([math.log(2), 0.0]), torch.zeros(2)
+    scores = contrastive_log_scores(pos_logits, neg_logits, torch.tensor(0)).exp()
+    assert scores.item() == pytest.approx(0.8)
+    # b = 0: the positive model's own probability.
+    assert contrastive_log_scores(pos_logits, neg_logits, torch.tensor(1), b=0.0).exp().item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_chunked_scores_equal_unchunked_scores(chunk_size):
+    torch.manual_seed(0)
+    pos_hidden, neg_hidden = torch.randn(2, 3, 7, 16)
+    pos_head, neg_head = torch.nn.Linear(16, 50), torch.nn.Linear(16, 50)
+    targets = torch.randint(0, 50, (3, 7))
+    mask = torch.rand(3, 7) > 0.3
+    with torch.no_grad():
+        chunked = chunked_contrastive_scores(
+            pos_hidden, neg_hidden, pos_head, neg_head, targets, mask, b=0.7, chunk_size=chunk_size
+        )
+        full = contrastive_log_scores(pos_head(pos_hidden), neg_head(neg_hidden), targets, b=0.7).exp()
+    torch.testing.assert_close(chunked[mask], full[mask], rtol=0, atol=1e-6)
+    assert (chunked[~mask] == 0).all()
+
+
+# -- tokenisation and scoring of a dataset ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("thinking_prompt", [False, True])
+def test_tokenization_equals_trl_dpo_tokenization(thinking_prompt):
+    tokenizer = build_tiny_tokenizer()
+    if thinking_prompt:  # the generation prompt is rendered differently from the same turn in a conversation
+        tokenizer.chat_template = CHATML_TEMPLATE.replace("assistant\n' }}", "assistant\n<think>' }}")
+        assert tokenizer.chat_template != CHATML_TEMPLATE
+    dataset = Dataset.from_list(PAIRS)
+    expected = trl_tokenize(dataset, tokenizer)
+    for example, trl_example in zip(dataset, expected, strict=True):
+        ours = tokenize_like_dpo(example, tokenizer)
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert ours[key] == trl_example[key], key
+    if thinking_prompt:
+        # The third chosen starts with "<think>" like the generation prompt, its rejected does not: the
+        # completion starts after the shorter common prefix, for both.
+        assert tokenizer.decode(expected[2]["chosen_ids"]).startswith("<think>7 + 8")
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """Two different random tiny models as positive and negative, and their tokenizer."""
+    positive, tokenizer = build_tiny_llama(seed=0)
+    negative, _ = build_tiny_llama(seed=1)
+    return ScoringModel(positive.eval()), ScoringModel(negative.eval()), tokenizer
+
+
+def test_dataset_scores_align_with_trl_completion_tokens_and_equal_full_logit_scores(tiny_pair):
+    positive, negative, tokenizer = tiny_pair
+    dataset = Dataset.from_list(PAIRS)
+    scored = score_dataset(dataset, positive, negative, tokenizer, batch_size=4, chunk_size=7)
+    tokenized = trl_tokenize(dataset, tokenizer)
+    for row, trl_row in zip(scored, tokenized, strict=True):
+        for side in ("chosen", "rejected"):
+            completion_ids = trl_row[f"{side}_ids"]
+            scores = row[f"{side}_scores"]
+            assert len(scores) == len(completion_ids) == len(row[f"{side}_tokens"])
+            assert all(0 < score <= 1 for score in scores)
+            assert "".join(row[f"{side}_tokens"]) == tokenizer.decode(completion_ids)
+            # Independently: each sequence alone, full logits; token j is predicted at position j - 1.
+            ids = torch.tensor([trl_row["prompt_ids"] + completion_ids])
+            with torch.no_grad():
+                combined = 2 * positive.model(ids).logits[0] - negative.model(ids).logits[0]
+            start = len(trl_row["prompt_ids"])
+            expected = combined.log_softmax(-1)[start - 1 : -1].gather(-1, ids[0, start:, None]).squeeze(-1).exp()
+            torch.testing.assert_close(torch.tensor(scores), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_prompt_completion_rows_are_scored_too(tiny_pair):
+    positive, negative, tokenizer = tiny_pair
+    rows = Dataset.from_list([{"prompt": row["prompt"], "completion": row["chosen"]} for row in PAIRS])
+    scored = score_dataset(rows, positive, negative, tokenizer, completion_columns=("completion",))
+    assert {"completion_scores", "completion_tokens"} <= set(scored.column_names)
+    assert [len(scores) for scores in scored["completion_scores"]] == [
+        len(tokenize_like_dpo(row, tokenizer, ("completion",))["completion_ids"]) for row in rows
+    ]
+
+
+def test_two_adapters_of_one_base_are_loaded_once_and_score_like_two_models(tmp_path):
+    base_path = resolve_model("tiny-llama")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    for seed, name in ((1, "positive"), (2, "negative")):
+        torch.manual_seed(seed)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), lora).save_pretrained(tmp_path / name)
+    positive, negative, tokenizer = load_contrastive_models(str(tmp_path / "positive"), str(tmp_path / "negative"))
+    assert positive.model is negative.model and (positive.adapter, negative.adapter) == ("positive", "negative")
+    separate = [
+        ScoringModel(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), tmp_path / name).eval())
+        for name in ("positive", "negative")
+    ]
+    dataset = Dataset.from_list(PAIRS[:2])
+    shared_scores = score_dataset(dataset, positive, negative, tokenizer)["rejected_scores"]
+    separate_scores = score_dataset(dataset, *separate, tokenizer)["rejected_scores"]
+    for shared, alone in zip(shared_scores, separate_scores, strict=True):
+        torch.testing.assert_close(torch.tensor(shared), torch.tensor(alone), rtol=0, atol=1e-6)
+    # The adapters matter: the positive model is not the negative one.
+    assert not torch.allclose(
+        torch.tensor(shared_scores[0]),
+        torch.tensor(score_dataset(dataset, positive, positive, tokenizer)["rejected_scores"][0]),
+    )
+
+
+# -- the pipeline -----------------------------------------------------------------------------------------
+
+NUM_QUESTIONS, NUM_SAMPLES = 4, 3
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """Steps a-e of the pipeline on the tiny model, through `tokenweave critical`; returns its config file."""
+    directory = tmp_path_factory.mktemp("critical")
+    config = yaml.safe_load((CONFIGS / "critical_tiny.yaml").read_text())
+    config.update(
+        work_dir=str(directory / "work"),
+        num_examples=NUM_QUESTIONS,
+        num_samples_per_prompt=NUM_SAMPLES,
+        max_new_tokens=12,
+        sft_max_steps=1,
+        sft_batch_size=4,
+        cdpo_config=None,
+    )
+    config_path = directory / "critical.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    cli_main(["critical", "--config", str(config_path)])
+    return config_path
+
+
+def test_pipeline_writes_every_step_as_a_dataset_or_adapter(pipeline_run):
+    work = pipeline_run.parent / "work"
+    samples = load_from_disk(str(work / "samples"))
+    assert set(SAMPLE_COLUMNS) | {"solution"} <= set(samples.column_names)
+    assert len(samples) == NUM_QUESTIONS * NUM_SAMPLES
+    num_correct = sum(samples["correct"])
+    positive_data, negative_data = (load_from_disk(str(work / "sft_data" / side)) for side in ("positive", "negative"))
+    assert positive_data.column_names == negative_data.column_names == ["prompt", "completion"]
+    assert len(positive_data) == num_correct + NUM_QUESTIONS  # correct samples + reference solutions
+    assert len(negative_data) == len(samples) - num_correct
+    for side in ("positive", "negative"):
+        adapter = json.loads((work / side / "adapter_config.json").read_text())
+        assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)
+        assert set(adapter["target_modules"]) == {"gate_proj", "up_proj", "down_proj"}
+        assert json.loads((work / side / RUN_INFO_FILE).read_text())["global_step"] == 1
+
+    pairs = load_from_disk(str(work / "pairs"))
+    assert {"prompt", "chosen", "rejected", "chosen_scores", "rejected_scores"} <= set(pairs.column_names)
+    assert len(pairs) == len({row["question_id"] for row in samples if not row["correct"]})
+    tokenized = trl_tokenize(pairs, build_tiny_tokenizer())
+    for row, trl_row in zip(pairs, tokenized, strict=True):
+        for side in ("chosen", "rejected"):
+            assert len(row[f"{side}_scores"]) == len(trl_row[f"{side}_ids"]) == len(row[f"{side}_tokens"])
+            assert all(0 < score <= 1 for score in row[f"{side}_scores"])
+
+
+def test_pipeline_rerun_skips_done_steps_and_redoes_a_deleted_one(pipeline_run, monkeypatch):
+    work = pipeline_run.parent / "work"
+    files = [path for step in ("samples", "sft_data", "positive", "negative") for path in (work / step).rglob("*")]
+    mtimes = {path: path.stat().st_mtime_ns for path in files}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+
+    for name in ("sample_trajectories", "train", "score_dataset"):
+        monkeypatch.setattr(pipeline, name, must_not_run)
+    cli_main(["critical", "--config", str(pipeline_run)])
+
+    # A deleted step (and a stale partial directory of it) is redone; nothing else is.
+    scores_before = load_from_disk(str(work / "pairs"))["rejected_scores"]
+    shutil.rmtree(work / "pairs")
+    (work / ".pairs.partial").mkdir()
+    (work / ".pairs.partial" / "junk").write_text("left by an interrupted run")
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "sample_trajectories", must_not_run)
+    monkeypatch.setattr(pipeline, "train", must_not_run)
+    cli_main(["critical", "--config", str(pipeline_run)])
+    assert load_from_disk(str(work / "pairs"))["rejected_scores"] == scores_before
+    assert not (work / ".pairs.partial").exists()
+    assert {path: path.stat().st_mtime_ns for path in files} == mtimes
+
+
+def test_pipeline_step_f_trains_cdpo_on_the_scored_pairs(pipeline_run, tmp_path):
+    cdpo_config = yaml.safe_load((CONFIGS / "cdpo_tiny.yaml").read_text()) | {"max_steps": 1}
+    (tmp_path / "cdpo.yaml").write_text(yaml.safe_dump(cdpo_config))
+    cli_main(["critical", "--config", str(pipeline_run), "--cdpo_config", str(tmp_path / "cdpo.yaml")])
+    info = json.loads((pipeline_run.parent / "work" / "cdpo" / RUN_INFO_FILE).read_text())
+    assert info["method"] == "dpo" and info["global_step"] == 1
+
+
+def test_a_bad_cdpo_config_fails_before_any_step(tmp_path, monkeypatch):
+    (tmp_path / "cdpo.yaml").write_text((CONFIGS / "cdpo_tiny.yaml").read_text() + "warmup_ratio: 0.1\n")
+    monkeypatch.setattr(pipeline, "sample_trajectories", lambda *args, **kwargs: pytest.fail("sampling started"))
+    config = CriticalPipelineConfig(work_dir=str(tmp_path / "work"), cdpo_config=str(tmp_path / "cdpo.yaml"))
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        pipeline.run_critical_pipeline(config)
+
+
+# -- the config -------------------------------------------------------------------------------------------
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: tiny-llama\nnum_sampels_per_prompt: 4\n")
+    with pytest.raises(ValueError, match="num_sampels_per_prompt"):
+        parse_pipeline_config(["--config", str(path)])
+
+
+def test_shipped_configs_parse_and_sft_args_are_checked():
+    for name in ("critical_tiny.yaml", "critical_smollm2.yaml"):
+        config = parse_pipeline_config(["--config", str(CONFIGS / name)])
+        assert (config.lora_r, config.lora_alpha) == (8, 16)
+    with pytest.raises(ValueError, match=r"lora_r \(set it with the pipeline field 'lora_r'\)"):
+        CriticalPipelineConfig(sft_args={"lora_r": 4})
+    with pytest.raises(ValueError, match="not_a_field"):
+        CriticalPipelineConfig(sft_args={"not_a_field": 1})
