@@ -1,0 +1,218 @@
+"""Multi-process probes of TokenGRPOTrainer, launched by ``tests/test_grpo_distributed.py``. Two subcommands.
+
+``invariance``: process invariance of every registered policy loss (2 processes × batch 4 = batch 8 on one process)::
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/grpo_invariance_probe.py invariance \
+        --model_dir DIR --output grads.pt
+
+  Every rank builds the same tiny model (from ``--model_dir``) and the same generation batch of 8 hand-made,
+  off-policy completions (:func:`make_batch`, unequal lengths, so a per-process token mean would differ from the
+  global one), keeps its half (rows ``4r .. 4r + 3``, as TRL splits a generation batch over processes), runs the
+  trainer's ``_compute_loss`` + backward on it, then averages the gradients over processes as DDP does (gloo
+  all-reduce / world size). ``num_items_in_batch`` is the generation batch's global token count on every rank, as
+  TRL's ``_generate_and_score_completions`` gathers it. Rank 0 writes, per loss, the mean of the ranks' losses
+  (what Trainer logs), each rank's own loss and the averaged gradients. The test computes the single-process
+  results with :func:`loss_and_grads` on the same batch and compares.
+
+  HAPO's entropy signal ĥ is computed from each micro-batch's own token entropies (as in the paper's code), so its
+  batch has two halves made of the same tokens (rows 4-7 are rows 0-3 reversed, with their own advantages and
+  ratios): the same ĥ statistics on each process, as in the gradient-accumulation test of test_grpo_trainer.py.
+
+``runs``: several ``tokenweave train`` runs, one after another, inside ONE ``accelerate launch``::
+
+    accelerate launch --config_file launch/cpu_zero3.yaml tests/grpo_invariance_probe.py runs runs.json
+
+  ``runs.json`` is a list of argument lists, each given to :func:`tokenweave.train.train` as the command line of
+  ``python -m tokenweave.train``. A 2-process CPU launch spends ~30-50 s importing torch / TRL / DeepSpeed and
+  setting up, and a tiny run trains in ~2 s, so running a stage's runs in one launch makes each run ~10x cheaper.
+  Each run is a full ``train()`` (its own trainer, DeepSpeedEngine, saved model and ``run_info.json``); only the
+  process-group teardown that ends ``train()`` is held back until the last run, then done as ``train()`` does it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# A generation batch of 8 completions (2 prompts × 4); TRL's split of it over 2 processes gives rows 0-3 and 4-7,
+# whose token counts differ (21 vs 18).
+LENGTHS = [6, 3, 5, 1, 6, 2, 4, 6]
+PROMPT_LENGTH = 5
+NUM_PROCESSES = 2
+HAPO_OFF = dict(hapo_adaptive_temperature=False)  # sampling is not exercised: the batch is made by hand
+
+
+def digit_reward(completions, **kwargs):
+    """Unused by the probes (the batch is hand-made); GRPOTrainer needs a reward function."""
+    return [0.0 for _ in completions]
+
+
+def make_trainer(model_dir: str, output_dir: str, policy_loss: str, **overrides):
+    """A TokenGRPOTrainer on the tiny model as test_grpo_trainer.make_trainer builds it (batch 8 unless overridden)."""
+    from tokenweave.data.arithmetic import load_arithmetic
+    from tokenweave.trainers import TokenGRPOConfig, TokenGRPOTrainer
+
+    kwargs = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=max(LENGTHS),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        policy_loss=policy_loss,
+        **HAPO_OFF,
+    )
+    config = TokenGRPOConfig(**(kwargs | overrides))
+    dataset = load_arithmetic("train", "prompt", 16)
+    trainer = TokenGRPOTrainer(model=model_dir, reward_funcs=[digit_reward], args=config, train_dataset=dataset)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = config.gradient_accumulation_steps  # set by Trainer when training
+    return trainer
+
+
+def _logps_and_entropies(trainer, batch):
+    with torch.no_grad():
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+            batch["completion_ids"].size(1),
+            compute_entropy=True,
+        )
+    return logps, entropies
+
+
+def make_batch(trainer, policy_loss: str, seed: int = 0, log_ratio_std: float = 0.3) -> dict:
+    """The generation batch of 8 (deterministic given the model's weights), off-policy: old log-probs are the
+    model's shifted by N(0, 0.3²), so ratios leave the clip ranges. For hapo, rows 4-7 repeat rows 0-3's tokens in
+    reverse order (same ĥ statistics per half) with their own advantages and ratios."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = LENGTHS[:4] * 2 if policy_loss == "hapo" else LENGTHS
+    n, width = len(lengths), max(lengths)
+    pad = trainer.processing_class.pad_token_id
+    prompt_mask = (torch.arange(PROMPT_LENGTH) >= torch.tensor([0, 2] * (n // 2)).unsqueeze(1)).long()  # left pad
+    completion_mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
+    batch = {
+        "prompt_ids": torch.randint(4, 100, (n, PROMPT_LENGTH), generator=generator).masked_fill(prompt_mask == 0, pad),
+        "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(4, 100, (n, width), generator=generator).masked_fill(completion_mask == 0, pad),
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(n, generator=generator),
+    }
+    if policy_loss == "hapo":
+        for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+            batch[key] = torch.cat([batch[key][:4], batch[key][:4].flip(0)])
+    batch["num_items_in_batch"] = batch["completion_mask"].sum()  # TRL: the global count of the generation batch
+    logps, _ = _logps_and_entropies(trainer, batch)
+    batch["old_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
+    batch["ref_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
+    return batch
+
+
+def process_slice(batch: dict, rank: int, num_processes: int = NUM_PROCESSES) -> dict:
+    """Process ``rank``'s rows of the generation batch, completions trimmed to its own longest one (TRL pads each
+    process's completions to the local maximum); ``num_items_in_batch`` stays the global count."""
+    rows = len(batch["advantages"]) // num_processes
+    local = {key: value[rank * rows:(rank + 1) * rows] for key, value in batch.items() if key != "num_items_in_batch"}
+    width = int(local["completion_mask"].sum(-1).max())
+    for key in ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps"):
+        local[key] = local[key][:, :width]
+    local["num_items_in_batch"] = batch["num_items_in_batch"]
+    return local
+
+
+def loss_and_grads(trainer, batches: list[dict]) -> tuple[float, list[torch.Tensor]]:
+    """Σ of the micro-batch losses (as Trainer accumulates them), and the accumulated gradients."""
+    trainer.model.zero_grad()
+    total = 0.0
+    for batch in batches:
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        total += loss.item()
+    return total, [param.grad.detach().clone() for param in trainer.model.parameters()]
+
+
+def invariance(args) -> None:
+    import torch.distributed as dist
+
+    from tokenweave.losses.policy import POLICY_LOSSES
+
+    results = {}
+    for policy_loss in sorted(POLICY_LOSSES):
+        # One process's view: a generation batch of 4 per process, one update per generation (GA 1).
+        trainer = make_trainer(args.model_dir, args.output_dir, policy_loss, per_device_train_batch_size=4)
+        world_size, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
+        assert world_size == NUM_PROCESSES and dist.is_initialized() and dist.get_backend() == "gloo"
+        batch = make_batch(trainer, policy_loss)
+        local_loss, grads = loss_and_grads(trainer, [process_slice(batch, rank, world_size)])
+        local_losses = [torch.zeros((), dtype=torch.float64) for _ in range(world_size)]
+        dist.all_gather(local_losses, torch.tensor(local_loss, dtype=torch.float64))
+        for grad in grads:  # DDP: gradients averaged over processes
+            dist.all_reduce(grad)
+            grad /= world_size
+        results[policy_loss] = {
+            "loss": sum(local_losses).item() / world_size,  # what Trainer logs: the mean over processes
+            "grads": grads,
+            "local_losses": [loss.item() for loss in local_losses],
+        }
+        del trainer
+        gc.collect()
+    if rank == 0:
+        torch.save(results, args.output)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def runs(args) -> None:
+    import tokenweave.train as tokenweave_train
+
+    argvs = json.loads(Path(args.spec).read_text())
+    finish = tokenweave_train._finish_distributed
+    tokenweave_train._finish_distributed = lambda accelerator: accelerator.wait_for_everyone()
+    try:
+        for argv in argvs:
+            info = tokenweave_train.train(argv)
+            if tokenweave_train.trainer_is_main_process():
+                print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
+            gc.collect()
+    finally:
+        tokenweave_train._finish_distributed = finish
+    from accelerate import PartialState
+
+    finish(PartialState())  # wait for every rank, destroy the process group (as train() does after one run)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    probe = commands.add_parser("invariance")
+    probe.add_argument("--model_dir", required=True)
+    probe.add_argument("--output", required=True)
+    probe.add_argument("--output_dir", default=None, help="the trainers' output_dir (nothing is saved there)")
+    several = commands.add_parser("runs")
+    several.add_argument("spec", help="a JSON list of tokenweave.train argument lists")
+    args = parser.parse_args(argv)
+    if args.command == "invariance":
+        args.output_dir = args.output_dir or str(Path(args.output).parent / "trainer")
+        invariance(args)
+    else:
+        runs(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenweave from this checkout
+    main(sys.argv[1:])

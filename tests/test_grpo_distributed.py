@@ -1,0 +1,203 @@
+"""TokenGRPOTrainer over several processes: every registered policy loss trains under ``accelerate launch`` with 2 CPU
+processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and 2 processes × batch 4 give the update of one
+process with batch 8 (and of batch 4 with 2 accumulation steps).
+
+Cost. A 2-process CPU launch spends 30-50 s importing torch / TRL / DeepSpeed and starting the ranks; a tiny
+2-step run trains in ~2 s. So the 10 runs of a ZeRO stage (5 losses × LoRA / no LoRA) share ONE launch
+(``grpo_invariance_probe.py runs``): each is still a full ``tokenweave.train.train()`` with its own trainer,
+DeepSpeedEngine, saved model and ``run_info.json``. 20 separate launches would take ~17 min on 2 shared cores.
+"""
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trl.trainer.utils import split_tensor_dict
+
+from tokenweave.losses.policy import POLICY_LOSS_AGG_MODES, POLICY_LOSSES
+from tokenweave.models import build_tiny_llama
+from tokenweave.train import RUN_INFO_FILE
+from tokenweave.trainers.grpo import TRL_LOSS_TYPES
+
+from .conftest import CONFIGS, LAUNCH, PYTHON, REPO_ROOT
+from .grpo_invariance_probe import loss_and_grads, make_batch, make_trainer, process_slice
+
+pytestmark = pytest.mark.slow
+
+PROBE = REPO_ROOT / "tests" / "grpo_invariance_probe.py"
+LOSSES = sorted(POLICY_LOSSES)  # grpo, dapo, cispo, gspo, hapo, and any loss registered later
+LORA_ARGS = ["--use_peft", "true", "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj"]
+# A metric that only this loss's code logs (TRL's own losses log clip ratios without the entropy split); a loss not
+# listed is recognised by the policy_loss recorded in its saved config only.
+LOSS_METRICS = {
+    "grpo": "clip_ratio/high_mean_high_entropy",
+    "dapo": "clip_ratio/high_mean_high_entropy",
+    "gspo": "clip_ratio/high_mean_high_entropy",
+    "cispo": "cispo_clip_ratio",
+    "hapo": "hapo/redistributed_frac",
+}
+
+
+def run_subprocess(command: list[str], timeout: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def test_the_issue_losses_are_registered():
+    assert {"grpo", "dapo", "cispo", "gspo", "hapo"} <= set(LOSSES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (1) Each registered loss trains under accelerate launch, 2 CPU processes, ZeRO-2 and ZeRO-3, with and without LoRA.
+# ---------------------------------------------------------------------------------------------------------------
+def run_argv(policy_loss: str, lora: bool, output_dir) -> list[str]:
+    config = CONFIGS / f"{policy_loss}_tiny.yaml"
+    if not config.exists():  # grpo: the TRL loss_type config, switched to the registry's loss
+        config = CONFIGS / "grpo_tiny.yaml"
+    # --policy_loss: grpo_tiny.yaml runs TRL's loss_type; steps_per_generation 2: the second update is off-policy
+    argv = ["--config", str(config), "--output_dir", str(output_dir), "--policy_loss", policy_loss,
+            "--max_steps", "2", "--steps_per_generation", "2"]
+    return argv + (LORA_ARGS if lora else [])
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory):
+    """``stage_runs(zero_stage)``: the directory holding the runs of that stage (2 per loss), launched once on first
+    use; a failed launch (non-zero exit, even after the runs finished) fails every test of the stage."""
+    outcomes = {}
+
+    def launch(zero_stage: int):
+        if zero_stage not in outcomes:
+            root = tmp_path_factory.mktemp(f"zero{zero_stage}")
+            spec = [run_argv(loss, lora, root / run_name(loss, lora)) for loss in LOSSES for lora in (False, True)]
+            (root / "runs.json").write_text(json.dumps(spec))
+            launch_config = LAUNCH / f"cpu_zero{zero_stage}.yaml"
+            try:
+                run_subprocess(
+                    [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
+                     str(PROBE), "runs", str(root / "runs.json")],
+                    timeout=900,
+                )
+                outcomes[zero_stage] = root
+            except (AssertionError, subprocess.TimeoutExpired) as error:
+                outcomes[zero_stage] = error
+        if isinstance(outcomes[zero_stage], BaseException):
+            raise outcomes[zero_stage]
+        return outcomes[zero_stage]
+
+    return launch
+
+
+def run_name(policy_loss: str, lora: bool) -> str:
+    return f"{policy_loss}-{'lora' if lora else 'full'}"
+
+
+@pytest.fixture(scope="module")
+def initial_weights():
+    return build_tiny_llama()[0].state_dict()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("policy_loss", LOSSES)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage_runs, initial_weights):
+    output_dir = stage_runs(zero_stage) / run_name(policy_loss, lora)
+    info = json.loads((output_dir / RUN_INFO_FILE).read_text())
+    assert info["model_wrapper"] == "DeepSpeedEngine" and info["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert info["zero_stage"] == zero_stage and info["num_processes"] == 2 and info["global_step"] == 2
+    assert info["use_peft"] is lora
+
+    # the loss that ran: recorded in the saved config, and a metric only that loss logs, at every step
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert args.policy_loss == policy_loss and args.loss_type == TRL_LOSS_TYPES[policy_loss]
+    assert args.loss_agg_mode == POLICY_LOSS_AGG_MODES[policy_loss]
+    assert args.importance_sampling_level == ("sequence" if policy_loss == "gspo" else "token")
+    logs = [entry for entry in info["log_history"] if "loss" in entry]
+    assert len(logs) == 2
+    assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]) for entry in logs)
+    metric = LOSS_METRICS.get(policy_loss, "entropy/q80")  # entropy/q80: TokenGRPOTrainer's metric
+    assert all(metric in entry and "entropy/q80" in entry for entry in logs)
+    if policy_loss == "hapo":  # every part on, adaptive-temperature sampling included
+        assert args.hapo_adaptive_temperature and args.hapo_token_advantage and args.hapo_adaptive_clip
+        assert any("hapo/sampling_temperature" in entry for entry in logs)
+
+    # the weights (or LoRA's B matrices, zero at initialisation) were trained
+    if lora:
+        adapter = load_file(output_dir / "adapter_model.safetensors")
+        lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+        assert len(lora_b) == 2 * 2  # 2 layers x (q_proj, v_proj)
+        assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
+        assert any(tensor.abs().sum() > 0 for tensor in lora_b), "LoRA B is still zero: the adapter was not trained"
+        assert not (output_dir / "model.safetensors").exists()
+    else:
+        trained = load_file(output_dir / "model.safetensors")
+        assert all(torch.isfinite(weight).all() for weight in trained.values())
+        assert any(not torch.equal(weight, initial_weights[name]) for name, weight in trained.items()), (
+            "the saved model equals the initial one: the ZeRO gather on save or the training did not happen"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (2) Process invariance: (batch 8, GA 1) = (batch 4, GA 2) = 2 processes × batch 4, loss and gradients within 1e-5.
+# The 2-process side runs grpo_invariance_probe.py under torchrun (gloo): each rank takes its half of the same 8
+# completions, and gradients are averaged over ranks as DDP does. For hapo, the two halves hold the same tokens
+# (ĥ comes from each micro-batch's entropies, as in the paper's code), as in test_grpo_trainer's GA test.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = build_tiny_llama()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("invariance") / "two_processes.pt"
+    run_subprocess(
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE), "invariance",
+         "--model_dir", model_dir, "--output", str(output)],
+        timeout=600,
+    )
+    return torch.load(output, weights_only=False)
+
+
+def assert_same_update(actual, expected, atol=1e-5):
+    assert actual[0] == pytest.approx(expected[0], abs=atol)
+    for grad, expected_grad in zip(actual[1], expected[1], strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("policy_loss", LOSSES)
+def test_process_and_accumulation_invariance(policy_loss, model_dir, two_process_results, tmp_path):
+    one_step = make_trainer(model_dir, str(tmp_path), policy_loss)  # batch 8, GA 1
+    accumulated = make_trainer(
+        model_dir, str(tmp_path), policy_loss, per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    batch = make_batch(one_step, policy_loss)
+    expected = loss_and_grads(one_step, [batch])
+    assert max(grad.abs().max() for grad in expected[1]) > 0
+
+    assert_same_update(loss_and_grads(accumulated, split_tensor_dict(batch, 2)), expected)  # batch 4, GA 2
+    two = two_process_results[policy_loss]  # 2 processes x batch 4, gradients averaged over processes
+    assert_same_update((two["loss"], two["grads"]), expected)
+
+    # The batch tells a wrong normaliser apart: the processes' halves differ (tokens, or advantages and ratios for
+    # hapo), and a per-process token mean would miss the reference by far more than the tolerance.
+    local_losses = two["local_losses"]
+    assert abs(local_losses[0] - local_losses[1]) > 1e-3
+    tokens = [int(process_slice(batch, rank)["completion_mask"].sum()) for rank in (0, 1)]
+    if policy_loss == "hapo":
+        assert tokens[0] == tokens[1]
+    else:
+        assert tokens[0] != tokens[1]
+    if POLICY_LOSS_AGG_MODES[policy_loss] == "token-mean" and policy_loss != "hapo":
+        half = sum(tokens) / 2
+        per_process_mean = sum(loss * half / count for loss, count in zip(local_losses, tokens, strict=True)) / 2
+        assert abs(per_process_mean - expected[0]) > 1e-3
