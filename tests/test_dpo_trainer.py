@@ -286,6 +286,57 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path, models
         assert metrics["kl/chosen"][-1] > 1e-6
 
 
+@pytest.mark.parametrize("loss_type", ["tdpo1", "tdpo2"])
+def test_tdpo_with_peft_under_zero3_gathers_the_frozen_head_once(tmp_path, models, monkeypatch, loss_type):
+    """Under ZeRO-3, a frozen LM head (LoRA's base model, tied to the frozen embedding) is gathered once per step and
+    applied as ``F.linear`` of that copy, since the KL recomputed in the backward would find the sharded module
+    released: the loss and the LoRA gradients are those of calling the head module, and the KL never calls it.
+
+    One process: ``is_deepspeed_zero3_enabled`` is patched, and ``GatheredParameters`` (spied on) is a no-op on plain
+    parameters. The real 2-process ZeRO-3 runs are in test_dpo_distributed.py.
+    """
+    import deepspeed
+
+    from tokenweave.trainers import dpo as dpo_module
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = make_trainer(
+        tmp_path, models, pairs_dataset(), loss_type=loss_type, peft_config=lora, tdpo_kl_chunk_size=5
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the policy away from its reference (LoRA B starts at 0): non-zero KL and gradients
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    batch = first_batch(trainer)
+    head = trainer.model.get_base_model().get_output_embeddings()
+    assert not head.weight.requires_grad
+
+    head_calls = []
+    head.register_forward_hook(lambda module, args, output: head_calls.append(args[0].shape[0]))
+    expected = loss_and_grads(trainer, batch)
+    expected_kl = trainer._metrics["train"]["kl/chosen"][-1]
+    assert len(head_calls) > 0 and expected_kl > 1e-4
+
+    gathers = []
+
+    class SpyGatheredParameters(deepspeed.zero.GatheredParameters):
+        def __init__(self, params, *args, **kwargs):
+            gathers.append(list(params))
+            super().__init__(params, *args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", SpyGatheredParameters)
+    trainer._check_lm_heads_for_tdpo()  # no refusal any more
+    head_calls.clear()
+    actual = loss_and_grads(trainer, batch)
+    assert head_calls == []
+    assert len(gathers) == 1 and len(gathers[0]) == 1 and gathers[0][0] is head.weight  # once: policy and reference
+    assert_same_loss_and_grads(actual, expected)
+    assert any("lora_A" in name for name in actual[1]) and not any("lm_head" in name for name in actual[1])
+    assert trainer._metrics["train"]["kl/chosen"][-1] == pytest.approx(expected_kl, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -372,6 +423,10 @@ def test_short_training_updates_the_policy(tmp_path, models, loss_type):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3 and logs[-1]["loss"] < logs[0]["loss"]  # the same 4 pairs at every step
     assert "rewards/margins" in logs[0] and ("kl/chosen" in logs[0]) == loss_type.startswith("tdpo")
+    if loss_type == "cdpo":  # the mean weight of the completion tokens: chosen all 1, rejected all 0.5
+        assert logs[0]["weights/chosen"] == pytest.approx(1.0) and logs[0]["weights/rejected"] == pytest.approx(0.5)
+    else:
+        assert "weights/chosen" not in logs[0]
 
     metrics = trainer.evaluate(dataset)  # a raw dataset: prepared (tokenised, weights aligned) by evaluate
     assert math.isfinite(metrics["eval_loss"]) and ("eval_kl/chosen" in metrics) == loss_type.startswith("tdpo")

@@ -43,17 +43,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
-from ..models import load_model_and_tokenizer, resolve_model
+from ..models import LOGIT_TRANSFORM_ATTRIBUTES, load_model_and_tokenizer, resolve_model
 
-# Config attributes with which transformers rescale or soft-cap logits after the LM head. Scores call the
-# head directly, which would skip them, so such models are refused.
-_LOGIT_TRANSFORM_ATTRIBUTES = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
 
 
 def contrastive_log_scores(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, b: float = 1.0) -> Tensor:
@@ -116,7 +107,7 @@ class ScoringModel:
         if self.adapter is not None and not isinstance(self.model, PeftModel):
             raise ValueError(f"adapter {self.adapter!r} given for a model that is not a PeftModel.")
         config = self._causal_lm().config.get_text_config()
-        transforms = [name for name in _LOGIT_TRANSFORM_ATTRIBUTES if getattr(config, name, None) is not None]
+        transforms = [name for name in LOGIT_TRANSFORM_ATTRIBUTES if getattr(config, name, None) is not None]
         if transforms:
             raise NotImplementedError(
                 f"Critical-token scores call the LM head directly and do not support models that transform its "

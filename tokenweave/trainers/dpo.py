@@ -16,7 +16,8 @@ tokenisation, truncation, logging) is reused as it is. The math lives in
   head (``model(..., labels=..., fused_lm_head=True).log_probs``), exactly as TRL computes them;
 * cDPO: one weight per completion token, from dataset columns, carried through the collator;
 * TDPO: the final hidden states of both models, captured by a forward hook on the backbone during the
-  same forward, turned into full-vocabulary KL chunk by chunk (``chunked_sequential_kl``).
+  same forward, turned into full-vocabulary KL chunk by chunk (``chunked_sequential_kl``) by the LM
+  heads (under DeepSpeed ZeRO-3, a frozen head is gathered once per step: see ``_kl_heads``).
 
 The batch is TRL's: ``[prompt+chosen ; prompt+rejected]`` (``2B`` rows, right-padded). The
 fused head returns ``log_probs[:, t] = log p(input_ids[:, t+1])``, computed from the hidden state at
@@ -26,11 +27,12 @@ position ``t``; everything per token is therefore shifted by one (``completion_m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -49,6 +51,7 @@ from ..losses.preference import (
     tdpo_loss,
     token_weighted_dpo_loss,
 )
+from ..models import LOGIT_TRANSFORM_ATTRIBUTES
 
 TOKEN_LOSS_TYPES = ("cdpo", "tdpo1", "tdpo2")
 
@@ -56,15 +59,6 @@ TOKEN_LOSS_TYPES = ("cdpo", "tdpo1", "tdpo2")
 TOKEN_WEIGHTS_KEY = "token_weights"
 # Batch keys that are not model inputs.
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", TOKEN_WEIGHTS_KEY}
-# Config attributes with which transformers/TRL rescale or soft-cap the logits after the LM head
-# (see trl.trainer.utils.add_fused_lm_head); TDPO calls the LM head directly and does not apply them.
-_LOGIT_TRANSFORM_ATTRIBUTES = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
 
 
 @dataclass
@@ -306,15 +300,19 @@ class TokenDPOTrainer(DPOTrainer):
         pair = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_mask, rejected_mask)
         seq_kl = None
         if is_tdpo:
+            policy_head, ref_head = self._kl_heads(model, ref_model)
+            # Module heads under ZeRO-3 gather their shards at every call: every process must make as many calls.
+            module_heads = any(isinstance(head, nn.Module) for head in (policy_head, ref_head))
+            num_chunks = self._num_kl_chunks(mask) if module_heads else None
             # The hidden state at position t predicts token t+1: the positions of `logps`.
             per_token_kl = chunked_sequential_kl(
                 policy_hidden[0][:, -(seq_len + 1) : -1],
                 ref_hidden[0][:, -(seq_len + 1) : -1],
-                self._causal_lm(model).get_output_embeddings(),
-                self._causal_lm(ref_model).get_output_embeddings(),
+                policy_head,
+                ref_head,
                 mask,
                 chunk_size=self.args.tdpo_kl_chunk_size,
-                num_chunks=self._num_kl_chunks(mask),
+                num_chunks=num_chunks,
             )
             seq_kl = per_token_kl.sum(-1)
             chosen_seq_kl, rejected_seq_kl = seq_kl.chunk(2)
@@ -332,7 +330,8 @@ class TokenDPOTrainer(DPOTrainer):
                     f"loss_type 'cdpo' needs per-token weights in the batch ({TOKEN_WEIGHTS_KEY!r}); a custom data "
                     "collator must add them, like DataCollatorForTokenWeightedPreference."
                 )
-            chosen_weights, rejected_weights = inputs[TOKEN_WEIGHTS_KEY][:, 1:].chunk(2)
+            token_weights = inputs[TOKEN_WEIGHTS_KEY][:, 1:]
+            chosen_weights, rejected_weights = token_weights.chunk(2)
             result = token_weighted_dpo_loss(
                 *pair, chosen_weights, rejected_weights, beta=self.beta, label_smoothing=self.label_smoothing
             )
@@ -341,7 +340,9 @@ class TokenDPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        self._log_token_loss_metrics(mode, inputs, outputs.entropy[:, -seq_len:], mask, logps, result, seq_kl)
+        self._log_token_loss_metrics(
+            mode, inputs, outputs.entropy[:, -seq_len:], mask, logps, result, seq_kl, None if is_tdpo else token_weights
+        )
 
         if return_outputs:  # TRL's deprecated path for compute_metrics: it needs the logits
             with torch.no_grad():
@@ -391,34 +392,65 @@ class TokenDPOTrainer(DPOTrainer):
         finally:
             handle.remove()
 
+    def _kl_heads(self, model: nn.Module, ref_model: nn.Module) -> tuple[Callable[[Tensor], Tensor], ...]:
+        """The policy's and the reference's LM heads, as TDPO's KL calls them (``[..., H]`` → ``[..., V]`` logits).
+
+        A head is its module, except a *frozen* head (no parameter requires grad) under DeepSpeed ZeRO-3:
+        the base model's head under PEFT, often tied to the frozen embedding. ``chunked_sequential_kl``
+        calls the heads again in the backward, to recompute each chunk (``torch.utils.checkpoint``), and
+        there ZeRO-3 does not keep a frozen module's weight gathered: the recomputed chunk would see the
+        released, empty shard (a ``CheckpointError``: saved ``[V, H]``, recomputed ``[0]``). Such a head is
+        gathered once per step (``deepspeed.zero.GatheredParameters``, a collective every process makes
+        here, once per step) into a full detached copy, and applied as ``F.linear(h, W, b)``: no hook, no
+        collective, and no gradient, which a frozen weight does not need (gradients still reach the hidden
+        states, hence the LoRA weights). A trainable head (full fine-tuning) stays its module: DeepSpeed's
+        hooks gather it in the backward and reduce its gradient.
+        """
+        heads = [self._causal_lm(m).get_output_embeddings() for m in (model, ref_model)]
+        if not is_deepspeed_zero3_enabled():
+            return tuple(heads)
+        import deepspeed  # only under ZeRO-3, where DeepSpeed is installed
+
+        gathered: dict[int, Callable[[Tensor], Tensor]] = {}
+        for head in heads:
+            if id(head) in gathered or any(param.requires_grad for param in head.parameters()):
+                continue
+            with deepspeed.zero.GatheredParameters(list(head.parameters())):
+                weight = head.weight.detach().clone()
+                bias = None if head.bias is None else head.bias.detach().clone()
+            gathered[id(head)] = _linear_head(weight, bias)
+        return tuple(gathered.get(id(head), head) for head in heads)
+
     def _num_kl_chunks(self, mask: Tensor) -> int | None:
         """Under DeepSpeed ZeRO-3, the largest number of KL chunks over processes (see ``chunked_sequential_kl``):
-        each LM head call gathers the head's shards, so every process must call it as many times. None elsewhere."""
+        each call of an LM head module gathers the head's shards, so every process must call it as many times.
+        None elsewhere."""
         if not is_deepspeed_zero3_enabled():
             return None
         local = torch.ceil(mask.sum() / self.args.tdpo_kl_chunk_size).long().reshape(1)
         return int(self.accelerator.gather(local).max())
 
     def _check_lm_heads_for_tdpo(self) -> None:
-        """TDPO calls the LM heads directly: refuse heads whose logits would differ from the model's, and the
-        setup where the KL's backward cannot gather the head (a frozen PEFT base under ZeRO-3)."""
-        if is_deepspeed_zero3_enabled() and is_peft_model(self.model):
-            raise NotImplementedError(
-                f"loss_type {self.token_loss_type!r} with PEFT under DeepSpeed ZeRO-3 is not supported yet: the KL "
-                "chunks recomputed in the backward find the frozen, sharded LM head not gathered. Use ZeRO-2, or "
-                "full fine-tuning under ZeRO-3."
-            )
+        """TDPO calls the LM heads directly: refuse heads whose logits would differ from the model's, and, under
+        ZeRO-3, frozen heads that ``_kl_heads`` cannot apply as ``F.linear`` (not an ``nn.Linear``)."""
         models = [self.model] if self.ref_model is None else [self.model, self.ref_model]
         for model in models:
             causal_lm = self._causal_lm(model)
+            head = causal_lm.get_output_embeddings()
+            frozen = not any(param.requires_grad for param in head.parameters())
+            if is_deepspeed_zero3_enabled() and frozen and not isinstance(head, nn.Linear):
+                raise NotImplementedError(
+                    f"loss_type {self.token_loss_type!r} under DeepSpeed ZeRO-3 needs a frozen LM head that is an "
+                    f"nn.Linear (it is gathered once and applied as F.linear), not a {type(head).__name__}."
+                )
             text_config = causal_lm.config.get_text_config()
-            transforms = [name for name in _LOGIT_TRANSFORM_ATTRIBUTES if getattr(text_config, name, None) is not None]
+            transforms = [name for name in LOGIT_TRANSFORM_ATTRIBUTES if getattr(text_config, name, None) is not None]
             if transforms:
                 raise NotImplementedError(
                     f"loss_type {self.token_loss_type!r} does not support models that transform the LM head's "
                     f"logits ({', '.join(transforms)}) yet."
                 )
-            if isinstance(causal_lm.get_output_embeddings(), (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            if isinstance(head, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 raise NotImplementedError(
                     f"loss_type {self.token_loss_type!r} needs an LM head without a PEFT adapter or "
                     "modules_to_save: its reference logits are computed with the same head module."
@@ -435,11 +467,14 @@ class TokenDPOTrainer(DPOTrainer):
         logps: Tensor,
         result: PreferenceLossOutput,
         seq_kl: Tensor | None,
+        token_weights: Tensor | None = None,
     ) -> None:
-        """The metrics DPOTrainer logs for its rewards and log-probs, plus TDPO's sequential KL.
+        """The metrics DPOTrainer logs for its rewards and log-probs, plus TDPO's sequential KL and cDPO's weights.
 
         Rewards are the loss's own (cDPO: unweighted ``β·Σ(lp − ref)``; TDPO: ``β·(Σ(lp − ref) + SeqKL)``).
         ``kl/chosen``/``kl/rejected`` are the batch means of ``SeqKL = Σ_t KL(π_ref ‖ π_θ)``.
+        ``weights/chosen``/``weights/rejected`` (cDPO) are the mean token weights over completion tokens,
+        over all processes: 1 and 1 for unit weights, below 1 where critical tokens are down-weighted.
         """
         metrics = self._metrics[mode]
         gather = self.accelerator.gather_for_metrics
@@ -463,6 +498,21 @@ class TokenDPOTrainer(DPOTrainer):
             chosen_kl, rejected_kl = self.accelerator.gather(seq_kl.detach().chunk(2))
             metrics["kl/chosen"].append(chosen_kl.mean().item())
             metrics["kl/rejected"].append(rejected_kl.mean().item())
+        if token_weights is not None:
+            sides = zip(("chosen", "rejected"), token_weights.chunk(2), mask.chunk(2), strict=True)
+            for side, side_weights, side_mask in sides:
+                weight_sum = gather((side_weights * side_mask).sum()).sum()
+                num_tokens = gather(side_mask.sum()).sum()
+                metrics[f"weights/{side}"].append((weight_sum / num_tokens).item() if num_tokens > 0 else 0.0)
+
+
+def _linear_head(weight: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """An LM head as a function of fixed tensors: ``h ↦ F.linear(h, weight, bias)``."""
+
+    def head(hidden: Tensor) -> Tensor:
+        return F.linear(hidden, weight, bias)
+
+    return head
 
 
 def _completion_token_weights(

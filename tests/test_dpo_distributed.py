@@ -1,0 +1,214 @@
+"""TokenDPOTrainer over several processes: cDPO, TDPO1 and TDPO2 each train under ``accelerate launch`` with 2 CPU
+processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and ZeRO-3 logs the losses ZeRO-2 logs.
+
+Cost. A 2-process CPU launch spends 20-50 s importing torch / TRL / DeepSpeed and starting the ranks, and a tiny
+2-step run trains in a few seconds, so the 6 runs of a ZeRO stage (3 losses × LoRA / no LoRA) share ONE launch of
+this file as a script (``python tests/test_dpo_distributed.py runs runs.json``, see :func:`runs`). Each run is still
+a full ``tokenweave.train.train()``: its own trainer, DeepSpeedEngine, saved model or adapter and ``run_info.json``.
+
+TDPO with LoRA under ZeRO-3 is the case where the frozen LM head is gathered once per step and applied as
+``F.linear`` (``TokenDPOTrainer._kl_heads``): a module call recomputed in the backward finds it released.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = REPO_ROOT / "configs"
+LAUNCH = REPO_ROOT / "launch"
+PYTHON = sys.executable
+
+pytestmark = pytest.mark.slow
+
+LOSSES = ["cdpo", "tdpo1", "tdpo2"]
+CONFIG_FILES = {"cdpo": "cdpo_tiny.yaml", "tdpo1": "tdpo_tiny.yaml", "tdpo2": "tdpo_tiny.yaml"}
+# lora_dropout 0: the ZeRO-2 and ZeRO-3 runs of a loss compute the same thing, so their logged losses can be compared.
+LORA_ARGS = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
+             "--lora_target_modules", "q_proj", "v_proj"]
+# critical-token scores of the cDPO dataset: chosen weights stay 1, rejected weights are 1 - 0.3 = 0.7 (EOS: 1)
+CHOSEN_SCORE, REJECTED_SCORE = 0.9, 0.3
+MAX_STEPS = 2
+
+
+def run_name(loss_type: str, lora: bool) -> str:
+    return f"{loss_type}-{'lora' if lora else 'full'}"
+
+
+def run_argv(loss_type: str, lora: bool, output_dir: Path, cdpo_dataset: str) -> list[str]:
+    """The command line of ``python -m tokenweave.train`` for one run: the method's tiny config, 2 steps."""
+    argv = ["--config", str(CONFIGS / CONFIG_FILES[loss_type]), "--output_dir", str(output_dir),
+            "--loss_type", loss_type, "--max_steps", str(MAX_STEPS)]
+    if loss_type == "cdpo":
+        argv += ["--dataset_name", cdpo_dataset]
+    return argv + (LORA_ARGS if lora else [])
+
+
+def run_subprocess(command: list[str], timeout: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def cdpo_dataset(tmp_path_factory) -> str:
+    """The arithmetic preference pairs with critical-token score columns (one score per completion token), on disk."""
+    from tokenweave.data.arithmetic import load_arithmetic
+    from tokenweave.models import build_tiny_llama
+
+    from .test_dpo_trainer import with_columns
+
+    tokenizer = build_tiny_llama()[1]
+    dataset = with_columns(
+        load_arithmetic("train", "preference", num_examples=32),
+        tokenizer,
+        lambda n, index: [CHOSEN_SCORE] * n,
+        lambda n, index: [REJECTED_SCORE] * n,
+        names=("chosen_scores", "rejected_scores"),
+    )
+    path = tmp_path_factory.mktemp("cdpo-pairs")
+    dataset.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory, cdpo_dataset):
+    """``stage_runs(zero_stage)``: the directory holding the 6 runs of that stage, launched once (on first use)."""
+    roots = {}
+
+    def launch(zero_stage: int) -> Path:
+        if zero_stage not in roots:
+            root = tmp_path_factory.mktemp(f"dpo-zero{zero_stage}")
+            spec = [
+                run_argv(loss, lora, root / run_name(loss, lora), cdpo_dataset)
+                for loss in LOSSES
+                for lora in (False, True)
+            ]
+            (root / "runs.json").write_text(json.dumps(spec))
+            roots[zero_stage] = root
+            launch_config = str(LAUNCH / f"cpu_zero{zero_stage}.yaml")
+            run_subprocess(
+                [PYTHON, "-m", "accelerate.commands.launch", "--config_file", launch_config,
+                 str(Path(__file__).resolve()), "runs", str(root / "runs.json")],
+                timeout=900,
+            )
+        return roots[zero_stage]
+
+    return launch
+
+
+@pytest.fixture(scope="module")
+def initial_weights():
+    from tokenweave.models import build_tiny_llama
+
+    return build_tiny_llama()[0].state_dict()
+
+
+def train_logs(info: dict) -> list[dict]:
+    return [entry for entry in info["log_history"] if "loss" in entry]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("loss_type", LOSSES)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_token_dpo_trains_under_deepspeed(zero_stage, loss_type, lora, stage_runs, initial_weights):
+    from safetensors.torch import load_file
+
+    from tokenweave.train import RUN_INFO_FILE
+
+    output_dir = stage_runs(zero_stage) / run_name(loss_type, lora)
+    info = json.loads((output_dir / RUN_INFO_FILE).read_text())
+    assert info["model_wrapper"] == "DeepSpeedEngine" and info["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert info["zero_stage"] == zero_stage and info["num_processes"] == 2 and info["global_step"] == MAX_STEPS
+    assert info["use_peft"] is lora
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert args.loss_type == [loss_type] and args.token_loss_type == loss_type
+
+    # finite losses, and at every step a metric only this token-level loss logs
+    logs = train_logs(info)
+    assert len(logs) == MAX_STEPS
+    assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]) for entry in logs)
+    if loss_type == "cdpo":  # mean token weights over both processes' completion tokens
+        for entry in logs:
+            assert entry["weights/chosen"] == pytest.approx(1.0)
+            assert 1 - REJECTED_SCORE < entry["weights/rejected"] < 1  # 0.7 per token, 1 for EOS
+    else:
+        assert all("kl/chosen" in entry and "kl/rejected" in entry for entry in logs)
+        assert logs[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6)  # the policy is its reference at step 1
+        assert logs[-1]["kl/chosen"] > 1e-6 and logs[-1]["kl/rejected"] > 1e-6  # and has moved away at step 2
+
+    # the weights (or LoRA's B matrices, zero at initialisation) were trained
+    if lora:
+        adapter = load_file(output_dir / "adapter_model.safetensors")
+        lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+        assert len(lora_b) == 2 * 2  # 2 layers x (q_proj, v_proj)
+        assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
+        assert any(tensor.abs().sum() > 0 for tensor in lora_b), "LoRA B is still zero: the adapter was not trained"
+        assert not (output_dir / "model.safetensors").exists()
+    else:
+        trained = load_file(output_dir / "model.safetensors")
+        assert all(torch.isfinite(weight).all() for weight in trained.values())
+        assert any(not torch.equal(weight, initial_weights[name]) for name, weight in trained.items()), (
+            "the saved model equals the initial one: the ZeRO gather on save or the training did not happen"
+        )
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("loss_type", LOSSES)
+def test_zero3_logs_what_zero2_logs(loss_type, lora, stage_runs):
+    """Same data, seed and steps: ZeRO-3 (sharded parameters; with TDPO + LoRA, the frozen head gathered once per step)
+    logs the losses, rewards and KLs of ZeRO-2, up to float reduction order."""
+    from tokenweave.train import RUN_INFO_FILE
+
+    logs = {
+        stage: train_logs(json.loads((stage_runs(stage) / run_name(loss_type, lora) / RUN_INFO_FILE).read_text()))
+        for stage in (2, 3)
+    }
+    keys = ["loss", "rewards/margins", "logps/chosen"] + (["kl/chosen", "kl/rejected"] if "tdpo" in loss_type else [])
+    for zero2, zero3 in zip(logs[2], logs[3], strict=True):
+        for key in keys:
+            assert zero3[key] == pytest.approx(zero2[key], rel=1e-3, abs=1e-5), (key, zero2["step"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Script mode, under accelerate launch: several tokenweave.train runs in one launch.
+# ---------------------------------------------------------------------------------------------------------------------
+def runs(spec: str) -> None:
+    """Run each argument list of the JSON file ``spec`` with ``tokenweave.train.train``, one after another.
+
+    ``train()`` ends by waiting for every rank and destroying the process group; that teardown is held back until
+    the last run, then done as ``train()`` does it.
+    """
+    import tokenweave.train as tokenweave_train
+
+    finish = tokenweave_train._finish_distributed
+    tokenweave_train._finish_distributed = lambda accelerator: accelerator.wait_for_everyone()
+    try:
+        for argv in json.loads(Path(spec).read_text()):
+            info = tokenweave_train.train(argv)
+            if tokenweave_train.trainer_is_main_process():
+                print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
+            gc.collect()
+    finally:
+        tokenweave_train._finish_distributed = finish
+    from accelerate import PartialState
+
+    finish(PartialState())
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))  # tokenweave from this checkout
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if sys.argv[1:2] != ["runs"] or len(sys.argv) != 3:
+        sys.exit(f"usage: {sys.argv[0]} runs RUNS.json")
+    runs(sys.argv[2])
