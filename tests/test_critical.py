@@ -31,14 +31,7 @@ from tokenweave.train import RUN_INFO_FILE
 
 from .conftest import CONFIGS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model's matrices are small: on a shared 2-core machine, a second thread only adds waiting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conversation(question, chosen, rejected):

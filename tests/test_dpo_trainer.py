@@ -27,16 +27,9 @@ from tokenweave.trainers.dpo import (
 
 from .conftest import CONFIGS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BETA = 0.5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny model's matmuls run far faster on one thread than on a shared, busy multi-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

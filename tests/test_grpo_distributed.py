@@ -149,15 +149,6 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
 # (ĥ comes from each micro-batch's entropies, as in the paper's code), as in test_grpo_trainer's GA test.
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = build_tiny_llama()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def two_process_results(model_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("invariance") / "two_processes.pt"
     run_subprocess(

@@ -10,7 +10,7 @@ from trl.trainer.utils import split_tensor_dict
 
 from tokenweave.data.arithmetic import load_arithmetic
 from tokenweave.losses.policy import POLICY_LOSSES
-from tokenweave.models import build_tiny_llama, build_tiny_tokenizer
+from tokenweave.models import build_tiny_tokenizer
 from tokenweave.tokens.advantage import token_group_advantage
 from tokenweave.tokens.entropy import entropy_signal, entropy_stats
 from tokenweave.train import train
@@ -28,16 +28,6 @@ def digit_reward(completions, **kwargs):
     """The share of digits in the completion: varied rewards even for a random model (character tokenizer)."""
     texts = [completion[-1]["content"] for completion in completions]
     return [sum(char.isdigit() for char in text) / max(len(text), 1) for text in texts]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The tiny Llama saved once, so every trainer (and TRL's reference model) loads the same weights."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = build_tiny_llama()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def make_trainer(model_dir, output_dir, trainer_class=TokenGRPOTrainer, config_class=TokenGRPOConfig, **overrides):
