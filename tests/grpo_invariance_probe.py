@@ -14,9 +14,9 @@
   (what Trainer logs), each rank's own loss and the averaged gradients. The test computes the single-process
   results with :func:`loss_and_grads` on the same batch and compares.
 
-  HAPO's entropy signal ĥ is computed from each micro-batch's own token entropies (as in the paper's code), so its
-  batch has two halves made of the same tokens (rows 4-7 are rows 0-3 reversed, with their own advantages and
-  ratios): the same ĥ statistics on each process, as in the gradient-accumulation test of test_grpo_trainer.py.
+  For hapo, each rank adds the batch column ``entropy_signal`` to its half as ``_generate_and_score_completions``
+  does (:meth:`TokenGRPOTrainer._generation_entropy_signal`: its own entropies, statistics gathered over both
+  ranks); the single-process side computes it on the whole batch.
 
 ``runs``: several ``tokenweave train`` runs, one after another, inside ONE ``accelerate launch``::
 
@@ -96,16 +96,14 @@ def _logps_and_entropies(trainer, batch):
     return logps, entropies
 
 
-def make_batch(trainer, policy_loss: str, seed: int = 0, log_ratio_std: float = 0.3) -> dict:
+def make_batch(trainer, seed: int = 0, log_ratio_std: float = 0.3) -> dict:
     """The generation batch of 8 (deterministic given the model's weights), off-policy: old log-probs are the
-    model's shifted by N(0, 0.3²), so ratios leave the clip ranges. For hapo, rows 4-7 repeat rows 0-3's tokens in
-    reverse order (same ĥ statistics per half) with their own advantages and ratios."""
+    model's shifted by N(0, 0.3²), so ratios leave the clip ranges."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = LENGTHS[:4] * 2 if policy_loss == "hapo" else LENGTHS
-    n, width = len(lengths), max(lengths)
+    n, width = len(LENGTHS), max(LENGTHS)
     pad = trainer.processing_class.pad_token_id
     prompt_mask = (torch.arange(PROMPT_LENGTH) >= torch.tensor([0, 2] * (n // 2)).unsqueeze(1)).long()  # left pad
-    completion_mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
+    completion_mask = (torch.arange(width) < torch.tensor(LENGTHS).unsqueeze(1)).long()
     batch = {
         "prompt_ids": torch.randint(4, 100, (n, PROMPT_LENGTH), generator=generator).masked_fill(prompt_mask == 0, pad),
         "prompt_mask": prompt_mask,
@@ -113,9 +111,6 @@ def make_batch(trainer, policy_loss: str, seed: int = 0, log_ratio_std: float = 
         "completion_mask": completion_mask,
         "advantages": torch.randn(n, generator=generator),
     }
-    if policy_loss == "hapo":
-        for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
-            batch[key] = torch.cat([batch[key][:4], batch[key][:4].flip(0)])
     batch["num_items_in_batch"] = batch["completion_mask"].sum()  # TRL: the global count of the generation batch
     logps, _ = _logps_and_entropies(trainer, batch)
     batch["old_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
@@ -157,8 +152,10 @@ def invariance(args) -> None:
         trainer = make_trainer(args.model_dir, args.output_dir, policy_loss, per_device_train_batch_size=4)
         world_size, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
         assert world_size == NUM_PROCESSES and dist.is_initialized() and dist.get_backend() == "gloo"
-        batch = make_batch(trainer, policy_loss)
-        local_loss, grads = loss_and_grads(trainer, [process_slice(batch, rank, world_size)])
+        local = process_slice(make_batch(trainer), rank, world_size)
+        if trainer.entropy_signal_from_generation:  # hapo: ĥ with the statistics of both ranks' tokens
+            local["entropy_signal"] = trainer._generation_entropy_signal(local)[1]
+        local_loss, grads = loss_and_grads(trainer, [local])
         local_losses = [torch.zeros((), dtype=torch.float64) for _ in range(world_size)]
         dist.all_gather(local_losses, torch.tensor(local_loss, dtype=torch.float64))
         for grad in grads:  # DDP: gradients averaged over processes

@@ -145,8 +145,8 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
 # ---------------------------------------------------------------------------------------------------------------
 # (2) Process invariance: (batch 8, GA 1) = (batch 4, GA 2) = 2 processes × batch 4, loss and gradients within 1e-5.
 # The 2-process side runs grpo_invariance_probe.py under torchrun (gloo): each rank takes its half of the same 8
-# completions, and gradients are averaged over ranks as DDP does. For hapo, the two halves hold the same tokens
-# (ĥ comes from each micro-batch's entropies, as in the paper's code), as in test_grpo_trainer's GA test.
+# completions, and gradients are averaged over ranks as DDP does. For hapo, ĥ comes with the batch (statistics of
+# the whole generation batch, gathered over processes), as _generate_and_score_completions adds it.
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_process_results(model_dir, tmp_path_factory):
@@ -171,7 +171,9 @@ def test_process_and_accumulation_invariance(policy_loss, model_dir, two_process
     accumulated = make_trainer(
         model_dir, str(tmp_path), policy_loss, per_device_train_batch_size=4, gradient_accumulation_steps=2
     )
-    batch = make_batch(one_step, policy_loss)
+    batch = make_batch(one_step)
+    if one_step.entropy_signal_from_generation:
+        batch["entropy_signal"] = one_step._generation_entropy_signal(batch)[1]
     expected = loss_and_grads(one_step, [batch])
     assert max(grad.abs().max() for grad in expected[1]) > 0
 
@@ -179,16 +181,13 @@ def test_process_and_accumulation_invariance(policy_loss, model_dir, two_process
     two = two_process_results[policy_loss]  # 2 processes x batch 4, gradients averaged over processes
     assert_same_update((two["loss"], two["grads"]), expected)
 
-    # The batch tells a wrong normaliser apart: the processes' halves differ (tokens, or advantages and ratios for
-    # hapo), and a per-process token mean would miss the reference by far more than the tolerance.
+    # The batch tells a wrong normaliser apart: the processes' halves differ in tokens, and a per-process token mean
+    # would miss the reference by far more than the tolerance.
     local_losses = two["local_losses"]
     assert abs(local_losses[0] - local_losses[1]) > 1e-3
     tokens = [int(process_slice(batch, rank)["completion_mask"].sum()) for rank in (0, 1)]
-    if policy_loss == "hapo":
-        assert tokens[0] == tokens[1]
-    else:
-        assert tokens[0] != tokens[1]
-    if POLICY_LOSS_AGG_MODES[policy_loss] == "token-mean" and policy_loss != "hapo":
+    assert tokens[0] != tokens[1]
+    if POLICY_LOSS_AGG_MODES[policy_loss] == "token-mean":
         half = sum(tokens) / 2
         per_process_mean = sum(loss * half / count for loss, count in zip(local_losses, tokens, strict=True)) / 2
         assert abs(per_process_mean - expected[0]) > 1e-3

@@ -178,9 +178,15 @@ def test_dapo_clipping_by_hand(model_dir, tmp_path):
     assert max(grad.abs().max() for grad in grads) > 0
 
 
-def test_hapo_redistribution_and_adaptive_clip_by_hand(model_dir, tmp_path):
-    trainer = make_trainer(model_dir, tmp_path, policy_loss="hapo", hapo_adaptive_temperature=False)
+@pytest.mark.parametrize("entropy_stats_scope", ["generation_batch", "micro_batch"])
+def test_hapo_redistribution_and_adaptive_clip_by_hand(model_dir, tmp_path, entropy_stats_scope):
+    # One micro-batch and unchanged weights: both scopes give the ĥ of this batch's entropies and statistics.
+    trainer = make_trainer(
+        model_dir, tmp_path, policy_loss="hapo", hapo_adaptive_temperature=False, hapo_entropy_stats=entropy_stats_scope
+    )
     batch, entropies = ratio_batch(trainer, 1.5, +1.0)
+    if entropy_stats_scope == "generation_batch":
+        batch["entropy_signal"] = trainer._generation_entropy_signal(batch)[1]
     mask = batch["completion_mask"].bool()
     h_hat = entropy_signal(entropies, batch["completion_mask"], 0.8)
     high = h_hat > 0
@@ -194,6 +200,10 @@ def test_hapo_redistribution_and_adaptive_clip_by_hand(model_dir, tmp_path):
     # high-entropy tokens are clipped only where 1.28 + 0.28·ĥ < 1.5, i.e. ĥ < 0.22/0.28; the others carry a gradient
     assert metrics["clip_ratio/high_mean_high_entropy"][-1] < 1.0
     assert max(grad.abs().max() for grad in grads) > 0
+    if entropy_stats_scope == "generation_batch":
+        del batch["entropy_signal"]
+        with pytest.raises(KeyError, match="entropy_signal"):
+            trainer._compute_loss(trainer.model, batch)
 
 
 def test_token_weights_column_multiplies_the_loss(model_dir, tmp_path):
@@ -211,8 +221,9 @@ def test_token_weights_column_multiplies_the_loss(model_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # (c) Gradient accumulation: (batch 8, GA 1) and (batch 4, GA 2) give the same update, micro-batches split as TRL
-# splits a generation batch. HAPO's ĥ comes from each micro-batch's own entropies (as in the paper's code), so its
-# case uses two micro-batches with the same tokens (equal ĥ statistics) but different advantages and ratios.
+# splits a generation batch. HAPO's ĥ comes with the batch (column entropy_signal, statistics of the whole generation
+# batch, as _generate_and_score_completions adds it); the halves' own statistics differ, so per-micro-batch
+# statistics (hapo_entropy_stats: micro_batch, the released code's) would not be invariant.
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy_loss", sorted(POLICY_LOSSES))
 def test_gradient_accumulation_invariance(model_dir, tmp_path, policy_loss):
@@ -221,21 +232,13 @@ def test_gradient_accumulation_invariance(model_dir, tmp_path, policy_loss):
         model_dir, tmp_path, policy_loss=policy_loss, hapo_adaptive_temperature=False,
         per_device_train_batch_size=4, gradient_accumulation_steps=2,
     )
-    batch = make_batch(one_step, lengths=LENGTHS[:4] * 2 if policy_loss == "hapo" else LENGTHS)
-    if policy_loss == "hapo":  # rows 4-7 repeat rows 0-3 in reverse order; advantages and ratios stay distinct
-        for key in ("prompt_ids", "prompt_mask", "completion_ids"):
-            batch[key] = torch.cat([batch[key][:4], batch[key][:4].flip(0)])
-        batch["completion_mask"] = torch.cat([batch["completion_mask"][:4], batch["completion_mask"][:4].flip(0)])
-        logps, entropies = token_logps_and_entropies(one_step, batch)
-        noise = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
-        batch["old_per_token_logps"] = logps + 0.3 * noise
+    batch = make_batch(one_step)
+    assert batch["completion_mask"][:4].sum() != batch["completion_mask"][4:].sum()
+    if policy_loss == "hapo":
+        batch["entropy_signal"] = one_step._generation_entropy_signal(batch)[1]
+        _, entropies = token_logps_and_entropies(one_step, batch)
         halves = [entropy_stats(entropies[rows], batch["completion_mask"][rows]) for rows in (slice(0, 4), slice(4, 8))]
-        whole = entropy_stats(entropies, batch["completion_mask"])
-        for half in halves:
-            for name in ("pivot", "rms", "scale_pos", "scale_neg"):
-                torch.testing.assert_close(getattr(half, name), getattr(whole, name))
-    else:
-        assert batch["completion_mask"][:4].sum() != batch["completion_mask"][4:].sum()
+        assert not torch.allclose(halves[0].pivot, halves[1].pivot)
     assert_same_update(loss_and_grads(accumulated, split_tensor_dict(batch, 2)), loss_and_grads(one_step, [batch]))
 
 
@@ -282,30 +285,72 @@ def test_adaptive_sampling_hands_the_processor_to_generate(model_dir, tmp_path, 
     assert calls[-1] == (0.7, [])
 
 
+@pytest.mark.parametrize(
+    "batching, generation_forwards",
+    [
+        (dict(), []),  # on-policy, one micro-batch per generation: the loss's forward gives the entropies
+        (dict(num_iterations=2), [True]),  # TRL's old-log-prob forward computes them too
+        (dict(per_device_train_batch_size=4, gradient_accumulation_steps=2), [True]),  # on-policy, 2 micro-batches
+    ],
+)
+def test_the_generation_batch_entropy_signal_costs_at_most_one_forward(
+    model_dir, tmp_path, monkeypatch, batching, generation_forwards
+):
+    trainer = make_trainer(model_dir, tmp_path, policy_loss="hapo", hapo_adaptive_temperature=False, **batching)
+    forwards = []
+    trl_forward = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, model, *args, **kwargs):
+        forwards.append(kwargs.get("compute_entropy", False))
+        return trl_forward(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    output = trainer._generate_and_score_completions([DATASET[0]] * 4 + [DATASET[1]] * 4)
+    assert forwards == generation_forwards
+    monkeypatch.undo()
+    _, entropies = token_logps_and_entropies(trainer, output)
+    expected = entropy_signal(entropies, output["completion_mask"], trainer.args.entropy_pivot)
+    assert (expected[output["completion_mask"].bool()] < 0).any() and (expected > 0).any()
+    if generation_forwards:
+        torch.testing.assert_close(output["entropy_signal"], expected, atol=1e-5, rtol=0)
+    else:  # the loss computes ĥ from its own entropies: the same update as with the column given
+        assert "entropy_signal" not in output
+        output["advantages"] = torch.randn(len(output["advantages"]), generator=torch.Generator().manual_seed(0))
+        own = loss_and_grads(trainer, [output])
+        assert_same_update(own, loss_and_grads(trainer, [output | {"entropy_signal": expected}]))
+        # and ĥ acts on-policy: low-entropy tokens (ĥ ≤ 0, ratio 1) get A·(1 + ĥ), so another ĥ moves the loss
+        assert abs(loss_and_grads(trainer, [output | {"entropy_signal": 0.5 * expected}])[0] - own[0]) > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# (d) A short HAPO run, every part on, 2 updates per generation (steps_per_generation 2 > GA 1).
+# (d) Short HAPO runs, every part on: 2 updates per generation (steps_per_generation 2 > GA 1: the generation
+# batch's entropies come from TRL's old-log-prob forward), and on-policy with one update per generation (they come
+# from the loss's forward). Either way the second generation samples with the first one's statistics.
 # ---------------------------------------------------------------------------------------------------------------
-def test_hapo_training_run(model_dir, tmp_path):
+@pytest.mark.parametrize("steps_per_generation", [2, 1])
+def test_hapo_training_run(model_dir, tmp_path, steps_per_generation):
     trainer = make_trainer(
         model_dir, tmp_path, policy_loss="hapo", dual_clip_c=10.0, per_device_train_batch_size=4,
-        steps_per_generation=2, max_steps=4, learning_rate=2e-2, max_completion_length=8,
+        steps_per_generation=steps_per_generation, max_steps=2 * steps_per_generation, learning_rate=2e-2,
+        max_completion_length=8,
     )
     assert trainer.args.hapo_adaptive_temperature and trainer.args.hapo_token_advantage
     initial = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
     trainer.train()
 
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 4
+    assert len(logs) == 2 * steps_per_generation
     for key in ("entropy", "entropy/q20", "entropy/q80", "hapo/redistributed_frac", "entropy_signal/mean",
                 "clip_ratio/high_mean_high_entropy", "clip_ratio/low_mean_low_entropy"):
         assert all(key in entry for entry in logs), key
     temperatures = [entry["hapo/sampling_temperature"] for entry in logs if "hapo/sampling_temperature" in entry]
-    assert len(temperatures) == 2  # one per generation: steps 1 and 3
+    assert len(temperatures) == 2  # one per generation
     assert temperatures[0] == pytest.approx(1.0)  # first generation: no statistics yet, T_base
     assert temperatures[1] != pytest.approx(1.0, abs=1e-4)  # then entropy-adaptive, within T_base·[0.95, 1.05]
     assert 0.95 - 1e-6 <= temperatures[1] <= 1.05 + 1e-6
     assert trainer.temperature_processor.stats is not None
-    assert max(entry["clip_ratio/region_mean"] for entry in logs) > 0  # the second update of a batch is off-policy
+    region = max(entry["clip_ratio/region_mean"] for entry in logs)
+    assert region > 0 if steps_per_generation == 2 else region == 0  # the second update of a batch is off-policy
     assert trainer._buffered_inputs[0]["advantages"].dim() == 2
     assert any(not torch.equal(param, initial[name]) for name, param in trainer.model.named_parameters())
 

@@ -15,6 +15,7 @@ from tokenweave.losses.policy import (
     get_policy_loss,
     register_policy_loss,
 )
+from tokenweave.tokens.entropy import entropy_signal
 
 
 def close(actual, expected, atol=1e-5):
@@ -59,7 +60,7 @@ def test_each_loss_registers_its_papers_aggregation():
 
 def test_user_registered_loss_is_found_by_name():
     @register_policy_loss("test_reinforce")
-    def reinforce(logps, old_logps, advantages, mask, config, token_weights=None, entropy=None):
+    def reinforce(logps, old_logps, advantages, mask, config, token_weights=None, entropy=None, entropy_signal=None):
         return -advantages.unsqueeze(-1) * logps, {}
 
     try:
@@ -267,6 +268,28 @@ def test_hapo_hand_values_paper_sign():
 def test_hapo_hand_values_released_sign():
     per_token, _ = hapo_batch_loss("hapo", dataclasses.replace(HAPO_CONFIG, released_sign=True))
     close(per_token[:, :5], [[-1.0, -0.7 * 4 / 3, -1.37333 * 7 / 6, -1.1, -2.34], [1.2, 0.8 * 4 / 3, 1.0, 0.85, 1.2]])
+
+
+def test_hapo_takes_a_given_entropy_signal_over_the_micro_batch_statistics():
+    # The trainer passes ĥ computed with the generation batch's statistics: the loss uses it as given (the entropies
+    # are then ignored); the ĥ this batch's own statistics give reproduces the hand values above.
+    own = entropy_signal(HAPO_ENTROPY, HAPO_MASK, HAPO_CONFIG.entropy_pivot)
+    per_token, metrics = get_policy_loss("hapo")(
+        HAPO_LOGPS, HAPO_LOGPS - HAPO_RATIOS.log(), ADVANTAGES, HAPO_MASK, HAPO_CONFIG,
+        entropy=torch.ones_like(HAPO_ENTROPY), entropy_signal=own,
+    )
+    close(per_token[:, :5], [[-0.5, -0.7, -1.28, -1.1, -2.34], [0.6, 0.75, 5 / 6, 0.85, 1.2]])
+    # ĥ = 0.5 on every token: all "high entropy", ε_hi = 0.28·1.5 = 0.42, A' = A·(1 + 0.25) outside the neutral band
+    # (0.9, 1.21). Row 0 (A = +1): t0 r = 1.0 in → −1.0; t1 0.7 → −1.25·0.7; t2 1.5 → −1.25·1.42; t3 1.1 in → −1.1;
+    # t4 1.7 → −1.25·1.42. Row 1 (A = −1): t0 0.5 → 1.25·max(0.5, 0.8); t1 0.75 → 1.25·0.8; t2 1.0 in → 1.0;
+    # t3 0.85 → 1.25·0.85; t4 1.2 in → 1.2.
+    half = torch.full_like(HAPO_ENTROPY, 0.5)
+    per_token, metrics = get_policy_loss("hapo")(
+        HAPO_LOGPS, HAPO_LOGPS - HAPO_RATIOS.log(), ADVANTAGES, HAPO_MASK, HAPO_CONFIG,
+        entropy=HAPO_ENTROPY, entropy_signal=half,
+    )
+    close(per_token[:, :5], [[-1.0, -0.875, -1.775, -1.1, -1.775], [1.0, 1.0, 1.0, 1.0625, 1.2]])
+    close(metrics["entropy_signal/mean"], 0.5)
 
 
 def test_dapo_on_the_hapo_batch():

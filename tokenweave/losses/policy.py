@@ -3,7 +3,8 @@
 Like verl's ``core_algos.py``, a loss is a plain function registered by name (``@register_policy_loss("name")``)
 and looked up with :func:`get_policy_loss`. All share one signature::
 
-    fn(logps, old_logps, advantages, mask, config, token_weights=None, entropy=None) -> (per_token_loss, metrics)
+    fn(logps, old_logps, advantages, mask, config, token_weights=None, entropy=None, entropy_signal=None)
+        -> (per_token_loss, metrics)
 
     logps, old_logps  [B, T]  log-probs of the sampled tokens under π_θ (with gradient) and π_old
     advantages        [B] or [B, T]
@@ -12,6 +13,8 @@ and looked up with :func:`get_policy_loss`. All share one signature::
     token_weights     [B, T]  multiplies the per-token loss: this is how signals of other methods combine
                               (TRL's entropy mask, off-policy mask, vLLM IS ratios, a critical-token weight ...)
     entropy           [B, T]  token entropies of π_θ (HAPO; used without gradient)
+    entropy_signal    [B, T]  HAPO's ĥ computed with statistics of a larger batch (the trainer's generation batch);
+                              None: ĥ from ``entropy`` with this micro-batch's statistics (HAPO's released code)
 
 The per-token loss is NOT masked; :func:`aggregate_loss` applies the mask. Metrics are detached 0-dim tensors
 (fractions of the local active tokens).
@@ -48,7 +51,7 @@ from typing import Literal
 import torch
 
 from tokenweave.tokens.advantage import redistribute_advantage
-from tokenweave.tokens.entropy import entropy_signal
+from tokenweave.tokens import entropy as token_entropy
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -201,16 +204,25 @@ def _clip_metrics(ratio, advantages, eps_low, eps_high, mask, h_hat) -> dict[str
     return metrics
 
 
+def _entropy_signal(entropy, entropy_signal, mask, config) -> torch.Tensor | None:
+    """ĥ: ``entropy_signal`` when given, else from ``entropy`` with this micro-batch's statistics, else None."""
+    if entropy_signal is not None:
+        return entropy_signal
+    if entropy is None:
+        return None
+    return token_entropy.entropy_signal(entropy, mask, config.entropy_pivot, config.released_sign)
+
+
 def _clipped_loss(
-    logps, old_logps, advantages, mask, config, token_weights, entropy, *, level, adaptive_clip, adaptive_advantage
+    logps, old_logps, advantages, mask, config, token_weights, h_hat, *, level, adaptive_clip, adaptive_advantage
 ):
     """PPO clipped surrogate shared by grpo / dapo / gspo / hapo (HAPO's components switched by the flags)."""
     mask = mask.to(logps.dtype)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    if entropy is None and (adaptive_clip or adaptive_advantage):
-        raise ValueError("HAPO's adaptive clip and advantage need the token entropies: pass `entropy`")
-    h_hat = None if entropy is None else entropy_signal(entropy, mask, config.entropy_pivot, config.released_sign)
+    if h_hat is None and (adaptive_clip or adaptive_advantage):
+        raise ValueError("HAPO's adaptive clip and advantage need the token entropies: pass `entropy` or "
+                         "`entropy_signal`")
     ratio = importance_ratio(logps, old_logps, mask, level)
 
     eps_low, eps_high = config.epsilon_low, config.epsilon_high
@@ -248,6 +260,7 @@ def clipped_policy_loss(
     config: PolicyLossConfig,
     token_weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    entropy_signal: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate: ``grpo`` (arXiv 2402.03300) and ``dapo`` (clip-higher, arXiv 2503.14476).
 
@@ -260,10 +273,12 @@ def clipped_policy_loss(
 
     = TRL ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo, which share this per-token loss and differ only in
     aggregation (module docstring). ``grpo`` and ``dapo`` are the same function; DAPO is the default epsilons
-    0.2 / 0.28 with token-mean aggregation. ``entropy``, when given, only adds entropy-split clip metrics.
+    0.2 / 0.28 with token-mean aggregation. ``entropy`` or ``entropy_signal``, when given, only adds entropy-split
+    clip metrics.
     """
     return _clipped_loss(
-        logps, old_logps, advantages, mask, config, token_weights, entropy,
+        logps, old_logps, advantages, mask, config, token_weights,
+        _entropy_signal(entropy, entropy_signal, mask, config),
         level=config.importance_sampling_level, adaptive_clip=False, adaptive_advantage=False,
     )
 
@@ -277,6 +292,7 @@ def gspo_policy_loss(
     config: PolicyLossConfig,
     token_weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    entropy_signal: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO (arXiv 2507.18071): the clipped surrogate with one ratio per sequence.
 
@@ -289,7 +305,8 @@ def gspo_policy_loss(
     aggregated with ``seq-mean-token-mean``. The clip metrics count tokens (TRL's count sequences here).
     """
     return _clipped_loss(
-        logps, old_logps, advantages, mask, config, token_weights, entropy,
+        logps, old_logps, advantages, mask, config, token_weights,
+        _entropy_signal(entropy, entropy_signal, mask, config),
         level="sequence", adaptive_clip=False, adaptive_advantage=False,
     )
 
@@ -303,6 +320,7 @@ def cispo_policy_loss(
     config: PolicyLossConfig,
     token_weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    entropy_signal: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CISPO (MiniMax-M1, arXiv 2506.13585): REINFORCE with a capped, detached importance weight.
 
@@ -311,7 +329,8 @@ def cispo_policy_loss(
         ℓ = −sg(min(r, ε_max)) · A · logp       (ε_max = config.cispo_epsilon_max; no lower bound, as TRL)
 
     so no token's gradient is dropped: ∂ℓ/∂logp = −min(r, ε_max) · A. = TRL ``loss_type="cispo"`` (TRL's
-    ``epsilon_high`` is ε_max), aggregated with token-mean and TRL's global normaliser. ``entropy`` is unused.
+    ``epsilon_high`` is ε_max), aggregated with token-mean and TRL's global normaliser. ``entropy`` and
+    ``entropy_signal`` are unused.
     """
     mask = mask.to(logps.dtype)
     if advantages.dim() == 1:
@@ -334,10 +353,13 @@ def hapo_policy_loss(
     config: PolicyLossConfig,
     token_weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    entropy_signal: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HAPO policy loss (arXiv 2509.16591, ``compute_policy_loss`` of the official verl fork).
 
-    ĥ = ``entropy_signal(entropy, mask, entropy_pivot, released_sign)`` from this micro-batch, then::
+    ĥ = ``entropy_signal`` when given (the trainer's, with statistics of the whole generation batch), else
+    ``tokens.entropy.entropy_signal(entropy, mask, entropy_pivot, released_sign)`` from this micro-batch (the
+    released code's), then::
 
         ε_lo(t), ε_hi(t) = adaptive_clip_bounds(ĥ, ε_lo, ε_hi, clip_alpha)          if config.adaptive_clip
         A'               = redistribute_advantage(A, ĥ, sg(r), ε_lo(t), ε_hi(t))     if config.adaptive_advantage
@@ -348,7 +370,8 @@ def hapo_policy_loss(
     ``entropy_signal/mean`` and the clip ratios split by entropy side.
     """
     return _clipped_loss(
-        logps, old_logps, advantages, mask, config, token_weights, entropy,
+        logps, old_logps, advantages, mask, config, token_weights,
+        _entropy_signal(entropy, entropy_signal, mask, config),
         level=config.importance_sampling_level,
         adaptive_clip=config.adaptive_clip, adaptive_advantage=config.adaptive_advantage,
     )

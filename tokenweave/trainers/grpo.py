@@ -10,17 +10,29 @@ accumulation (``loss_is_scaled_for_ga = True``, as TRL's).
 HAPO (Liu et al. 2025, arXiv 2509.16591) enters TRL at these places, each part switched on its own::
 
     part (paper section)              TRL hook                                  computed by
+    entropy statistics (3.0)          _generate_and_score_completions (or       tokens.entropy.entropy_stats
+                                      _compute_loss, see below): token
+                                      entropies of the generation batch under
+                                      the policy that sampled it, gathered
+                                      over all processes
     adaptive temperature (3.1)        _generate_single_turn: a logits           tokens.entropy.
-                                      processor given to model.generate         AdaptiveTemperatureLogitsProcessor
-      its entropy statistics          _compute_loss collects the token          tokens.entropy.entropy_stats
-                                      entropies of the first pass over a
-                                      generation batch; gathered over all
-                                      processes before the next generation
+                                      processor given to model.generate, with   AdaptiveTemperatureLogitsProcessor
+                                      the previous generation's statistics
     token-level group advantage (3.2) _generate_and_score_completions:          tokens.advantage.
                                       [B, T] advantages from the gathered       token_group_advantage_values
                                       rewards and completion lengths
     advantage redistribution (3.3)    _compute_loss → policy loss "hapo"        tokens.advantage.redistribute_advantage
     adaptive clipping (3.4)           _compute_loss → policy loss "hapo"        losses.policy.adaptive_clip_bounds
+
+Entropy statistics. The generation batch's token entropies are those of π_old, the policy that sampled it, from
+whichever forward already sees them: TRL's old-log-prob forward when TRL runs one (off-policy); the loss's own forward
+when TRL runs none and each process's generation batch is one micro-batch (``steps_per_generation`` 1: the loss's
+policy is then π_old); otherwise one extra no-grad forward at generation. Their statistics over the whole
+generation batch (all processes) serve twice, as in HAPO's released code: the NEXT generation samples with them (HAPO: the previous step's
+old-log-prob entropies over the whole batch), and, with ``hapo_entropy_stats: generation_batch`` (the default), they
+give the loss's ĥ as the batch column ``entropy_signal``, so ĥ, and with it the update, does not depend on how the
+batch is split into micro-batches, accumulation steps and processes. ``hapo_entropy_stats: micro_batch`` is the
+released code's loss instead: ĥ from the current policy's entropies with each micro-batch's own statistics.
 
 Temperatures. TRL's fused LM head bakes ``temperature`` (T_base) in at ``__init__``: old, current and reference
 log-probs and the entropies are all computed at T_base. Adaptive sampling draws token t at
@@ -28,8 +40,6 @@ log-probs and the entropies are all computed at T_base. Adaptive sampling draws 
 at T_base, while the ratio π_θ/π_old stays at T_base: exactly HAPO's released code (verl recomputes the old
 log-probs at T = 1 and ignores the mismatch). The sampler measures each step's entropy at T_base too, the
 temperature of the statistics it is compared with. The first generation, with no statistics yet, samples at T_base.
-The statistics come from π_θ during the first pass over the previous generation batch (HAPO: π_old on the whole
-rollout batch); they equal π_old's entropies for the first optimizer step of the pass and drift with the updates.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList
 from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
 from ..losses.policy import (
     LOSS_AGG_MODES,
@@ -53,7 +64,7 @@ from ..losses.policy import (
     importance_ratio,
 )
 from ..tokens.advantage import token_group_advantage_values
-from ..tokens.entropy import AdaptiveTemperatureLogitsProcessor, entropy_stats
+from ..tokens.entropy import AdaptiveTemperatureLogitsProcessor, EntropyStats, entropy_stats
 
 # Upper clip range of a loss when ``epsilon_high`` is unset: DAPO's clip-higher (HAPO builds on the DAPO recipe;
 # its released scripts use 0.2), and CISPO's absolute cap ε_max on the IS weight (ScaleRL). Others: ``epsilon``.
@@ -79,6 +90,7 @@ _GATHER_PAD = -1e9
 _ENTROPY_QUANTILES = (0.2, 0.5, 0.8)
 # HAPO's parts; unset (None), each is on for ``policy_loss: hapo`` and off otherwise.
 HAPO_SWITCHES = ("hapo_adaptive_temperature", "hapo_token_advantage", "hapo_adaptive_advantage", "hapo_adaptive_clip")
+HAPO_ENTROPY_STATS = ("generation_batch", "micro_batch")
 
 
 @dataclass
@@ -145,6 +157,16 @@ class TokenGRPOConfig(GRPOConfig):
     entropy_pivot: float = field(
         default=0.8, metadata={"help": "HAPO: quantile of the token log-entropies that splits high from low entropy."}
     )
+    hapo_entropy_stats: str = field(
+        default="generation_batch",
+        metadata={
+            "help": "HAPO: where the loss's ĥ gets its entropies and statistics. 'generation_batch': the entropies "
+            "of the policy that sampled the batch, statistics over the whole generation batch (all processes), so "
+            "the update is invariant to micro-batching, accumulation and processes. 'micro_batch': the released "
+            "code's, the current policy's entropies with each micro-batch's own statistics.",
+            "choices": list(HAPO_ENTROPY_STATS),
+        },
+    )
     hapo_released_sign: bool = field(
         default=False,
         metadata={
@@ -172,6 +194,8 @@ class TokenGRPOConfig(GRPOConfig):
             return
 
         get_policy_loss(self.policy_loss)  # a ValueError naming the registered losses
+        if self.hapo_entropy_stats not in HAPO_ENTROPY_STATS:
+            raise ValueError(f"hapo_entropy_stats must be one of {HAPO_ENTROPY_STATS}, got {self.hapo_entropy_stats!r}")
         is_hapo = self.policy_loss == "hapo"
         for name in HAPO_SWITCHES:
             if getattr(self, name) is None:
@@ -239,7 +263,13 @@ class TokenGRPOTrainer(GRPOTrainer):
             self.temperature_processor = AdaptiveTemperatureLogitsProcessor(
                 None, self.temperature, options.temperature_tau, record_temperatures=True
             )
-        self._rollout_entropies: list[torch.Tensor] = []  # local token entropies for the next sampling statistics
+        config = self.policy_loss_config
+        # the hapo loss takes ĥ from the batch column "entropy_signal" (statistics of the whole generation batch)
+        self.entropy_signal_from_generation = bool(
+            config and options.policy_loss == "hapo" and (config.adaptive_clip or config.adaptive_advantage)
+            and options.hapo_entropy_stats == "generation_batch"
+        )
+        self._captured_entropies: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see _generation_entropies
         self._sampling_temperature_totals = torch.zeros(2, device=self.accelerator.device)  # Σ T, sampled tokens
         self._rewards_per_func: torch.Tensor | None = None  # the last rewards, gathered over processes [N, F]
 
@@ -252,16 +282,86 @@ class TokenGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         training = self.model.training
-        if training and self.temperature_processor is not None:
-            self._update_sampling_statistics()
-        output = super()._generate_and_score_completions(inputs)
+        needs_entropies = self.entropy_signal_from_generation or (training and self.temperature_processor is not None)
+        self._captured_entropies = [] if needs_entropies else None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            captured = self._captured_entropies
+        finally:
+            self._captured_entropies = None
         if training and self.temperature_processor is not None:
             totals = self.accelerator.reduce(self._sampling_temperature_totals, reduction="sum")
             self._metrics["train"]["hapo/sampling_temperature"].append((totals[0] / totals[1].clamp(min=1)).item())
             self._sampling_temperature_totals.zero_()
+        if needs_entropies and not self._loss_sees_generation_batch(output, training):
+            stats, signal = self._generation_entropy_signal(output, captured)
+            if training and self.temperature_processor is not None:
+                self.temperature_processor.stats = stats  # HAPO 3.1: the next generation samples with them
+            if self.entropy_signal_from_generation:
+                output["entropy_signal"] = signal
         if self.token_advantage:
             output["advantages"] = self._token_group_advantage(output, training)
         return output
+
+    def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
+        """TRL's; while ``_generate_and_score_completions`` collects entropies, the policy's forwards (TRL's old
+        log-probs) also compute them, recorded with their log-probs for :meth:`_generation_entropies`."""
+        if self._captured_entropies is None or model is not self.model:
+            return super()._get_per_token_logps_and_entropies(model, *args, compute_entropy=compute_entropy, **kwargs)
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, *args, compute_entropy=True, **kwargs
+        )
+        self._captured_entropies.append((logps, entropies))
+        return logps, entropies if compute_entropy else None, aux_loss
+
+    def _loss_sees_generation_batch(self, batch: dict, training: bool) -> bool:
+        """Whether the loss's own forward gives the generation batch's entropy statistics (no extra forward).
+
+        True when TRL computed no old log-probs (on-policy: the loss's policy is the sampling policy) and each
+        process's generation batch is one micro-batch (``steps_per_generation`` 1 in training; evaluation scores a
+        generation batch at once): then ``_compute_loss`` computes the statistics from its own entropies.
+        """
+        return batch.get("old_per_token_logps") is None and (not training or self.args.steps_per_generation == 1)
+
+    def _generation_entropies(self, output: dict, captured: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Token entropies ``[B, T]`` of this process's completions under the policy that sampled them (at T_base).
+
+        From TRL's old-log-prob forward when it ran one (the ``captured`` forward whose log-probs TRL kept as
+        ``old_per_token_logps``), else from one no-grad forward.
+        """
+        old_logps = output.get("old_per_token_logps")
+        entropies = next((entropies for logps, entropies in captured if logps is old_logps), None)
+        if entropies is not None:
+            return entropies
+        batch_size = (
+            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        )
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            _, entropies, _ = super()._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
+                torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
+                output["completion_ids"].size(1),
+                batch_size=batch_size,
+                compute_entropy=True,
+                **{key: output.get(key) for key in _MODEL_INPUT_KEYS},
+            )
+        return entropies
+
+    def _generation_entropy_signal(self, output: dict, captured=()) -> tuple[EntropyStats, torch.Tensor]:
+        """HAPO's statistics of the generation batch (all processes) and ĥ of this process's completions."""
+        return self._entropy_statistics(self._generation_entropies(output, captured), output)
+
+    def _entropy_statistics(self, entropies: torch.Tensor, batch: dict) -> tuple[EntropyStats, torch.Tensor]:
+        """HAPO's entropy statistics over the valid tokens of ``batch`` on every process (a collective: every process
+        calls it), and ĥ ``[B, T]`` of this process's tokens under them (0 at padding)."""
+        valid = (batch["completion_mask"] * batch.get("tool_mask", 1)).bool()
+        values = self._gather_values(entropies.detach()[valid].float())
+        stats = entropy_stats(
+            values.unsqueeze(0), torch.ones_like(values).unsqueeze(0), self.args.entropy_pivot,
+            self.args.hapo_released_sign,
+        )
+        return stats, stats.signal(entropies).masked_fill(~valid, 0.0)
 
     def _token_group_advantage(self, output: dict, training: bool) -> torch.Tensor:
         """HAPO's token-level group advantage ``[B, T]`` of this process's completions (Sec. 3.2).
@@ -277,21 +377,6 @@ class TokenGRPOTrainer(GRPOTrainer):
         values = token_group_advantage_values(rewards, lengths, group_size=group_size)
         local = values.view(self.accelerator.num_processes, -1)[self.accelerator.process_index]
         return local.unsqueeze(-1) * mask
-
-    def _update_sampling_statistics(self) -> None:
-        """Give the sampler the entropy statistics of the previous generation batch, from all processes (HAPO 3.1).
-
-        Nothing at the first generation (the sampler then uses T_base). Every process calls this at each generation
-        and has collected entropies since the previous one, so the gather is matched on all processes.
-        """
-        if not self._rollout_entropies:
-            return
-        values = self._gather_values(torch.cat(self._rollout_entropies))
-        self._rollout_entropies = []
-        ones = torch.ones_like(values).unsqueeze(0)
-        self.temperature_processor.stats = entropy_stats(
-            values.unsqueeze(0), ones, self.args.entropy_pivot, self.args.hapo_released_sign
-        )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """TRL's generation; in training with the adaptive temperature, sampled through HAPO's logits processor."""
@@ -363,7 +448,8 @@ class TokenGRPOTrainer(GRPOTrainer):
 
         token_weights = self._token_weights(inputs, logps, old_logps, entropies, advantages, mask)
         per_token_loss, loss_metrics = self.policy_loss_fn(
-            logps, old_logps, advantages, mask, self.policy_loss_config, token_weights=token_weights, entropy=entropies
+            logps, old_logps, advantages, mask, self.policy_loss_config, token_weights=token_weights, entropy=entropies,
+            entropy_signal=self._loss_entropy_signal(inputs, entropies, mode == "train"),
         )
         per_token_kl = None
         if self.beta != 0.0:  # TRL's k3 estimate of KL(π_θ ‖ π_ref), importance-corrected by default
@@ -381,12 +467,32 @@ class TokenGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         self._log_loss_metrics(mode, entropies, mask, per_token_kl, loss_metrics)
-        # HAPO 3.1: the first pass over a generation batch gives the next generation's sampling statistics
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        first_pass = self._step % generate_every < self.args.steps_per_generation
-        if mode == "train" and self.temperature_processor is not None and first_pass:
-            self._rollout_entropies.append(entropies.detach()[mask.bool()].float())
         return loss
+
+    def _loss_entropy_signal(self, inputs: dict, entropies: torch.Tensor, training: bool) -> torch.Tensor | None:
+        """ĥ for the loss with the generation batch's statistics (None: the loss's own, per micro-batch, or none).
+
+        The batch column ``entropy_signal`` when generation added it; when this micro-batch is the whole generation
+        batch of its process (:meth:`_loss_sees_generation_batch`), the statistics come from these entropies,
+        gathered over processes, and also go to the sampler for the next generation.
+        """
+        if "entropy_signal" in inputs:
+            return inputs["entropy_signal"]
+        samples_adaptively = training and self.temperature_processor is not None
+        if not (self.entropy_signal_from_generation or samples_adaptively):
+            return None
+        if not self._loss_sees_generation_batch(inputs, training):
+            if self.entropy_signal_from_generation:
+                raise KeyError(
+                    "hapo_entropy_stats='generation_batch' takes ĥ from the batch column 'entropy_signal', set by "
+                    "_generate_and_score_completions; it is missing (use hapo_entropy_stats='micro_batch' for "
+                    "batches made elsewhere)."
+                )
+            return None  # the sampler got its statistics at generation
+        stats, signal = self._entropy_statistics(entropies, inputs)
+        if samples_adaptively:
+            self.temperature_processor.stats = stats  # HAPO 3.1: the next generation samples with them
+        return signal if self.entropy_signal_from_generation else None
 
     def _token_weights(self, inputs, logps, old_logps, entropies, advantages, mask) -> torch.Tensor | None:
         """TRL's per-token factors and the ``token_weights_column`` signal, multiplied (``None`` when there is none)."""
