@@ -195,7 +195,8 @@ def test_cdpo_loss_equals_hand_computation(tmp_path, models, case):
 
 
 def test_cdpo_weights_from_critical_token_scores(tmp_path, models):
-    """Score columns become cDPO's weights: chosen 1 (or s_t), rejected 1 − s_t, the last token 1."""
+    """Score columns become cDPO's weights: chosen 1 (or s_t), rejected 1 − s_t, EOS 1 (ChatML's <|im_end|>,
+    followed by a newline that is weighted like any other token)."""
     tokenizer = models[2]
 
     def scores(n, index):
@@ -206,9 +207,13 @@ def test_cdpo_weights_from_critical_token_scores(tmp_path, models):
         trainer = make_trainer(tmp_path, models, dataset, loss_type="cdpo", cdpo_weight_chosen=weight_chosen)
         prepared = trainer.train_dataset
         for row in prepared:
+            assert [row[f"{side}_ids"][-2:] for side in ("chosen", "rejected")] == [
+                tokenizer.convert_tokens_to_ids([tokenizer.eos_token, "\n"])
+            ] * 2
             chosen, rejected = row["chosen_scores"], row["rejected_scores"]
-            expected_chosen = (chosen[:-1] if weight_chosen else [1.0] * (len(chosen) - 1)) + [1.0]
-            expected_rejected = [1 - s for s in rejected[:-1]] + [1.0]
+            chosen = chosen if weight_chosen else [1.0] * len(chosen)
+            expected_chosen = chosen[:-2] + [1.0, chosen[-1]]
+            expected_rejected = [1 - s for s in rejected[:-2]] + [1.0, 1 - rejected[-1]]
             assert row["chosen_weights"] == pytest.approx(expected_chosen, abs=1e-6)
             assert row["rejected_weights"] == pytest.approx(expected_rejected, abs=1e-6)
 

@@ -164,6 +164,18 @@ def test_critical_token_weights():
     torch.testing.assert_close(rejected_again, rejected)
 
 
+def test_critical_token_weights_at_marked_eos_positions():
+    # EOS marked explicitly: row 0's EOS is followed by a template token, row 1 (truncated) has none.
+    scores = torch.tensor([[0.2, 0.9, 0.5, 0.7], [0.4, 0.6, 0.3, 0.8]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    eos = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    chosen, rejected = critical_token_weights(
+        scores, scores, mask, mask, weight_chosen=True, chosen_eos=eos, rejected_eos=eos
+    )
+    torch.testing.assert_close(chosen, torch.tensor([[0.2, 1.0, 0.5, 0.0], [0.4, 0.6, 0.3, 0.8]]))
+    torch.testing.assert_close(rejected, torch.tensor([[0.8, 1.0, 0.5, 0.0], [0.6, 0.4, 0.7, 0.2]]))
+
+
 def test_critical_token_weights_empty_row_stays_zero():
     scores = torch.tensor([[0.3, 0.4]])
     empty = torch.zeros(1, 2)

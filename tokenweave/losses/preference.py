@@ -98,6 +98,8 @@ def critical_token_weights(
     rejected_mask: Tensor,
     *,
     weight_chosen: bool = False,
+    chosen_eos: Tensor | None = None,
+    rejected_eos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """cDPO's per-token weights from critical-token scores ``s_t ∈ [0, 1]`` (arXiv 2411.19943).
 
@@ -110,24 +112,28 @@ def critical_token_weights(
         rejected: w_l,t = 1 − s_t
         EOS:      w = 1 on both sides
 
-    where EOS is the last valid (mask set) token of each response: the official code appends a score
-    of 1 to the chosen scores and of 0 to the rejected ones for the EOS token it adds. The scores
-    given at that position are ignored, so the caller's responses must end with EOS. Padding gets
-    weight 0. Returns ``(chosen_weights, rejected_weights)``, each ``[B, T]`` like its scores.
+    The official code appends a score of 1 to the chosen scores and of 0 to the rejected ones for the EOS
+    token it adds, so the scores given at EOS are ignored. ``chosen_eos`` / ``rejected_eos`` (``[B, T]``
+    bool) mark the EOS positions, e.g. ``ids == eos_token_id`` (a chat template may put tokens after EOS,
+    such as ChatML's newline after ``<|im_end|>``; a truncated row may have none); ``None``: each row's
+    last valid (mask set) token is its EOS. Padding gets weight 0. Returns ``(chosen_weights,
+    rejected_weights)``, each ``[B, T]`` like its scores.
     """
     chosen_weights = chosen_scores if weight_chosen else torch.ones_like(chosen_scores)
     return (
-        _eos_one_padding_zero(chosen_weights, chosen_mask),
-        _eos_one_padding_zero(1 - rejected_scores, rejected_mask),
+        _eos_one_padding_zero(chosen_weights, chosen_mask, chosen_eos),
+        _eos_one_padding_zero(1 - rejected_scores, rejected_mask, rejected_eos),
     )
 
 
-def _eos_one_padding_zero(weights: Tensor, mask: Tensor) -> Tensor:
-    """Set the weight of each row's last valid token to 1 and of every padded position to 0."""
+def _eos_one_padding_zero(weights: Tensor, mask: Tensor, eos: Tensor | None) -> Tensor:
+    """Set the weight of the EOS positions (``None``: each row's last valid token) to 1 and of padding to 0."""
     mask = mask.bool()
-    positions = torch.arange(mask.shape[-1], device=mask.device)
-    last_valid = torch.where(mask, positions, -1).amax(-1, keepdim=True)  # -1 for an empty row
-    weights = torch.where(positions == last_valid, 1.0, weights)
+    if eos is None:
+        positions = torch.arange(mask.shape[-1], device=mask.device)
+        last_valid = torch.where(mask, positions, -1).amax(-1, keepdim=True)  # -1 for an empty row
+        eos = positions == last_valid
+    weights = torch.where(eos.bool(), 1.0, weights)
     return torch.where(mask, weights, 0.0)
 
 

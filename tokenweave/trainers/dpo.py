@@ -248,6 +248,7 @@ class TokenDPOTrainer(DPOTrainer):
                 "weights_columns": (args.chosen_weights_column, args.rejected_weights_column),
                 "scores_columns": (args.chosen_scores_column, args.rejected_scores_column),
                 "weight_chosen": args.cdpo_weight_chosen,
+                "eos_token_id": getattr(processing_class, "tokenizer", processing_class).eos_token_id,
                 "dataset_name": dataset_name,
             },
             **map_kwargs,
@@ -521,12 +522,14 @@ def _completion_token_weights(
     weights_columns: tuple[str, str],
     scores_columns: tuple[str, str],
     weight_chosen: bool,
+    eos_token_id: int | None,
     dataset_name: str,
 ) -> dict[str, list[float]]:
     """cDPO weights of one tokenised example, checked against its completion tokens (``dataset.map`` function).
 
     Reads the weights columns, or else the scores columns turned into weights by
-    ``critical_token_weights``; returns them under the weights column names. Raises ``ValueError``
+    ``critical_token_weights`` (weight 1 at the EOS tokens, ``eos_token_id``, of each completion);
+    returns them under the weights column names. Raises ``ValueError``
     naming the row and column when a column is missing, a value is None, or its length is not the
     number of tokens in ``chosen_ids``/``rejected_ids``.
     """
@@ -555,5 +558,11 @@ def _completion_token_weights(
         values.append(torch.tensor(value, dtype=torch.float32).unsqueeze(0))
     if columns == scores_columns:
         masks = [torch.ones_like(value) for value in values]
-        values = critical_token_weights(*values, *masks, weight_chosen=weight_chosen)
+        eos = None
+        if eos_token_id is not None:
+            eos = [torch.tensor(example[f"{side}_ids"]).unsqueeze(0) == eos_token_id for side in ("chosen", "rejected")]
+        values = critical_token_weights(
+            *values, *masks, weight_chosen=weight_chosen,
+            chosen_eos=None if eos is None else eos[0], rejected_eos=None if eos is None else eos[1],
+        )
     return {column: value.squeeze(0).tolist() for column, value in zip(weights_columns, values, strict=True)}
