@@ -65,6 +65,16 @@ def run_argv(policy_loss: str, lora: bool, output_dir) -> list[str]:
     return argv + (LORA_ARGS if lora else [])
 
 
+# HAPO's entropy statistics come from TRL's old-log-prob forward in the runs above (steps_per_generation 2 > GA 1);
+# under ZeRO-3 two more runs take the other two paths: the loss's own forward (on-policy, one micro-batch per
+# generation) and one extra forward at generation (on-policy, two accumulated micro-batches per generation).
+HAPO_STATISTICS_RUNS = {
+    "hapo-on-policy": ["--steps_per_generation", "1"],
+    "hapo-accumulated": ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                         "--steps_per_generation", "2", "--max_steps", "2"],
+}
+
+
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory):
     """``stage_runs(zero_stage)``: the directory holding the runs of that stage (2 per loss), launched once on first
@@ -75,6 +85,8 @@ def stage_runs(tmp_path_factory):
         if zero_stage not in outcomes:
             root = tmp_path_factory.mktemp(f"zero{zero_stage}")
             spec = [run_argv(loss, lora, root / run_name(loss, lora)) for loss in LOSSES for lora in (False, True)]
+            if zero_stage == 3:  # later flags override earlier ones
+                spec += [run_argv("hapo", False, root / name) + extra for name, extra in HAPO_STATISTICS_RUNS.items()]
             (root / "runs.json").write_text(json.dumps(spec))
             launch_config = LAUNCH / f"cpu_zero{zero_stage}.yaml"
             try:
@@ -140,6 +152,16 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
         assert any(not torch.equal(weight, initial_weights[name]) for name, weight in trained.items()), (
             "the saved model equals the initial one: the ZeRO gather on save or the training did not happen"
         )
+
+
+@pytest.mark.parametrize("name", sorted(HAPO_STATISTICS_RUNS))
+def test_hapo_entropy_statistics_reach_the_sampler_under_zero3(name, stage_runs):
+    info = json.loads((stage_runs(3) / name / RUN_INFO_FILE).read_text())
+    assert info["zero_stage"] == 3 and info["global_step"] == 2
+    temperatures = [entry["hapo/sampling_temperature"] for entry in info["log_history"]
+                    if "hapo/sampling_temperature" in entry]
+    assert len(temperatures) == 2 and temperatures[0] == pytest.approx(1.0)  # T_base: no statistics yet
+    assert temperatures[1] != pytest.approx(1.0, abs=1e-4)  # the first generation's statistics, gathered
 
 
 # ---------------------------------------------------------------------------------------------------------------
