@@ -36,3 +36,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def initial_weights():
+    """The tiny Llama's initial state dict: what a trained run's saved weights must differ from."""
+    return build_tiny_llama()[0].state_dict()

@@ -1,39 +1,26 @@
-"""Multi-process probes of TokenGRPOTrainer, launched by ``tests/test_grpo_distributed.py``. Two subcommands.
+"""Process invariance of every registered policy loss, launched by ``tests/test_grpo_distributed.py``: 2 processes ×
+batch 4 = batch 8 on one process::
 
-``invariance``: process invariance of every registered policy loss (2 processes × batch 4 = batch 8 on one process)::
+    python -m torch.distributed.run --nproc_per_node 2 tests/grpo_invariance_probe.py --model_dir DIR --output grads.pt
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/grpo_invariance_probe.py invariance \
-        --model_dir DIR --output grads.pt
+Every rank builds the same tiny model (from ``--model_dir``) and the same generation batch of 8 hand-made, off-policy
+completions (:func:`make_batch`, unequal lengths, so a per-process token mean would differ from the global one),
+keeps its half (rows ``4r .. 4r + 3``, as TRL splits a generation batch over processes), runs the trainer's
+``_compute_loss`` + backward on it, then averages the gradients over processes as DDP does (gloo all-reduce / world
+size). ``num_items_in_batch`` is the generation batch's global token count on every rank, as TRL's
+``_generate_and_score_completions`` gathers it. Rank 0 writes, per loss, the mean of the ranks' losses (what Trainer
+logs), each rank's own loss and the averaged gradients. The test computes the single-process results with
+:func:`loss_and_grads` on the same batch and compares.
 
-  Every rank builds the same tiny model (from ``--model_dir``) and the same generation batch of 8 hand-made,
-  off-policy completions (:func:`make_batch`, unequal lengths, so a per-process token mean would differ from the
-  global one), keeps its half (rows ``4r .. 4r + 3``, as TRL splits a generation batch over processes), runs the
-  trainer's ``_compute_loss`` + backward on it, then averages the gradients over processes as DDP does (gloo
-  all-reduce / world size). ``num_items_in_batch`` is the generation batch's global token count on every rank, as
-  TRL's ``_generate_and_score_completions`` gathers it. Rank 0 writes, per loss, the mean of the ranks' losses
-  (what Trainer logs), each rank's own loss and the averaged gradients. The test computes the single-process
-  results with :func:`loss_and_grads` on the same batch and compares.
-
-  For hapo, each rank adds the batch column ``entropy_signal`` to its half as ``_generate_and_score_completions``
-  does (:meth:`TokenGRPOTrainer._generation_entropy_signal`: its own entropies, statistics gathered over both
-  ranks); the single-process side computes it on the whole batch.
-
-``runs``: several ``tokenweave train`` runs, one after another, inside ONE ``accelerate launch``::
-
-    accelerate launch --config_file launch/cpu_zero3.yaml tests/grpo_invariance_probe.py runs runs.json
-
-  ``runs.json`` is a list of argument lists, each given to :func:`tokenweave.train.train` as the command line of
-  ``python -m tokenweave.train``. A 2-process CPU launch spends ~30-50 s importing torch / TRL / DeepSpeed and
-  setting up, and a tiny run trains in ~2 s, so running a stage's runs in one launch makes each run ~10x cheaper.
-  Each run is a full ``train()`` (its own trainer, DeepSpeedEngine, saved model and ``run_info.json``); only the
-  process-group teardown that ends ``train()`` is held back until the last run, then done as ``train()`` does it.
+For hapo, each rank adds the batch column ``entropy_signal`` to its half as ``_generate_and_score_completions`` does
+(:meth:`TokenGRPOTrainer._generation_entropy_signal`: its own entropies, statistics gathered over both ranks); the
+single-process side computes it on the whole batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -174,40 +161,14 @@ def invariance(args) -> None:
     dist.destroy_process_group()
 
 
-def runs(args) -> None:
-    import tokenweave.train as tokenweave_train
-
-    argvs = json.loads(Path(args.spec).read_text())
-    finish = tokenweave_train._finish_distributed
-    tokenweave_train._finish_distributed = lambda accelerator: accelerator.wait_for_everyone()
-    try:
-        for argv in argvs:
-            info = tokenweave_train.train(argv)
-            if tokenweave_train.trainer_is_main_process():
-                print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
-            gc.collect()
-    finally:
-        tokenweave_train._finish_distributed = finish
-    from accelerate import PartialState
-
-    finish(PartialState())  # wait for every rank, destroy the process group (as train() does after one run)
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    probe = commands.add_parser("invariance")
-    probe.add_argument("--model_dir", required=True)
-    probe.add_argument("--output", required=True)
-    probe.add_argument("--output_dir", default=None, help="the trainers' output_dir (nothing is saved there)")
-    several = commands.add_parser("runs")
-    several.add_argument("spec", help="a JSON list of tokenweave.train argument lists")
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--output_dir", default=None, help="the trainers' output_dir (nothing is saved there)")
     args = parser.parse_args(argv)
-    if args.command == "invariance":
-        args.output_dir = args.output_dir or str(Path(args.output).parent / "trainer")
-        invariance(args)
-    else:
-        runs(args)
+    args.output_dir = args.output_dir or str(Path(args.output).parent / "trainer")
+    invariance(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """Two-process `accelerate launch` runs on CPU under DeepSpeed ZeRO-2 and ZeRO-3."""
 
 import json
-import os
-import subprocess
 
 import pytest
 import torch
@@ -12,16 +10,10 @@ from transformers import AutoModelForCausalLM
 from tokenweave.models import build_tiny_llama, load_model_and_tokenizer
 from tokenweave.train import RUN_INFO_FILE
 
-from .conftest import CONFIGS, LAUNCH, PYTHON, REPO_ROOT
+from .conftest import CONFIGS, REPO_ROOT
+from .distributed_runs import accelerate_launch
 
 pytestmark = pytest.mark.slow
-
-
-def accelerate_launch(launch_config: str, module_args: list[str], timeout: int = 600) -> None:
-    command = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / launch_config), *module_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

@@ -1,32 +1,26 @@
 """TokenDPOTrainer over several processes: cDPO, TDPO1 and TDPO2 each train under ``accelerate launch`` with 2 CPU
 processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and ZeRO-3 logs the losses ZeRO-2 logs.
 
-Cost. A 2-process CPU launch spends 20-50 s importing torch / TRL / DeepSpeed and starting the ranks, and a tiny
-2-step run trains in a few seconds, so the 6 runs of a ZeRO stage (3 losses × LoRA / no LoRA) share ONE launch of
-this file as a script (``python tests/test_dpo_distributed.py runs runs.json``, see :func:`runs`). Each run is still
-a full ``tokenweave.train.train()``: its own trainer, DeepSpeedEngine, saved model or adapter and ``run_info.json``.
+The 6 runs of a ZeRO stage (3 losses × LoRA / no LoRA) share one launch (``tests/distributed_runs.py``).
 
 TDPO with LoRA under ZeRO-3 is the case where the frozen LM head is gathered once per step and applied as
 ``F.linear`` (``TokenDPOTrainer._kl_heads``): a module call recomputed in the backward finds it released.
 """
 
-from __future__ import annotations
-
-import gc
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = REPO_ROOT / "configs"
-LAUNCH = REPO_ROOT / "launch"
-PYTHON = sys.executable
+from tokenweave.data.arithmetic import load_arithmetic
+from tokenweave.models import build_tiny_llama
+from tokenweave.train import RUN_INFO_FILE
+
+from .conftest import CONFIGS
+from .distributed_runs import assert_trained, launch_runs
+from .test_dpo_trainer import with_columns
 
 pytestmark = pytest.mark.slow
 
@@ -53,20 +47,9 @@ def run_argv(loss_type: str, lora: bool, output_dir: Path, cdpo_dataset: str) ->
     return argv + (LORA_ARGS if lora else [])
 
 
-def run_subprocess(command: list[str], timeout: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def cdpo_dataset(tmp_path_factory) -> str:
     """The arithmetic preference pairs with critical-token score columns (one score per completion token), on disk."""
-    from tokenweave.data.arithmetic import load_arithmetic
-    from tokenweave.models import build_tiny_llama
-
-    from .test_dpo_trainer import with_columns
-
     tokenizer = build_tiny_llama()[1]
     dataset = with_columns(
         load_arithmetic("train", "preference", num_examples=32),
@@ -93,24 +76,11 @@ def stage_runs(tmp_path_factory, cdpo_dataset):
                 for loss in LOSSES
                 for lora in (False, True)
             ]
-            (root / "runs.json").write_text(json.dumps(spec))
             roots[zero_stage] = root
-            launch_config = str(LAUNCH / f"cpu_zero{zero_stage}.yaml")
-            run_subprocess(
-                [PYTHON, "-m", "accelerate.commands.launch", "--config_file", launch_config,
-                 str(Path(__file__).resolve()), "runs", str(root / "runs.json")],
-                timeout=900,
-            )
+            launch_runs(f"cpu_zero{zero_stage}.yaml", spec, root)
         return roots[zero_stage]
 
     return launch
-
-
-@pytest.fixture(scope="module")
-def initial_weights():
-    from tokenweave.models import build_tiny_llama
-
-    return build_tiny_llama()[0].state_dict()
 
 
 def train_logs(info: dict) -> list[dict]:
@@ -121,10 +91,6 @@ def train_logs(info: dict) -> list[dict]:
 @pytest.mark.parametrize("loss_type", LOSSES)
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_token_dpo_trains_under_deepspeed(zero_stage, loss_type, lora, stage_runs, initial_weights):
-    from safetensors.torch import load_file
-
-    from tokenweave.train import RUN_INFO_FILE
-
     output_dir = stage_runs(zero_stage) / run_name(loss_type, lora)
     info = json.loads((output_dir / RUN_INFO_FILE).read_text())
     assert info["model_wrapper"] == "DeepSpeedEngine" and info["distributed_type"] == "DistributedType.DEEPSPEED"
@@ -146,20 +112,7 @@ def test_token_dpo_trains_under_deepspeed(zero_stage, loss_type, lora, stage_run
         assert logs[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6)  # the policy is its reference at step 1
         assert logs[-1]["kl/chosen"] > 1e-6 and logs[-1]["kl/rejected"] > 1e-6  # and has moved away at step 2
 
-    # the weights (or LoRA's B matrices, zero at initialisation) were trained
-    if lora:
-        adapter = load_file(output_dir / "adapter_model.safetensors")
-        lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
-        assert len(lora_b) == 2 * 2  # 2 layers x (q_proj, v_proj)
-        assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
-        assert any(tensor.abs().sum() > 0 for tensor in lora_b), "LoRA B is still zero: the adapter was not trained"
-        assert not (output_dir / "model.safetensors").exists()
-    else:
-        trained = load_file(output_dir / "model.safetensors")
-        assert all(torch.isfinite(weight).all() for weight in trained.values())
-        assert any(not torch.equal(weight, initial_weights[name]) for name, weight in trained.items()), (
-            "the saved model equals the initial one: the ZeRO gather on save or the training did not happen"
-        )
+    assert_trained(output_dir, lora, initial_weights, num_lora_b=2 * 2)  # 2 layers x (q_proj, v_proj)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -167,8 +120,6 @@ def test_token_dpo_trains_under_deepspeed(zero_stage, loss_type, lora, stage_run
 def test_zero3_logs_what_zero2_logs(loss_type, lora, stage_runs):
     """Same data, seed and steps: ZeRO-3 (sharded parameters; with TDPO + LoRA, the frozen head gathered once per step)
     logs the losses, rewards and KLs of ZeRO-2, up to float reduction order."""
-    from tokenweave.train import RUN_INFO_FILE
-
     logs = {
         stage: train_logs(json.loads((stage_runs(stage) / run_name(loss_type, lora) / RUN_INFO_FILE).read_text()))
         for stage in (2, 3)
@@ -177,38 +128,3 @@ def test_zero3_logs_what_zero2_logs(loss_type, lora, stage_runs):
     for zero2, zero3 in zip(logs[2], logs[3], strict=True):
         for key in keys:
             assert zero3[key] == pytest.approx(zero2[key], rel=1e-3, abs=1e-5), (key, zero2["step"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Script mode, under accelerate launch: several tokenweave.train runs in one launch.
-# ---------------------------------------------------------------------------------------------------------------------
-def runs(spec: str) -> None:
-    """Run each argument list of the JSON file ``spec`` with ``tokenweave.train.train``, one after another.
-
-    ``train()`` ends by waiting for every rank and destroying the process group; that teardown is held back until
-    the last run, then done as ``train()`` does it.
-    """
-    import tokenweave.train as tokenweave_train
-
-    finish = tokenweave_train._finish_distributed
-    tokenweave_train._finish_distributed = lambda accelerator: accelerator.wait_for_everyone()
-    try:
-        for argv in json.loads(Path(spec).read_text()):
-            info = tokenweave_train.train(argv)
-            if tokenweave_train.trainer_is_main_process():
-                print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
-            gc.collect()
-    finally:
-        tokenweave_train._finish_distributed = finish
-    from accelerate import PartialState
-
-    finish(PartialState())
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))  # tokenweave from this checkout
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    if sys.argv[1:2] != ["runs"] or len(sys.argv) != 3:
-        sys.exit(f"usage: {sys.argv[0]} runs RUNS.json")
-    runs(sys.argv[2])

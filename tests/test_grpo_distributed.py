@@ -2,28 +2,24 @@
 processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and 2 processes × batch 4 give the update of one
 process with batch 8 (and of batch 4 with 2 accumulation steps).
 
-Cost. A 2-process CPU launch spends 30-50 s importing torch / TRL / DeepSpeed and starting the ranks; a tiny
-2-step run trains in ~2 s. So the 10 runs of a ZeRO stage (5 losses × LoRA / no LoRA) share ONE launch
-(``grpo_invariance_probe.py runs``): each is still a full ``tokenweave.train.train()`` with its own trainer,
-DeepSpeedEngine, saved model and ``run_info.json``. 20 separate launches would take ~17 min on 2 shared cores.
+The 10 runs of a ZeRO stage (5 losses × LoRA / no LoRA) share one launch (``tests/distributed_runs.py``); 20
+separate launches would take ~17 min on 2 shared cores.
 """
 
 import json
 import math
-import os
 import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from trl.trainer.utils import split_tensor_dict
 
 from tokenweave.losses.policy import POLICY_LOSS_AGG_MODES, POLICY_LOSSES
-from tokenweave.models import build_tiny_llama
 from tokenweave.train import RUN_INFO_FILE
 from tokenweave.trainers.grpo import TRL_LOSS_TYPES
 
-from .conftest import CONFIGS, LAUNCH, PYTHON, REPO_ROOT
+from .conftest import CONFIGS, PYTHON, REPO_ROOT
+from .distributed_runs import assert_trained, launch_runs, run_subprocess
 from .grpo_invariance_probe import loss_and_grads, make_batch, make_trainer, process_slice
 
 pytestmark = pytest.mark.slow
@@ -40,12 +36,6 @@ LOSS_METRICS = {
     "cispo": "cispo_clip_ratio",
     "hapo": "hapo/redistributed_frac",
 }
-
-
-def run_subprocess(command: list[str], timeout: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
 def test_the_issue_losses_are_registered():
@@ -87,14 +77,8 @@ def stage_runs(tmp_path_factory):
             spec = [run_argv(loss, lora, root / run_name(loss, lora)) for loss in LOSSES for lora in (False, True)]
             if zero_stage == 3:  # later flags override earlier ones
                 spec += [run_argv("hapo", False, root / name) + extra for name, extra in HAPO_STATISTICS_RUNS.items()]
-            (root / "runs.json").write_text(json.dumps(spec))
-            launch_config = LAUNCH / f"cpu_zero{zero_stage}.yaml"
             try:
-                run_subprocess(
-                    [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
-                     str(PROBE), "runs", str(root / "runs.json")],
-                    timeout=900,
-                )
+                launch_runs(f"cpu_zero{zero_stage}.yaml", spec, root)
                 outcomes[zero_stage] = root
             except (AssertionError, subprocess.TimeoutExpired) as error:
                 outcomes[zero_stage] = error
@@ -107,11 +91,6 @@ def stage_runs(tmp_path_factory):
 
 def run_name(policy_loss: str, lora: bool) -> str:
     return f"{policy_loss}-{'lora' if lora else 'full'}"
-
-
-@pytest.fixture(scope="module")
-def initial_weights():
-    return build_tiny_llama()[0].state_dict()
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -138,20 +117,7 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
         assert args.hapo_adaptive_temperature and args.hapo_token_advantage and args.hapo_adaptive_clip
         assert any("hapo/sampling_temperature" in entry for entry in logs)
 
-    # the weights (or LoRA's B matrices, zero at initialisation) were trained
-    if lora:
-        adapter = load_file(output_dir / "adapter_model.safetensors")
-        lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
-        assert len(lora_b) == 2 * 2  # 2 layers x (q_proj, v_proj)
-        assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
-        assert any(tensor.abs().sum() > 0 for tensor in lora_b), "LoRA B is still zero: the adapter was not trained"
-        assert not (output_dir / "model.safetensors").exists()
-    else:
-        trained = load_file(output_dir / "model.safetensors")
-        assert all(torch.isfinite(weight).all() for weight in trained.values())
-        assert any(not torch.equal(weight, initial_weights[name]) for name, weight in trained.items()), (
-            "the saved model equals the initial one: the ZeRO gather on save or the training did not happen"
-        )
+    assert_trained(output_dir, lora, initial_weights, num_lora_b=2 * 2)  # 2 layers x (q_proj, v_proj)
 
 
 @pytest.mark.parametrize("name", sorted(HAPO_STATISTICS_RUNS))
@@ -174,7 +140,7 @@ def test_hapo_entropy_statistics_reach_the_sampler_under_zero3(name, stage_runs)
 def two_process_results(model_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("invariance") / "two_processes.pt"
     run_subprocess(
-        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE), "invariance",
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE),
          "--model_dir", model_dir, "--output", str(output)],
         timeout=600,
     )

@@ -1,0 +1,96 @@
+"""What the multi-process tests share: ``accelerate launch`` on CPU, several training runs in one launch, and the check
+that a run's saved model or adapter was trained.
+
+Several runs in one launch. A 2-process CPU launch spends 20-50 s importing torch / TRL / DeepSpeed and starting the
+ranks, and a tiny 2-step run trains in a few seconds, so the runs of a ZeRO stage share ONE launch of this file as a
+script (:func:`launch_runs`)::
+
+    accelerate launch --config_file launch/cpu_zero3.yaml tests/distributed_runs.py RUNS.json
+
+``RUNS.json`` is a list of argument lists, each given to :func:`tokenweave.train.train` as the command line of
+``python -m tokenweave.train``, one after another. Each run is a full ``train()`` (its own trainer, DeepSpeedEngine,
+saved model or adapter and ``run_info.json``); only the process-group teardown that ends ``train()`` is held back
+until the last run, then done as ``train()`` does it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = REPO_ROOT / "launch"
+
+
+def run_subprocess(command: list[str], timeout: int) -> None:
+    """Run ``command`` from the repository root with one OpenMP thread per process; fail with its output's tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def accelerate_launch(launch_config: str, args: list[str], timeout: int = 600) -> None:
+    """``accelerate launch --config_file launch/<launch_config> <args>``."""
+    run_subprocess(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / launch_config), *args],
+        timeout=timeout,
+    )
+
+
+def launch_runs(launch_config: str, spec: list[list[str]], root: Path, timeout: int = 900) -> None:
+    """Run every argument list of ``spec`` with ``tokenweave.train`` inside one launch (module docstring)."""
+    (root / "runs.json").write_text(json.dumps(spec))
+    accelerate_launch(launch_config, [str(Path(__file__).resolve()), str(root / "runs.json")], timeout=timeout)
+
+
+def assert_trained(output_dir: Path, lora: bool, initial_weights: dict, num_lora_b: int) -> None:
+    """The run saved finite weights that differ from the initial ones; with LoRA, an adapter (only) whose
+    ``num_lora_b`` B matrices, zero at initialisation, are not all zero."""
+    if lora:
+        adapter = load_file(output_dir / "adapter_model.safetensors")
+        lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+        assert len(lora_b) == num_lora_b
+        assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
+        assert any(tensor.abs().sum() > 0 for tensor in lora_b), "LoRA B is still zero: the adapter was not trained"
+        assert not (output_dir / "model.safetensors").exists()
+    else:
+        trained = load_file(output_dir / "model.safetensors")
+        assert all(torch.isfinite(weight).all() for weight in trained.values())
+        assert any(not torch.equal(weight, initial_weights[name]) for name, weight in trained.items()), (
+            "the saved model equals the initial one: the ZeRO gather on save or the training did not happen"
+        )
+
+
+def runs(spec: str) -> None:
+    """Script mode: each argument list of the JSON file ``spec`` through ``tokenweave.train.train``."""
+    import tokenweave.train as tokenweave_train
+
+    finish = tokenweave_train._finish_distributed
+    tokenweave_train._finish_distributed = lambda accelerator: accelerator.wait_for_everyone()
+    try:
+        for argv in json.loads(Path(spec).read_text()):
+            info = tokenweave_train.train(argv)
+            if tokenweave_train.trainer_is_main_process():
+                print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
+            gc.collect()
+    finally:
+        tokenweave_train._finish_distributed = finish
+    from accelerate import PartialState
+
+    finish(PartialState())  # wait for every rank, destroy the process group (as train() does after one run)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))  # tokenweave from this checkout
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} RUNS.json")
+    runs(sys.argv[1])
