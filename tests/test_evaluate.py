@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from tokenweave.data.arithmetic import load_arithmetic
-from tokenweave.data.preferences import build_preference_pairs, sample_trajectories
+from tokenweave.data.preferences import build_preference_pairs, sample_trajectories, select_by_answer_frequency
 from tokenweave.evaluate import evaluate_accuracy, evaluate_model
 from tokenweave.generation import generate_completions
 from tokenweave.models import build_tiny_tokenizer
@@ -105,6 +105,23 @@ def test_pairs_take_the_most_frequent_correct_and_incorrect_answers():
     with_fallback = build_preference_pairs(samples, reference_fallback=True)
     assert with_fallback["question_id"] == [0, 2]
     assert with_fallback[1]["chosen"][0]["content"] == "5 + 5 = 10\nThe answer is 10."
+
+
+def test_sft_selection_by_answer_frequency():
+    # 8 incorrect samples of one question: answers 5 (x3), 7 (x2), 9 (x2), 4 (x1); 7 is seen before 9.
+    rows = [{"id": i, "parsed": answer} for i, answer in enumerate(["7", "5", "9", "5", "7", "4", "5", "9"])]
+
+    def ids(selected):
+        return [row["id"] for row in selected]
+
+    assert ids(select_by_answer_frequency(rows, top_p=0.5)) == [0, 1, 3, 4, 6]  # 5: 3/8 < 0.5, then 7: 5/8 >= 0.5
+    assert ids(select_by_answer_frequency(rows, top_p=0.375)) == [1, 3, 6]  # 5: 3/8 reaches it
+    assert ids(select_by_answer_frequency(rows)) == list(range(8))  # top_p 1: every row, in order
+    assert ids(select_by_answer_frequency(rows, max_rows=1)) == [1]  # cDPO's positive set: top-1
+    assert ids(select_by_answer_frequency(rows, top_p=0.5, max_rows=4)) == [1, 3, 6, 0]  # by answer rank
+    assert select_by_answer_frequency([], max_rows=1) == []
+    with pytest.raises(ValueError, match="top_p"):
+        select_by_answer_frequency(rows, top_p=0.0)
 
 
 def test_pairs_reject_a_dataset_that_is_not_samples():

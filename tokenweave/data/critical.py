@@ -7,8 +7,10 @@ step       output            what
 =========  ================  ==================================================================================
 sample     ``samples/``      (a) K trajectories per question from the base model, (b) each labelled
                              ``correct`` by the answer reward (:func:`~tokenweave.data.preferences.sample_trajectories`)
-sft_data   ``sft_data/``     ``positive/``: correct trajectories (with ``reference_fallback``, plus every
-                             question's reference solution); ``negative/``: incorrect ones (prompt/completion)
+sft_data   ``sft_data/``     ``positive/``: correct trajectories, ``positive_per_question`` per question with
+                             the most frequent correct answer (with ``reference_fallback``, plus every question's
+                             reference solution); ``negative/``: the incorrect ones whose answers cover
+                             ``negative_top_p`` of a question's incorrect answers (prompt/completion)
 positive   ``positive/``     (c) LoRA SFT of the base model on ``sft_data/positive`` (``tokenweave.train``;
                              its run config is kept as ``sft_config.yaml``)
 negative   ``negative/``     (c) the same on ``sft_data/negative``
@@ -16,6 +18,8 @@ pairs      ``pairs/``        (d, e) preference pairs (:func:`~tokenweave.data.pr
                              with ``chosen_scores``/``rejected_scores`` (one critical-token score per completion
                              token, :mod:`tokenweave.tokens.critical`) and ``chosen_tokens``/``rejected_tokens``
 cdpo       ``cdpo/``         (f) only with ``cdpo_config``: ``tokenweave train`` of that config on ``pairs/``
+dpo        ``dpo/``          only with ``compare_dpo``: the same run with ``loss_type: sigmoid`` (plain DPO on the
+                             same pairs and budget: the baseline of cDPO)
 =========  ================  ==================================================================================
 
 Scoring and pairing are one step because the completion tokens of a pair depend on both of its responses
@@ -33,6 +37,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,11 +50,12 @@ from ..config import RunArguments, parse_run_config
 from ..tokens.critical import load_contrastive_models, score_dataset
 from ..trainers import TokenSFTConfig
 from ..train import RUN_INFO_FILE, train
-from .preferences import build_preference_pairs, sample_trajectories
+from .preferences import build_preference_pairs, sample_trajectories, select_by_answer_frequency
 
 CONFIG_RECORD = "pipeline_config.yaml"
 SFT_CONFIG_FILE = "sft_config.yaml"
 DATASET_MARKER = "dataset_info.json"
+PLAIN_DPO_ARGS = ["--loss_type", "sigmoid"]  # compare_dpo: the cDPO run with TRL's plain DPO loss
 # SFT run-config keys the pipeline sets itself, from its own fields or for each run.
 _MANAGED_SFT_KEYS = {
     "method": None,
@@ -74,9 +80,10 @@ _MANAGED_SFT_KEYS = {
 class CriticalPipelineConfig:
     """Options of the critical-token pipeline (one YAML file; ``--key value`` overrides it).
 
-    Defaults for the positive/negative models are cDPO's released ones (methods.md section 2, step 2):
-    LoRA r=8, α=16, dropout 0.1 on gate/up/down_proj, lr 3e-4, cosine schedule, warmup 100, batch 6,
-    one epoch, loss on completions only.
+    Defaults for the positive/negative models are cDPO's released ones (methods.md section 2, steps 1-2):
+    one correct trajectory per question and the incorrect ones covering half of the incorrect answers; LoRA r=8,
+    α=16, dropout 0.1 on gate/up/down_proj, lr 3e-4, cosine schedule, warmup 100, batch 6, one epoch, loss on
+    completions only (no validation hold-out here).
     """
 
     model: str = field(
@@ -107,6 +114,20 @@ class CriticalPipelineConfig:
             "help": "For models that are rarely correct: a question with no correct sample gets its reference "
             "solution as chosen response, and the positive model trains on correct samples plus every question's "
             "reference solution. Needs a task with a 'solution' column."
+        },
+    )
+    positive_per_question: int | None = field(
+        default=1,
+        metadata={
+            "help": "Correct trajectories per question in the positive SFT set, those with the most frequent correct "
+            "answer first (cDPO: 1; None: every correct trajectory)."
+        },
+    )
+    negative_top_p: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of a question's incorrect trajectories covered by the negative SFT set, most frequent "
+            "incorrect answers first, every trajectory of a kept answer included (cDPO: 0.5; 1.0: all)."
         },
     )
     # (c) positive and negative LoRA models
@@ -147,8 +168,21 @@ class CriticalPipelineConfig:
             "model_name_or_path, dataset_name and output_dir set by the pipeline. None: stop after the pairs."
         },
     )
+    compare_dpo: bool = field(
+        default=False,
+        metadata={
+            "help": "With cdpo_config: also train plain DPO, the same run with loss_type sigmoid (same pairs, model "
+            "and budget), into dpo/, as the baseline of cDPO."
+        },
+    )
 
     def __post_init__(self):
+        if self.compare_dpo and self.cdpo_config is None:
+            raise ValueError("compare_dpo trains the cdpo_config run with loss_type sigmoid: set cdpo_config.")
+        if self.positive_per_question is not None and self.positive_per_question < 1:
+            raise ValueError(f"positive_per_question must be at least 1 (or None), got {self.positive_per_question}")
+        if not 0.0 < self.negative_top_p <= 1.0:
+            raise ValueError(f"negative_top_p must be in (0, 1], got {self.negative_top_p}")
         if self.num_samples_per_prompt < 2:
             raise ValueError("num_samples_per_prompt must be at least 2 to find correct and incorrect trajectories.")
         sft_keys = {action.dest for action in TrlParser((RunArguments, TokenSFTConfig, ModelConfig))._actions}
@@ -191,11 +225,13 @@ def parse_pipeline_config(argv: list[str] | None = None) -> CriticalPipelineConf
 def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
     """Run every step not done yet (module docstring); returns each step's output directory.
 
-    The cDPO run config (step f) is parsed first, so a bad one fails before hours of sampling and training.
+    The cDPO (and DPO) run configs are parsed first, so a bad one fails before hours of sampling and training.
     """
     work_dir = Path(config.work_dir)
     if config.cdpo_config is not None:
         parse_run_config(_cdpo_argv(config, work_dir / "pairs", work_dir / "cdpo"))
+    if config.compare_dpo:
+        parse_run_config(_cdpo_argv(config, work_dir / "pairs", work_dir / "dpo") + PLAIN_DPO_ARGS)
     work_dir.mkdir(parents=True, exist_ok=True)
     _record_config(config, work_dir / CONFIG_RECORD)
     outputs = {
@@ -213,7 +249,14 @@ def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
     _run_step(outputs["pairs"], DATASET_MARKER, lambda staging: _pairs(config, outputs, staging))
     if config.cdpo_config is not None:
         outputs["cdpo"] = work_dir / "cdpo"
-        _run_step(outputs["cdpo"], RUN_INFO_FILE, lambda staging: _cdpo(config, outputs["pairs"], staging))
+        _run_step(outputs["cdpo"], RUN_INFO_FILE, lambda staging: train(_cdpo_argv(config, outputs["pairs"], staging)))
+    if config.compare_dpo:
+        outputs["dpo"] = work_dir / "dpo"
+        _run_step(
+            outputs["dpo"],
+            RUN_INFO_FILE,
+            lambda staging: train(_cdpo_argv(config, outputs["pairs"], staging) + PLAIN_DPO_ARGS),
+        )
     return outputs
 
 
@@ -266,8 +309,17 @@ def _sample(config: CriticalPipelineConfig, staging: Path) -> None:
 def _sft_data(config: CriticalPipelineConfig, outputs: dict[str, Path], staging: Path) -> None:
     """The positive and negative SFT sets (prompt/completion) from the labelled samples."""
     samples = load_from_disk(str(outputs["sample"]))
-    positive = [{"prompt": row["prompt"], "completion": row["completion"]} for row in samples if row["correct"]]
-    negative = [{"prompt": row["prompt"], "completion": row["completion"]} for row in samples if not row["correct"]]
+    by_question: dict[int, list[dict]] = defaultdict(list)
+    for row in samples:
+        by_question[row["question_id"]].append(row)
+    positive, negative = [], []
+    for rows in by_question.values():
+        correct = [row for row in rows if row["correct"]]
+        incorrect = [row for row in rows if not row["correct"]]
+        positive += select_by_answer_frequency(correct, max_rows=config.positive_per_question)
+        negative += select_by_answer_frequency(incorrect, top_p=config.negative_top_p)
+    positive = [{"prompt": row["prompt"], "completion": row["completion"]} for row in positive]
+    negative = [{"prompt": row["prompt"], "completion": row["completion"]} for row in negative]
     if config.reference_fallback:
         if "solution" not in samples.column_names:
             raise ValueError(f"reference_fallback needs a task with a 'solution' column; {config.task!r} has none.")
@@ -348,7 +400,3 @@ def _cdpo_argv(config: CriticalPipelineConfig, pairs: Path, output_dir: Path) ->
         "--dataset_name", str(pairs),
         "--output_dir", str(output_dir),
     ]  # fmt: skip
-
-
-def _cdpo(config: CriticalPipelineConfig, pairs: Path, staging: Path) -> None:
-    train(_cdpo_argv(config, pairs, staging))

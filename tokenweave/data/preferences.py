@@ -120,10 +120,34 @@ def build_preference_pairs(samples: Dataset, *, reference_fallback: bool = False
     return Dataset.from_list(pairs)
 
 
+def select_by_answer_frequency(rows: list[dict], *, top_p: float = 1.0, max_rows: int | None = None) -> list[dict]:
+    """cDPO's choice of one question's SFT trajectories by answer frequency (arXiv 2411.19943, released pipeline).
+
+    The rows are grouped by parsed answer, most frequent first (ties: the answer seen first). The answers kept are
+    the most frequent ones until their cumulative share of ``rows`` reaches ``top_p`` (the answer that crosses it
+    included); their rows are returned in their original order, or, with ``max_rows``, the first ``max_rows`` of
+    them ordered by their answer's rank. cDPO's positive set is ``max_rows=1`` of the correct rows (one response
+    with the most frequent correct answer), its negative set ``top_p=0.5`` of the incorrect ones.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    counts = Counter(row["parsed"] for row in rows)
+    ranked = [answer for answer, _ in counts.most_common()]
+    kept, covered = set(), 0
+    for answer in ranked:
+        kept.add(answer)
+        covered += counts[answer]
+        if covered >= top_p * len(rows):
+            break
+    selected = [row for row in rows if row["parsed"] in kept]
+    if max_rows is None:
+        return selected
+    rank = {answer: index for index, answer in enumerate(ranked)}
+    return sorted(selected, key=lambda row: rank[row["parsed"]])[:max_rows]
+
+
 def _most_frequent_answer_row(rows: list[dict]) -> dict | None:
     """The first row whose parsed answer is the most frequent one among ``rows`` (None if empty)."""
     if not rows:
         return None
-    # most_common keeps first-seen order among equal counts.
-    best = Counter(row["parsed"] for row in rows).most_common(1)[0][0]
-    return next(row for row in rows if row["parsed"] == best)
+    return select_by_answer_frequency(rows, max_rows=1)[0]
