@@ -5,7 +5,7 @@ merged into the base model, is the starting model of every GRPO run (the base mo
 for a small budget to move it). Each (policy loss, seed) pair is then one LoRA run of
 ``configs/grpo_smollm2_lora.yaml`` from the starting model with the same budget (steps, prompts, generations,
 completion length, updates per generation), then greedy accuracy of the adapter on the task's test split. Writes a
-Markdown report (per-step mean reward of every run, final accuracies) to ``--output``::
+Markdown report (mean reward of each generation batch of every run, final accuracies) to ``--output``::
 
     python benchmarks/grpo_accuracy.py --warm_start_steps 12 --steps 16 --seeds 0 1 --output grpo_accuracy.md
 """
@@ -61,7 +61,7 @@ def report(results: list[dict], base: dict, start_name: str, args) -> str:
         "",
         f"Starting model ({start_name}) accuracy: {base['accuracy']:.1%} ({base['num_correct']}/{base['num_examples']}).",
         "",
-        "| policy loss | seed | mean reward per step | held-out accuracy |",
+        "| policy loss | seed | mean reward of each generation batch | held-out accuracy |",
         "|---|---|---|---|",
     ]
     for r in results:
