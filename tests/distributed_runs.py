@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,34 @@ def launch_runs(launch_config: str, spec: list[list[str]], root: Path, timeout: 
     """Run every argument list of ``spec`` with ``tokenweave.train`` inside one launch (module docstring)."""
     (root / "runs.json").write_text(json.dumps(spec))
     accelerate_launch(launch_config, [str(Path(__file__).resolve()), str(root / "runs.json")], timeout=timeout)
+
+
+def stage_launcher(
+    tmp_path_factory, prefix: str, stage_spec: Callable[[int, Path], list[list[str]]]
+) -> Callable[[int], Path]:
+    """``launch(zero_stage)``: the directory holding the runs ``stage_spec(zero_stage, root)`` of that ZeRO stage,
+    all launched in one ``launch/cpu_zero<stage>.yaml`` launch on first use; a failed launch (non-zero exit, even
+    after the runs finished) fails every later call for that stage too."""
+    outcomes: dict[int, Path | BaseException] = {}
+
+    def launch(zero_stage: int) -> Path:
+        if zero_stage not in outcomes:
+            root = tmp_path_factory.mktemp(f"{prefix}-zero{zero_stage}")
+            try:
+                launch_runs(f"cpu_zero{zero_stage}.yaml", stage_spec(zero_stage, root), root)
+                outcomes[zero_stage] = root
+            except (AssertionError, subprocess.TimeoutExpired) as error:
+                outcomes[zero_stage] = error
+        if isinstance(outcomes[zero_stage], BaseException):
+            raise outcomes[zero_stage]
+        return outcomes[zero_stage]
+
+    return launch
+
+
+def run_name(loss: str, lora: bool) -> str:
+    """The directory name of one run of a stage: ``<loss>-lora`` or ``<loss>-full``."""
+    return f"{loss}-{'lora' if lora else 'full'}"
 
 
 def assert_trained(output_dir: Path, lora: bool, initial_weights: dict, num_lora_b: int) -> None:

@@ -71,7 +71,8 @@ def make_trainer(model_dir: str, output_dir: str, policy_loss: str, **overrides)
     return trainer
 
 
-def _logps_and_entropies(trainer, batch):
+def token_logps_and_entropies(trainer, batch):
+    """The policy's per-token log-probs and entropies ``[B, T]`` of a batch's completions, without gradient."""
     with torch.no_grad():
         logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model,
@@ -99,7 +100,7 @@ def make_batch(trainer, seed: int = 0, log_ratio_std: float = 0.3) -> dict:
         "advantages": torch.randn(n, generator=generator),
     }
     batch["num_items_in_batch"] = batch["completion_mask"].sum()  # TRL: the global count of the generation batch
-    logps, _ = _logps_and_entropies(trainer, batch)
+    logps, _ = token_logps_and_entropies(trainer, batch)
     batch["old_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
     batch["ref_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
     return batch

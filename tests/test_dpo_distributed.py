@@ -19,7 +19,7 @@ from tokenweave.models import build_tiny_llama
 from tokenweave.train import RUN_INFO_FILE
 
 from .conftest import CONFIGS
-from .distributed_runs import assert_trained, launch_runs
+from .distributed_runs import assert_trained, run_name, stage_launcher
 from .test_dpo_trainer import with_columns
 
 pytestmark = pytest.mark.slow
@@ -32,10 +32,6 @@ LORA_ARGS = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lor
 # critical-token scores of the cDPO dataset: chosen weights stay 1, rejected weights are 1 - 0.3 = 0.7 (EOS: 1)
 CHOSEN_SCORE, REJECTED_SCORE = 0.9, 0.3
 MAX_STEPS = 2
-
-
-def run_name(loss_type: str, lora: bool) -> str:
-    return f"{loss_type}-{'lora' if lora else 'full'}"
 
 
 def run_argv(loss_type: str, lora: bool, output_dir: Path, cdpo_dataset: str) -> list[str]:
@@ -66,21 +62,13 @@ def cdpo_dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory, cdpo_dataset):
     """``stage_runs(zero_stage)``: the directory holding the 6 runs of that stage, launched once (on first use)."""
-    roots = {}
 
-    def launch(zero_stage: int) -> Path:
-        if zero_stage not in roots:
-            root = tmp_path_factory.mktemp(f"dpo-zero{zero_stage}")
-            spec = [
-                run_argv(loss, lora, root / run_name(loss, lora), cdpo_dataset)
-                for loss in LOSSES
-                for lora in (False, True)
-            ]
-            roots[zero_stage] = root
-            launch_runs(f"cpu_zero{zero_stage}.yaml", spec, root)
-        return roots[zero_stage]
+    def stage_spec(zero_stage: int, root: Path) -> list[list[str]]:
+        return [
+            run_argv(loss, lora, root / run_name(loss, lora), cdpo_dataset) for loss in LOSSES for lora in (False, True)
+        ]
 
-    return launch
+    return stage_launcher(tmp_path_factory, "dpo", stage_spec)
 
 
 def train_logs(info: dict) -> list[dict]:

@@ -8,7 +8,6 @@ separate launches would take ~17 min on 2 shared cores.
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from tokenweave.train import RUN_INFO_FILE
 from tokenweave.trainers.grpo import TRL_LOSS_TYPES
 
 from .conftest import CONFIGS, PYTHON, REPO_ROOT
-from .distributed_runs import assert_trained, launch_runs, run_subprocess
+from .distributed_runs import assert_trained, run_name, run_subprocess, stage_launcher
 from .grpo_invariance_probe import loss_and_grads, make_batch, make_trainer, process_slice
 
 pytestmark = pytest.mark.slow
@@ -67,30 +66,16 @@ HAPO_STATISTICS_RUNS = {
 
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory):
-    """``stage_runs(zero_stage)``: the directory holding the runs of that stage (2 per loss), launched once on first
-    use; a failed launch (non-zero exit, even after the runs finished) fails every test of the stage."""
-    outcomes = {}
+    """``stage_runs(zero_stage)``: the directory holding that stage's runs (2 per loss; ZeRO-3: and the HAPO
+    statistics runs), launched once on first use."""
 
-    def launch(zero_stage: int):
-        if zero_stage not in outcomes:
-            root = tmp_path_factory.mktemp(f"zero{zero_stage}")
-            spec = [run_argv(loss, lora, root / run_name(loss, lora)) for loss in LOSSES for lora in (False, True)]
-            if zero_stage == 3:  # later flags override earlier ones
-                spec += [run_argv("hapo", False, root / name) + extra for name, extra in HAPO_STATISTICS_RUNS.items()]
-            try:
-                launch_runs(f"cpu_zero{zero_stage}.yaml", spec, root)
-                outcomes[zero_stage] = root
-            except (AssertionError, subprocess.TimeoutExpired) as error:
-                outcomes[zero_stage] = error
-        if isinstance(outcomes[zero_stage], BaseException):
-            raise outcomes[zero_stage]
-        return outcomes[zero_stage]
+    def stage_spec(zero_stage: int, root) -> list[list[str]]:
+        spec = [run_argv(loss, lora, root / run_name(loss, lora)) for loss in LOSSES for lora in (False, True)]
+        if zero_stage == 3:  # later flags override earlier ones
+            spec += [run_argv("hapo", False, root / name) + extra for name, extra in HAPO_STATISTICS_RUNS.items()]
+        return spec
 
-    return launch
-
-
-def run_name(policy_loss: str, lora: bool) -> str:
-    return f"{policy_loss}-{'lora' if lora else 'full'}"
+    return stage_launcher(tmp_path_factory, "grpo", stage_spec)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

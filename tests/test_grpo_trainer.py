@@ -17,6 +17,7 @@ from tokenweave.train import train
 from tokenweave.trainers import TokenGRPOConfig, TokenGRPOTrainer
 
 from .conftest import CONFIGS
+from .grpo_invariance_probe import token_logps_and_entropies
 
 HAPO_OFF = dict(
     hapo_adaptive_temperature=False, hapo_token_advantage=False, hapo_adaptive_advantage=False, hapo_adaptive_clip=False
@@ -57,18 +58,6 @@ def make_trainer(model_dir, output_dir, trainer_class=TokenGRPOTrainer, config_c
 # per-micro-batch token mean would differ from the global one.
 # ---------------------------------------------------------------------------------------------------------------
 LENGTHS = [6, 3, 5, 1, 6, 2, 4, 6]
-
-
-def token_logps_and_entropies(trainer, batch):
-    with torch.no_grad():
-        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-            batch["completion_ids"].size(1),
-            compute_entropy=True,
-        )
-    return logps, entropies
 
 
 def make_batch(trainer, lengths=LENGTHS, seed=0, log_ratio_std=0.3):
