@@ -1,0 +1,1 @@
+"""Inference: model loading for generation, batched sampling, scoring and evaluation (no training)."""
