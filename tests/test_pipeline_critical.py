@@ -19,15 +19,10 @@ import tokenweave.quickstart as quickstart
 from tokenweave.cli import main as cli_main
 from tokenweave.data.critical import CriticalPipelineConfig, parse_pipeline_config
 from tokenweave.data.preferences import SAMPLE_COLUMNS, select_by_answer_frequency
+from tokenweave.data.token_columns import tokenize_like_dpo
+from tokenweave.inference.scoring import ScoringModel, load_contrastive_models, score_dataset
 from tokenweave.models import CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, resolve_model
-from tokenweave.tokens.critical import (
-    ScoringModel,
-    chunked_contrastive_scores,
-    contrastive_log_scores,
-    load_contrastive_models,
-    score_dataset,
-    tokenize_like_dpo,
-)
+from tokenweave.tokens.critical import chunked_contrastive_scores, contrastive_log_scores
 from tokenweave.train import RUN_INFO_FILE, train
 
 from .conftest import CONFIGS

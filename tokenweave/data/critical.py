@@ -47,7 +47,7 @@ from datasets import Dataset, load_from_disk
 from trl import ModelConfig, TrlParser
 
 from ..config import RunArguments, parse_run_config
-from ..tokens.critical import load_contrastive_models, score_dataset
+from ..inference.scoring import load_contrastive_models, score_dataset
 from ..trainers import TokenSFTConfig
 from ..train import RUN_INFO_FILE, train
 from .preferences import build_preference_pairs, sample_trajectories, select_by_answer_frequency

@@ -15,36 +15,22 @@ favours much more than the positive one. cDPO then weights rejected tokens by ``
 
 Scores are stored for *completion tokens only*, as DPOTrainer tokenises the completion (its
 ``chosen_ids``/``rejected_ids``), not for raw positions of the official code's ``question+response``
-arrays (methods.md, cDPO ambiguity 3). :func:`tokenize_like_dpo` reproduces TRL's tokenisation.
+arrays (methods.md, cDPO ambiguity 3): :mod:`tokenweave.data.token_columns` reproduces TRL's tokenisation,
+and :mod:`tokenweave.inference.scoring` loads the two models and scores a dataset.
 
-Contents, top to bottom:
+Pure tensor math, no model loading. Contents, top to bottom:
 
 * :func:`contrastive_log_scores`: ``log s_t`` from full logits (the formula, for small inputs and tests).
 * :func:`chunked_contrastive_scores`: ``s_t`` from final hidden states and LM heads, a chunk of positions at
   a time, so ``[B, T, V]`` fp32 logits are never built.
-* :class:`ScoringModel`, :func:`load_contrastive_models`: a positive or negative model (a causal LM or one
-  named adapter of a PEFT model); two LoRA adapters of one base share that base, loaded once.
-* :func:`score_sequences`: scores of the completion tokens of a batch of token sequences.
-* :func:`tokenize_like_dpo`, :func:`token_texts`, :func:`score_dataset`: a conversational dataset in, one
-  score list (and one token-text list) per completion out, with a progress bar.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
-from datasets import Dataset
-from peft import PeftModel
-from torch import Tensor, nn
-from tqdm.auto import tqdm
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
-
-from ..models import LOGIT_TRANSFORM_ATTRIBUTES, load_model_and_tokenizer, resolve_model
-
+from torch import Tensor
 
 
 def contrastive_log_scores(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, b: float = 1.0) -> Tensor:
@@ -90,227 +76,3 @@ def chunked_contrastive_scores(
     if chunk_scores:
         scores[mask] = torch.cat(chunk_scores)
     return scores
-
-
-@dataclass(frozen=True)
-class ScoringModel:
-    """One side of the contrast: a causal LM, or one named adapter of a PEFT model.
-
-    Two ``ScoringModel`` objects may share one ``PeftModel`` with two adapters (``adapter`` names the one
-    to activate); every call activates it first.
-    """
-
-    model: nn.Module
-    adapter: str | None = None
-
-    def __post_init__(self):
-        if self.adapter is not None and not isinstance(self.model, PeftModel):
-            raise ValueError(f"adapter {self.adapter!r} given for a model that is not a PeftModel.")
-        config = self._causal_lm().config.get_text_config()
-        transforms = [name for name in LOGIT_TRANSFORM_ATTRIBUTES if getattr(config, name, None) is not None]
-        if transforms:
-            raise NotImplementedError(
-                f"Critical-token scores call the LM head directly and do not support models that transform its "
-                f"logits ({', '.join(transforms)}) yet."
-            )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _causal_lm(self) -> nn.Module:
-        """The transformers causal LM (with this side's adapter active): owns the backbone and the LM head."""
-        if isinstance(self.model, PeftModel):
-            if self.adapter is not None:
-                self.model.set_adapter(self.adapter, inference_mode=True)
-            return self.model.get_base_model()
-        return self.model
-
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The backbone's final hidden states ``[B, L, H]`` (after the final norm: what the LM head reads)."""
-        backbone = self._causal_lm().base_model
-        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """LM-head logits ``[..., V]`` of hidden states ``[..., H]``, in the model's dtype."""
-        return self._causal_lm().get_output_embeddings()(hidden)
-
-
-def load_contrastive_models(
-    positive: str, negative: str, dtype: torch.dtype = torch.float32
-) -> tuple[ScoringModel, ScoringModel, object]:
-    """Load the positive and negative models for scoring; returns ``(positive, negative, tokenizer)``.
-
-    Each is anything :func:`tokenweave.models.load_model_and_tokenizer` loads: a model directory, a built-in
-    name, or a LoRA adapter directory. Two adapters of the same base model (cDPO's set-up) share one base,
-    loaded once, as adapters ``"positive"`` and ``"negative"`` of one ``PeftModel``, and the tokenizer is
-    that base model's (the one a DPO run of the base model tokenises with); otherwise it is the positive
-    model's.
-    """
-    positive_base, negative_base = _adapter_base(positive), _adapter_base(negative)
-    if positive_base is not None and positive_base == negative_base:
-        base, tokenizer = load_model_and_tokenizer(positive_base, dtype=dtype)
-        model = PeftModel.from_pretrained(base, positive, adapter_name="positive")
-        model.load_adapter(negative, adapter_name="negative")
-        model.eval()
-        return ScoringModel(model, "positive"), ScoringModel(model, "negative"), tokenizer
-    positive_model, tokenizer = load_model_and_tokenizer(positive, dtype=dtype)
-    negative_model, _ = load_model_and_tokenizer(negative, dtype=dtype)
-    return ScoringModel(positive_model), ScoringModel(negative_model), tokenizer
-
-
-def _adapter_base(path: str) -> str | None:
-    """The resolved base model of a PEFT adapter directory, or None when ``path`` is not one."""
-    adapter_config = Path(path) / "adapter_config.json"
-    if not adapter_config.exists():
-        return None
-    return resolve_model(json.loads(adapter_config.read_text())["base_model_name_or_path"])
-
-
-@torch.no_grad()
-def score_sequences(
-    positive: ScoringModel,
-    negative: ScoringModel,
-    sequences: Sequence[Sequence[int]],
-    completion_starts: Sequence[int],
-    *,
-    pad_token_id: int,
-    b: float = 1.0,
-    chunk_size: int = 256,
-) -> list[list[float]]:
-    """Scores ``s_t`` of the completion tokens of a batch of token sequences (one forward per model).
-
-    ``sequences[i][completion_starts[i]:]`` are the completion tokens of sequence ``i``; its scores come
-    back as a list of the same length, in order. Token ``j`` is scored from the hidden state at position
-    ``j − 1``, so a completion must not start at position 0.
-    """
-    if any(start < 1 for start in completion_starts):
-        raise ValueError("A completion must start after at least one token: its first token needs a context.")
-    device = positive.device
-    lengths = torch.tensor([len(sequence) for sequence in sequences], device=device)
-    starts = torch.tensor(list(completion_starts), device=device)
-    width = int(lengths.max())
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device=device)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(list(sequence), device=device)
-    attention_mask = (torch.arange(width, device=device) < lengths[:, None]).long()
-    # Entry t of the shifted tensors is about token t + 1, predicted from position t.
-    predicted = torch.arange(1, width, device=device)
-    mask = (predicted >= starts[:, None]) & (predicted < lengths[:, None])
-    scores = chunked_contrastive_scores(
-        positive.hidden_states(input_ids, attention_mask)[:, :-1],
-        negative.hidden_states(input_ids, attention_mask)[:, :-1],
-        positive.logits,
-        negative.logits,
-        input_ids[:, 1:],
-        mask,
-        b=b,
-        chunk_size=chunk_size,
-    )
-    return [row_scores[row_mask].tolist() for row_scores, row_mask in zip(scores, mask, strict=True)]
-
-
-def tokenize_like_dpo(example: dict, tokenizer, completion_columns: Sequence[str] = ("chosen", "rejected")) -> dict:
-    """Tokenise a conversational example exactly as TRL 1.16's ``DPOTrainer._prepare_dataset`` does.
-
-    ``prompt + completion`` and the prompt alone (with the generation prompt) go through the chat template;
-    the completion starts where the two token lists first differ, the *shortest* such common prefix over
-    all ``completion_columns`` (TRL: over chosen and rejected). Returns ``prompt_ids`` and one
-    ``{column}_ids`` list per completion column: with ``("chosen", "rejected")``, TRL's own ``prompt_ids``,
-    ``chosen_ids`` and ``rejected_ids``. The ``tools`` and ``chat_template_kwargs`` columns are honoured as
-    TRL honours them.
-    """
-    if not is_conversational(example):
-        raise ValueError(
-            "Critical-token scoring needs conversational examples (lists of role/content messages), got "
-            f"{str(example.get('prompt'))[:80]!r}."
-        )
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    template_kwargs = {"tools": tools, **example.get("chat_template_kwargs", {})}
-    prompt_ids = _tokenize(tokenizer, example["prompt"], add_generation_prompt=True, **template_kwargs)["input_ids"]
-    full_ids = {
-        column: _tokenize(tokenizer, example["prompt"] + example[column], **template_kwargs)["input_ids"]
-        for column in completion_columns
-    }
-    prompt_length = min(common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
-    return {
-        "prompt_ids": prompt_ids[:prompt_length],
-        **{f"{column}_ids": ids[prompt_length:] for column, ids in full_ids.items()},
-    }
-
-
-def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
-    """The text each token adds to the decoded sequence (special tokens kept).
-
-    Decoded incrementally: token ``i`` gets ``decode(ids[:i+1])`` minus ``decode(ids[:i])``, so the texts
-    concatenate to ``decode(ids)`` and a byte-level token that only completes a multi-byte character carries
-    that character (the tokens before it get ``""``) instead of a replacement character. Should a decoded
-    prefix not be a prefix of the next one (some SentencePiece clean-ups), that token is decoded alone.
-    """
-    texts, decoded = [], ""
-    for end in range(1, len(ids) + 1):
-        current = tokenizer.decode(ids[:end], clean_up_tokenization_spaces=False)
-        if end < len(ids) and current.endswith("\ufffd"):  # an incomplete character: wait for its next bytes
-            texts.append("")
-            continue
-        if current.startswith(decoded):
-            texts.append(current[len(decoded) :])
-        else:
-            texts.append(tokenizer.decode(ids[end - 1 : end], clean_up_tokenization_spaces=False))
-        decoded = current
-    return texts
-
-
-def score_dataset(
-    dataset: Dataset,
-    positive: ScoringModel,
-    negative: ScoringModel,
-    tokenizer,
-    *,
-    completion_columns: Sequence[str] = ("chosen", "rejected"),
-    b: float = 1.0,
-    batch_size: int = 8,
-    chunk_size: int = 256,
-) -> Dataset:
-    """Score every completion token of a conversational dataset; returns it with two columns per completion.
-
-    ``dataset`` has a ``prompt`` column and the ``completion_columns`` (message lists): preference pairs
-    (``chosen``, ``rejected``) or prompt/completion rows (``completion_columns=("completion",)``). Each is
-    tokenised by :func:`tokenize_like_dpo` (for pairs: exactly as DPOTrainer does), and gains:
-
-    * ``{column}_scores``: one score ``s_t`` per completion token (module docstring), in token order;
-    * ``{column}_tokens``: the text of each of those tokens (:func:`token_texts`), for the heatmap.
-
-    Sequences are batched by length, ``batch_size`` at a time, with a progress bar.
-    """
-    items = []  # (row, column, token ids, completion start)
-    for row, example in enumerate(dataset):
-        tokenized = tokenize_like_dpo(example, tokenizer, completion_columns)
-        prompt_ids = tokenized["prompt_ids"]
-        for column in completion_columns:
-            items.append((row, column, prompt_ids + tokenized[f"{column}_ids"], len(prompt_ids)))
-    items.sort(key=lambda item: len(item[2]))
-    scores = {column: [None] * len(dataset) for column in completion_columns}
-    texts = {column: [None] * len(dataset) for column in completion_columns}
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with tqdm(total=len(items), desc="scoring critical tokens", unit="sequence") as progress:
-        for begin in range(0, len(items), batch_size):
-            batch = items[begin : begin + batch_size]
-            batch_scores = score_sequences(
-                positive,
-                negative,
-                [ids for _, _, ids, _ in batch],
-                [start for _, _, _, start in batch],
-                pad_token_id=pad_token_id,
-                b=b,
-                chunk_size=chunk_size,
-            )
-            for (row, column, ids, start), row_scores in zip(batch, batch_scores, strict=True):
-                scores[column][row] = row_scores
-                texts[column][row] = token_texts(tokenizer, ids[start:])
-            progress.update(len(batch))
-    for column in completion_columns:
-        dataset = dataset.add_column(f"{column}_scores", scores[column])
-        dataset = dataset.add_column(f"{column}_tokens", texts[column])
-    return dataset

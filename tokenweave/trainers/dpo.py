@@ -27,6 +27,7 @@ position ``t``; everything per token is therefore shifted by one (``completion_m
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad, use_adapter
 
+from ..data.token_columns import completion_token_weights
 from ..losses.preference import (
     PreferenceLossOutput,
     chunked_sequential_kl,
@@ -242,13 +244,17 @@ class TokenDPOTrainer(DPOTrainer):
         map_kwargs = {"with_indices": True}
         if isinstance(dataset, Dataset):  # checked now, before training (an IterableDataset: as it is read)
             map_kwargs |= {"num_proc": args.dataset_num_proc, "desc": f"Aligning token weights of {dataset_name}"}
+        scores_to_weights = functools.partial(
+            _critical_weights,
+            weight_chosen=args.cdpo_weight_chosen,
+            eos_token_id=getattr(processing_class, "tokenizer", processing_class).eos_token_id,
+        )
         return dataset.map(
-            _completion_token_weights,
+            completion_token_weights,
             fn_kwargs={
                 "weights_columns": (args.chosen_weights_column, args.rejected_weights_column),
                 "scores_columns": (args.chosen_scores_column, args.rejected_scores_column),
-                "weight_chosen": args.cdpo_weight_chosen,
-                "eos_token_id": getattr(processing_class, "tokenizer", processing_class).eos_token_id,
+                "scores_to_weights": scores_to_weights,
                 "dataset_name": dataset_name,
             },
             **map_kwargs,
@@ -516,53 +522,23 @@ def _linear_head(weight: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tens
     return head
 
 
-def _completion_token_weights(
-    example: dict[str, Any],
-    index: int,
-    weights_columns: tuple[str, str],
-    scores_columns: tuple[str, str],
+def _critical_weights(
+    chosen_scores: list[float],
+    rejected_scores: list[float],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    *,
     weight_chosen: bool,
     eos_token_id: int | None,
-    dataset_name: str,
-) -> dict[str, list[float]]:
-    """cDPO weights of one tokenised example, checked against its completion tokens (``dataset.map`` function).
-
-    Reads the weights columns, or else the scores columns turned into weights by
-    ``critical_token_weights`` (weight 1 at the EOS tokens, ``eos_token_id``, of each completion);
-    returns them under the weights column names. Raises ``ValueError``
-    naming the row and column when a column is missing, a value is None, or its length is not the
-    number of tokens in ``chosen_ids``/``rejected_ids``.
-    """
-    if all(column in example for column in weights_columns):
-        columns = weights_columns
-    elif all(column in example for column in scores_columns):
-        columns = scores_columns
-    else:
-        raise ValueError(
-            f"loss_type 'cdpo': the {dataset_name} dataset has no per-token weights: it needs columns "
-            f"{list(weights_columns)} (weights) or {list(scores_columns)} (critical-token scores), with one value "
-            "per completion token."
-        )
-    values = []
-    for side, column in zip(("chosen", "rejected"), columns, strict=True):
-        num_tokens = len(example[f"{side}_ids"])
-        value = example[column]
-        if value is None or len(value) != num_tokens:
-            found = "no value" if value is None else f"{len(value)} values"
-            raise ValueError(
-                f"loss_type 'cdpo': row {index} of the tokenised {dataset_name} dataset has {found} in column "
-                f"{column!r}, but its {side} completion has {num_tokens} tokens ({side}_ids). Per-token values "
-                "must align with the completion tokens as DPOTrainer tokenises them (after the prompt, template "
-                f"tokens and EOS included). Prompt: {str(example.get('prompt'))[:80]!r}"
-            )
-        values.append(torch.tensor(value, dtype=torch.float32).unsqueeze(0))
-    if columns == scores_columns:
-        masks = [torch.ones_like(value) for value in values]
-        eos = None
-        if eos_token_id is not None:
-            eos = [torch.tensor(example[f"{side}_ids"]).unsqueeze(0) == eos_token_id for side in ("chosen", "rejected")]
-        values = critical_token_weights(
-            *values, *masks, weight_chosen=weight_chosen,
-            chosen_eos=None if eos is None else eos[0], rejected_eos=None if eos is None else eos[1],
-        )
-    return {column: value.squeeze(0).tolist() for column, value in zip(weights_columns, values, strict=True)}
+) -> tuple[list[float], list[float]]:
+    """cDPO's weights of one example's completion-token scores (``critical_token_weights``, weight 1 at the
+    EOS tokens ``eos_token_id`` of each completion): the ``scores_to_weights`` of ``completion_token_weights``."""
+    scores = [torch.tensor(side, dtype=torch.float32).unsqueeze(0) for side in (chosen_scores, rejected_scores)]
+    masks = [torch.ones_like(side) for side in scores]
+    eos = [None, None]
+    if eos_token_id is not None:
+        eos = [torch.tensor(ids).unsqueeze(0) == eos_token_id for ids in (chosen_ids, rejected_ids)]
+    weights = critical_token_weights(
+        *scores, *masks, weight_chosen=weight_chosen, chosen_eos=eos[0], rejected_eos=eos[1]
+    )
+    return tuple(side.squeeze(0).tolist() for side in weights)
