@@ -1,0 +1,131 @@
+"""The GRPO test harness: a TokenGRPOTrainer on the tiny model, a hand-made generation batch, and the loss and
+gradients a batch gives. Used by the trainer tests (``test_grpo_trainer.py``, ``test_hapo_pinned.py``), the
+2-process probe (``grpo_invariance_probe.py``) and its test (``test_grpo_distributed.py``).
+
+The batch: 8 completions (2 prompts × 4) as ``_generate_and_score_completions`` returns them, off-policy (old and
+reference log-probs are the model's shifted by N(0, 0.3²), so ratios leave the clip ranges), with unequal lengths
+(:data:`LENGTHS`), so a per-micro-batch or per-process token mean would differ from the global one. TRL's split of it
+over 2 processes gives rows 0-3 and 4-7, whose token counts differ (21 vs 18).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+LENGTHS = [6, 3, 5, 1, 6, 2, 4, 6]
+PROMPT_LENGTH = 5
+
+
+def digit_reward(completions, **kwargs):
+    """The share of digits in the completion: varied rewards even for a random model (character tokenizer)."""
+    texts = [completion[-1]["content"] for completion in completions]
+    return [sum(char.isdigit() for char in text) / max(len(text), 1) for text in texts]
+
+
+def train_dataset():
+    """16 arithmetic prompts (the dataset every harness trainer gets)."""
+    from tokenweave.data.arithmetic import load_arithmetic
+
+    return load_arithmetic("train", "prompt", 16)
+
+
+def make_trainer(model_dir, output_dir, trainer_class=None, config_class=None, **overrides):
+    """A ``TokenGRPOTrainer`` (or ``trainer_class`` with ``config_class``, e.g. TRL's) on the tiny model, in training
+    mode: batch 8, 4 generations per prompt, completions of at most ``max(LENGTHS)`` tokens, unless overridden."""
+    from tokenweave.trainers import TokenGRPOConfig, TokenGRPOTrainer
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=max(LENGTHS),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
+    config = (config_class or TokenGRPOConfig)(**(kwargs | overrides))
+    trainer = (trainer_class or TokenGRPOTrainer)(
+        model=model_dir, reward_funcs=[digit_reward], args=config, train_dataset=train_dataset()
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = config.gradient_accumulation_steps  # set by Trainer when training
+    return trainer
+
+
+def token_logps_and_entropies(trainer, batch):
+    """The policy's per-token log-probs and entropies ``[B, T]`` of a batch's completions, without gradient."""
+    with torch.no_grad():
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+            batch["completion_ids"].size(1),
+            compute_entropy=True,
+        )
+    return logps, entropies
+
+
+def make_batch(trainer, lengths=LENGTHS, seed: int = 0, log_ratio_std: float = 0.3) -> dict:
+    """The hand-made generation batch (deterministic given the model's weights); see the module docstring."""
+    generator = torch.Generator().manual_seed(seed)
+    n, width = len(lengths), max(lengths)
+    pad = trainer.processing_class.pad_token_id
+    prompt_mask = (torch.arange(PROMPT_LENGTH) >= torch.tensor([0, 2] * (n // 2)).unsqueeze(1)).long()  # left pad
+    completion_mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
+    batch = {
+        "prompt_ids": torch.randint(4, 100, (n, PROMPT_LENGTH), generator=generator).masked_fill(prompt_mask == 0, pad),
+        "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(4, 100, (n, width), generator=generator).masked_fill(completion_mask == 0, pad),
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(n, generator=generator),
+        "num_items_in_batch": completion_mask.sum(),  # TRL: the global token count of the generation batch
+    }
+    logps, _ = token_logps_and_entropies(trainer, batch)
+    batch["old_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
+    batch["ref_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
+    return batch
+
+
+def with_generation_signals(trainer, batch: dict) -> dict:
+    """``batch`` with the per-token columns the trainer's token signals add after generation that a hand-made batch
+    can carry (HAPO: ``entropy_signal``, ĥ under the statistics of the whole generation batch, gathered over
+    processes), as ``_generate_and_score_completions`` adds them. A collective under several processes."""
+    if not trainer.entropy_signal_from_generation:
+        return batch
+    return batch | {"entropy_signal": trainer._generation_entropy_signal(batch)[1]}
+
+
+def process_slice(batch: dict, rank: int, num_processes: int = 2) -> dict:
+    """Process ``rank``'s rows of the generation batch, completions trimmed to its own longest one (TRL pads each
+    process's completions to the local maximum); ``num_items_in_batch`` stays the global count."""
+    rows = len(batch["advantages"]) // num_processes
+    local = {key: value[rank * rows:(rank + 1) * rows] for key, value in batch.items() if key != "num_items_in_batch"}
+    width = int(local["completion_mask"].sum(-1).max())
+    for key in ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps"):
+        local[key] = local[key][:, :width]
+    local["num_items_in_batch"] = batch["num_items_in_batch"]
+    return local
+
+
+def loss_and_grads(trainer, batches: list[dict]) -> tuple[float, list[torch.Tensor]]:
+    """Σ of the micro-batch losses (as Trainer accumulates them, through the public ``compute_loss``), and the
+    accumulated gradients."""
+    trainer.model.zero_grad()
+    total = 0.0
+    for batch in batches:
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        total += loss.item()
+    return total, [param.grad.detach().clone() for param in trainer.model.parameters()]
+
+
+def assert_same_update(actual, expected, atol=1e-5):
+    """Two ``(loss, gradients)`` pairs agree within ``atol``."""
+    assert actual[0] == pytest.approx(expected[0], abs=atol)
+    for grad, expected_grad in zip(actual[1], expected[1], strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=atol, rtol=0)
