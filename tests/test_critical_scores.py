@@ -1,31 +1,20 @@
 """Critical-token scores of cDPO (arXiv 2411.19943) on the tiny model: the formula, chunking, tokenisation, datasets."""
 
-import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig
 from trl.trainer.dpo_trainer import DPOTrainer
 
-import tokenweave.data.critical as pipeline
-import tokenweave.quickstart as quickstart
-from tokenweave.cli import main as cli_main
-from tokenweave.data.critical import CriticalPipelineConfig, parse_pipeline_config
-from tokenweave.data.preferences import SAMPLE_COLUMNS, select_by_answer_frequency
 from tokenweave.data.token_columns import tokenize_like_dpo
 from tokenweave.inference.scoring import ScoringModel, load_contrastive_models, score_dataset
 from tokenweave.models import CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, resolve_model
 from tokenweave.tokens.critical import chunked_contrastive_scores, contrastive_log_scores
-from tokenweave.train import RUN_INFO_FILE, train
-
-from .conftest import CONFIGS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -174,6 +163,3 @@ def test_two_adapters_of_one_base_are_loaded_once_and_score_like_two_models(tmp_
         torch.tensor(shared_scores[0]),
         torch.tensor(score_dataset(dataset, positive, positive, tokenizer)["rejected_scores"][0]),
     )
-
-
-# -- the pipeline -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
 from tokenweave.data.arithmetic import load_arithmetic
-from tokenweave.losses.preference import sequential_kl, tdpo_loss
+from tokenweave.losses.preference import TokenPairs, sequential_kl, tdpo_loss
 from tokenweave.models import build_tiny_llama
 from tokenweave.train import train
 from tokenweave.trainers.dpo import (
@@ -137,13 +137,30 @@ def full_logits_and_logps(model, batch):
 # Equivalences with TRL's DPOTrainer
 
 
+# What TRL 1.16's DPOTrainer logs for loss_type sigmoid (dpo_trainer.py, _compute_loss lines 1535-1601).
+TRL_DPO_METRICS = {
+    "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
+    "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+}
+# The metrics a token-level loss logs on top of TRL's.
+EXTRA_METRICS = {"cdpo": {"weights/chosen", "weights/rejected"}, "tdpo2": {"kl/chosen", "kl/rejected"}, "sigmoid": set()}
+
+
+def logged_metrics(trainer):
+    """What the trainer logs at its next logging step, from the losses computed since the last one (``Trainer.log``)."""
+    trainer.log({})
+    return {key: value for key, value in trainer.state.log_history[-1].items() if key not in ("step", "epoch")}
+
+
 @pytest.mark.parametrize(
     "loss_type, options",
     [("cdpo", {}), ("tdpo2", {"tdpo_alpha": 0.0}), ("sigmoid", {})],
     ids=["cdpo-unit-weights", "tdpo2-alpha0", "sigmoid-passthrough"],
 )
 def test_reduces_to_trl_sigmoid(tmp_path, models, loss_type, options):
-    """cDPO with all weights 1 and TDPO2 with α = 0 are DPO: same loss and gradients as TRL's sigmoid."""
+    """cDPO with all weights 1 and TDPO2 with α = 0 are DPO: the mirror of ``DPOTrainer._compute_loss`` gives the loss,
+    gradients and logged metrics of TRL's sigmoid, plus the method's own metrics. TDPO's rewards are β·(Δ + SeqKL),
+    the TDPO code's, where TRL's are β·Δ: they differ by β times the logged ``kl/*``."""
     dataset = with_columns(pairs_dataset(), models[2], ones, ones)
     trl_trainer = make_trainer(tmp_path, models, dataset, DPOTrainer, DPOConfig, loss_type=["sigmoid"])
     trainer = make_trainer(tmp_path, models, dataset, loss_type=loss_type, tdpo_kl_chunk_size=16, **options)
@@ -155,6 +172,21 @@ def test_reduces_to_trl_sigmoid(tmp_path, models, loss_type, options):
     assert_same_loss_and_grads(loss_and_grads(trainer, batch), expected)
     if loss_type == "cdpo":
         assert torch.equal(batch[TOKEN_WEIGHTS_KEY], batch["completion_mask"].float())
+
+    trl_metrics, metrics = logged_metrics(trl_trainer), logged_metrics(trainer)
+    assert set(trl_metrics) == TRL_DPO_METRICS
+    assert set(metrics) == TRL_DPO_METRICS | EXTRA_METRICS[loss_type]
+    tdpo = loss_type == "tdpo2"
+    for key, value in trl_metrics.items():
+        if not (tdpo and key.startswith("rewards/")):
+            assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    if tdpo:
+        chosen_kl, rejected_kl = metrics["kl/chosen"], metrics["kl/rejected"]
+        assert chosen_kl > 0 and rejected_kl > 0
+        for key, shift in [("chosen", chosen_kl), ("rejected", rejected_kl), ("margins", chosen_kl - rejected_kl)]:
+            assert metrics[f"rewards/{key}"] == pytest.approx(trl_metrics[f"rewards/{key}"] + BETA * shift, rel=1e-5)
+    if loss_type == "cdpo":
+        assert metrics["weights/chosen"] == metrics["weights/rejected"] == 1.0
 
 
 @pytest.mark.parametrize("case", ["random-weights", "rejected-weights-zero"])
@@ -234,9 +266,7 @@ def test_tdpo_chunked_kl_in_trainer_equals_sequential_kl_on_full_logits(tmp_path
         ref_logits, ref_logps = full_logits_and_logps(reference, batch)
     seq_kl = sequential_kl(logits, ref_logits, mask).sum(-1)
     result = tdpo_loss(
-        *logps.chunk(2),
-        *ref_logps.chunk(2),
-        *mask.chunk(2),
+        TokenPairs(*logps.chunk(2), *ref_logps.chunk(2), *mask.chunk(2)),
         *seq_kl.chunk(2),
         beta=BETA,
         alpha=trainer.args.tdpo_alpha,
@@ -295,7 +325,7 @@ def test_tdpo_with_peft_under_zero3_gathers_the_frozen_head_once(tmp_path, model
     """
     import deepspeed
 
-    from tokenweave.trainers import dpo as dpo_module
+    from tokenweave.models import heads
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = make_trainer(
@@ -323,9 +353,9 @@ def test_tdpo_with_peft_under_zero3_gathers_the_frozen_head_once(tmp_path, model
             gathers.append(list(params))
             super().__init__(params, *args, **kwargs)
 
-    monkeypatch.setattr(dpo_module, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(heads, "is_deepspeed_zero3_enabled", lambda: True)
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", SpyGatheredParameters)
-    trainer._check_lm_heads_for_tdpo()  # no refusal any more
+    trainer._check_lm_heads()  # no refusal any more
     head_calls.clear()
     actual = loss_and_grads(trainer, batch)
     assert head_calls == []

@@ -1,4 +1,4 @@
-"""Tests of tokenweave.losses.preference: token-weighted DPO, cDPO weights, TDPO, sequential KL."""
+"""Tests of tokenweave.losses.preference: token-weighted DPO, cDPO weights, TDPO, sequential KL, the registry."""
 
 import pytest
 import torch
@@ -6,8 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenweave.losses.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceLossConfig,
+    TokenPairs,
     chunked_sequential_kl,
     critical_token_weights,
+    get_preference_loss,
+    register_preference_loss,
     sequential_kl,
     tdpo_loss,
     token_weighted_dpo_loss,
@@ -25,9 +30,9 @@ REJECTED_MASK = [[1.0, 1.0, 0.0]]
 
 
 def hand_pair():
-    """The hand-computed pair, in the argument order of the losses (masks last)."""
+    """The hand-computed pair, as the losses take it."""
     values = (CHOSEN_LOGPS, REJECTED_LOGPS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, CHOSEN_MASK, REJECTED_MASK)
-    return tuple(torch.tensor(v) for v in values)
+    return TokenPairs(*(torch.tensor(v) for v in values))
 
 
 def random_pairs(batch=4, chosen_len=6, rejected_len=5, seed=0):
@@ -43,7 +48,7 @@ def random_pairs(batch=4, chosen_len=6, rejected_len=5, seed=0):
 
     chosen_logps = logps(chosen_len).requires_grad_()
     rejected_logps = logps(rejected_len).requires_grad_()
-    return (
+    return TokenPairs(
         chosen_logps,
         rejected_logps,
         logps(chosen_len),
@@ -78,7 +83,7 @@ def test_token_weighted_dpo_hand_computed():
     # weighted chosen   = 1·0.5 + 0.5·0.5 + 2·(−0.5) = −0.25
     # weighted rejected = 0.5·(−1) + 1·0              = −0.5
     # z = −0.25 − (−0.5) = 0.25, β = 0.5 → β·z = 0.125, loss = log(1 + e^(−0.125))
-    out = token_weighted_dpo_loss(*pair, chosen_weights, rejected_weights, beta=0.5)
+    out = token_weighted_dpo_loss(pair, chosen_weights, rejected_weights, beta=0.5)
     torch.testing.assert_close(out.losses, torch.tensor([0.6325990353171691]))
     torch.testing.assert_close(out.logits, torch.tensor([0.125]))
     # rewards are unweighted: β·Σ(lp − ref) = 0.5·0.5 and 0.5·(−1)
@@ -93,17 +98,19 @@ def test_token_weighted_dpo_label_smoothing_hand_computed():
     # β·z = 0.125 as above; ε = 0.2:
     # loss = 0.8·log(1 + e^(−0.125)) + 0.2·log(1 + e^(0.125)) = 0.6325990… + 0.2·0.125
     out = token_weighted_dpo_loss(
-        *pair, chosen_weights, rejected_weights, beta=0.5, label_smoothing=0.2
+        pair, chosen_weights, rejected_weights, beta=0.5, label_smoothing=0.2
     )
     torch.testing.assert_close(out.losses, torch.tensor([0.6575990353171691]))
 
 
 def test_token_weighted_dpo_ignores_padding_values():
-    pair = list(hand_pair())
-    reference = token_weighted_dpo_loss(*pair, beta=0.5)
-    pair[1] = torch.tensor([[-2.0, -1.0, float("nan")]])  # rejected_logps at the padded position
-    pair[3] = torch.tensor([[-1.0, -1.0, 1e4]])  # ref_rejected_logps at the padded position
-    out = token_weighted_dpo_loss(*pair, beta=0.5)
+    pair = hand_pair()
+    reference = token_weighted_dpo_loss(pair, beta=0.5)
+    pair = pair._replace(
+        rejected_logps=torch.tensor([[-2.0, -1.0, float("nan")]]),  # at the padded position
+        ref_rejected_logps=torch.tensor([[-1.0, -1.0, 1e4]]),  # at the padded position
+    )
+    out = token_weighted_dpo_loss(pair, beta=0.5)
     for field in out._fields:
         torch.testing.assert_close(getattr(out, field), getattr(reference, field))
 
@@ -114,10 +121,10 @@ def test_unit_weights_equal_plain_dpo(weights):
     chosen_logps, rejected_logps, *_, chosen_mask, rejected_mask = pairs
     expected = loss_and_policy_grads(plain_dpo_losses(*pairs, beta=0.3), chosen_logps, rejected_logps)
     if weights == "none":
-        out = token_weighted_dpo_loss(*pairs, beta=0.3)
+        out = token_weighted_dpo_loss(pairs, beta=0.3)
     else:
         out = token_weighted_dpo_loss(
-            *pairs, torch.ones_like(chosen_mask), torch.ones_like(rejected_mask), beta=0.3
+            pairs, torch.ones_like(chosen_mask), torch.ones_like(rejected_mask), beta=0.3
         )
     actual = loss_and_policy_grads(out.losses, chosen_logps, rejected_logps)
     for a, e in zip(actual, expected, strict=True):
@@ -133,7 +140,7 @@ def test_token_weights_scale_each_token_gradient():
     chosen_weights = torch.rand(chosen_mask.shape, generator=gen)
     rejected_weights = torch.rand(rejected_mask.shape, generator=gen)
     beta = 0.2
-    out = token_weighted_dpo_loss(*pairs, chosen_weights, rejected_weights, beta=beta)
+    out = token_weighted_dpo_loss(pairs, chosen_weights, rejected_weights, beta=beta)
     _, chosen_grad, rejected_grad = loss_and_policy_grads(out.losses, chosen_logps, rejected_logps)
     scale = beta * torch.sigmoid(-out.logits)[:, None]
     torch.testing.assert_close(chosen_grad, -scale * chosen_weights * chosen_mask)
@@ -194,7 +201,7 @@ def hand_tdpo(variant):
     """Δ_w = 0.5, Δ_l = −1, SeqKL_w = 0.3, SeqKL_l = 0.8, β = 0.1, α = 0.5."""
     chosen_seq_kl = torch.tensor([CHOSEN_SEQ_KL], requires_grad=True)
     rejected_seq_kl = torch.tensor([REJECTED_SEQ_KL], requires_grad=True)
-    out = tdpo_loss(*hand_pair(), chosen_seq_kl, rejected_seq_kl, beta=0.1, alpha=0.5, variant=variant)
+    out = tdpo_loss(hand_pair(), chosen_seq_kl, rejected_seq_kl, beta=0.1, alpha=0.5, variant=variant)
     chosen_grad, rejected_grad = torch.autograd.grad(
         out.losses.sum(), (chosen_seq_kl, rejected_seq_kl), materialize_grads=True  # an unused input → 0
     )
@@ -228,7 +235,7 @@ def test_tdpo2_hand_computed_and_stop_gradient():
 
 def test_tdpo_rejects_unknown_variant():
     with pytest.raises(ValueError, match="tdpo3"):
-        tdpo_loss(*hand_pair(), torch.zeros(1), torch.zeros(1), variant="tdpo3")
+        tdpo_loss(hand_pair(), torch.zeros(1), torch.zeros(1), variant="tdpo3")
 
 
 def test_tdpo2_with_alpha_zero_equals_plain_dpo():
@@ -237,10 +244,45 @@ def test_tdpo2_with_alpha_zero_equals_plain_dpo():
     gen = torch.Generator().manual_seed(4)
     chosen_seq_kl, rejected_seq_kl = torch.rand(2, 4, generator=gen)
     expected = loss_and_policy_grads(plain_dpo_losses(*pairs, beta=0.3), chosen_logps, rejected_logps)
-    out = tdpo_loss(*pairs, chosen_seq_kl, rejected_seq_kl, beta=0.3, alpha=0.0, variant="tdpo2")
+    out = tdpo_loss(pairs, chosen_seq_kl, rejected_seq_kl, beta=0.3, alpha=0.0, variant="tdpo2")
     actual = loss_and_policy_grads(out.losses, chosen_logps, rejected_logps)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry
+
+
+def test_registry_holds_the_token_level_losses_with_their_inputs():
+    assert {name: entry.needs for name, entry in PREFERENCE_LOSSES.items()} == {
+        "cdpo": {"token_weights"},
+        "tdpo1": {"sequential_kl"},
+        "tdpo2": {"sequential_kl"},
+    }
+    with pytest.raises(ValueError, match="registered: cdpo, tdpo1, tdpo2"):
+        get_preference_loss("tdpo3")
+    with pytest.raises(ValueError, match="already registered"):
+        register_preference_loss("cdpo")(lambda pairs, config: None)
+    with pytest.raises(ValueError, match="unknown preference-loss inputs"):
+        register_preference_loss("new", needs=("hidden_states",))
+
+
+def test_registered_losses_are_the_loss_functions_with_the_config():
+    pairs = random_pairs(seed=8)
+    gen = torch.Generator().manual_seed(9)
+    weights = (torch.rand(pairs.chosen_mask.shape, generator=gen), torch.rand(pairs.rejected_mask.shape, generator=gen))
+    seq_kl = tuple(torch.rand(2, 4, generator=gen))
+    config = PreferenceLossConfig(beta=0.3, label_smoothing=0.1, tdpo_alpha=0.7)
+    cases = {
+        "cdpo": ({"token_weights": weights}, token_weighted_dpo_loss(pairs, *weights, beta=0.3, label_smoothing=0.1)),
+        "tdpo1": ({"sequential_kl": seq_kl}, tdpo_loss(pairs, *seq_kl, beta=0.3, variant="tdpo1")),
+        "tdpo2": ({"sequential_kl": seq_kl}, tdpo_loss(pairs, *seq_kl, beta=0.3, alpha=0.7, variant="tdpo2")),
+    }
+    for name, (inputs, expected) in cases.items():
+        out = get_preference_loss(name).fn(pairs, config, **inputs)
+        for field in out._fields:
+            torch.testing.assert_close(getattr(out, field), getattr(expected, field), msg=f"{name} {field}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.token_columns import token_texts, tokenize_like_dpo
-from ..models import LOGIT_TRANSFORM_ATTRIBUTES, load_model_and_tokenizer, resolve_model
+from ..models import causal_lm, check_direct_head_calls, load_model_and_tokenizer, resolve_model
 from ..tokens.critical import chunked_contrastive_scores
 
 
@@ -46,25 +46,17 @@ class ScoringModel:
     def __post_init__(self):
         if self.adapter is not None and not isinstance(self.model, PeftModel):
             raise ValueError(f"adapter {self.adapter!r} given for a model that is not a PeftModel.")
-        config = self._causal_lm().config.get_text_config()
-        transforms = [name for name in LOGIT_TRANSFORM_ATTRIBUTES if getattr(config, name, None) is not None]
-        if transforms:
-            raise NotImplementedError(
-                f"Critical-token scores call the LM head directly and do not support models that transform its "
-                f"logits ({', '.join(transforms)}) yet."
-            )
+        check_direct_head_calls(self._causal_lm(), "Critical-token scoring")
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _causal_lm(self) -> nn.Module:
-        """The transformers causal LM (with this side's adapter active): owns the backbone and the LM head."""
-        if isinstance(self.model, PeftModel):
-            if self.adapter is not None:
-                self.model.set_adapter(self.adapter, inference_mode=True)
-            return self.model.get_base_model()
-        return self.model
+        """The transformers causal LM (:func:`tokenweave.models.causal_lm`), with this side's adapter active."""
+        if self.adapter is not None:
+            self.model.set_adapter(self.adapter, inference_mode=True)
+        return causal_lm(self.model)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The backbone's final hidden states ``[B, L, H]`` (after the final norm: what the LM head reads)."""

@@ -1,16 +1,34 @@
-"""Token-level preference losses: token-weighted DPO (critical tokens, cDPO) and TDPO.
+"""Token-level preference losses: token-weighted DPO (critical tokens, cDPO) and TDPO, and their registry.
 
 Pure tensor math. Per-token inputs are ``[B, T]`` over response positions for a batch of ``B``
-preference pairs; chosen and rejected come as separate tensors, each with its own 0/1 mask (float or
-bool), so they may have different lengths ``T``. ``*_logps`` are the policy log-probs of the labelled
-tokens and ``ref_*_logps`` the reference log-probs of the same tokens. Padded positions are ignored
-whatever value they hold.
+preference pairs, gathered in :class:`TokenPairs`; chosen and rejected come as separate tensors, each with
+its own 0/1 mask (float or bool), so they may have different lengths ``T``. ``*_logps`` are the policy
+log-probs of the labelled tokens and ``ref_*_logps`` the reference log-probs of the same tokens. Padded
+positions are ignored whatever value they hold.
+
+Like the policy losses (:mod:`tokenweave.losses.policy`), a preference loss is a function registered by name
+(``@register_preference_loss("name", needs=...)``) and looked up with :func:`get_preference_loss`. All share
+one signature::
+
+    fn(pairs, config, **inputs) -> PreferenceLossOutput
+
+    pairs    TokenPairs             the six per-token tensors of the batch
+    config   PreferenceLossConfig   β and the method's knobs
+    inputs   the extra inputs named in ``needs``, each a (chosen, rejected) pair:
+             token_weights   ([B, T_w], [B, T_l])   one weight per completion token (cDPO)
+             sequential_kl   ([B], [B])             SeqKL = Σ_t KL(π_ref ‖ π_θ), from the final hidden states of
+                                                    both models (TDPO; chunked_sequential_kl(...).sum(-1))
+
+Registered: ``cdpo`` (needs token_weights), ``tdpo1`` and ``tdpo2`` (need sequential_kl). The DPO trainer
+(:class:`tokenweave.trainers.dpo.TokenDPOTrainer`) gathers the inputs a loss needs and nothing else.
 
 Contents, top to bottom:
 
+* ``TokenPairs``, ``PreferenceLossOutput``, ``PreferenceLossConfig``, the registry.
 * ``token_weighted_dpo_loss``: DPO with a weight on every token's log-ratio (cDPO, arXiv 2411.19943).
 * ``critical_token_weights``: cDPO's default weights from critical-token scores.
 * ``tdpo_loss``: TDPO1 / TDPO2 (arXiv 2404.11999).
+* the registered losses ``cdpo``, ``tdpo1``, ``tdpo2``.
 * ``sequential_kl`` / ``chunked_sequential_kl``: TDPO's per-position KL(π_ref ‖ π_θ) over the full
   vocabulary, from logits or, chunk by chunk, from hidden states and LM heads.
 """
@@ -18,12 +36,38 @@ Contents, top to bottom:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from ..tokens.chunked import map_masked_chunks
+
+
+class TokenPairs(NamedTuple):
+    """The per-token tensors of a batch of ``B`` preference pairs: chosen ``[B, T_w]``, rejected ``[B, T_l]``."""
+
+    chosen_logps: Tensor
+    """Policy log-probs of the chosen completion's tokens (with gradient)."""
+    rejected_logps: Tensor
+    """Policy log-probs of the rejected completion's tokens (with gradient)."""
+    ref_chosen_logps: Tensor
+    """Reference log-probs of the same chosen tokens."""
+    ref_rejected_logps: Tensor
+    """Reference log-probs of the same rejected tokens."""
+    chosen_mask: Tensor
+    """1 (or True) at the chosen completion's tokens, 0 at padding."""
+    rejected_mask: Tensor
+    """1 (or True) at the rejected completion's tokens, 0 at padding."""
+
+    def masked_logratios(self) -> tuple[Tensor, Tensor]:
+        """``Δ = Σ_t m_t·(lp_t − ref_t)`` of each side, ``([B], [B])``: DPO's log-ratio of a response."""
+        return (
+            _masked_sum(self.chosen_logps - self.ref_chosen_logps, self.chosen_mask),
+            _masked_sum(self.rejected_logps - self.ref_rejected_logps, self.rejected_mask),
+        )
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -39,18 +83,67 @@ class PreferenceLossOutput(NamedTuple):
     logits: Tensor
 
 
+@dataclass(frozen=True)
+class PreferenceLossConfig:
+    """Knobs of the registered preference losses (a loss reads only the fields it needs)."""
+
+    beta: float = 0.1
+    """β, the strength of the implicit KL constraint (TRL ``beta``)."""
+    label_smoothing: float = 0.0
+    """cDPO: the conservative-DPO ε of TRL's ``sigmoid`` loss (``label_smoothing``; cDPO's code: 0)."""
+    tdpo_alpha: float = 0.5
+    """TDPO2: α, the weight of the sequential-KL difference in the margin (paper default 0.5)."""
+
+
+PreferenceLossFn = Callable[..., PreferenceLossOutput]
+
+PREFERENCE_INPUTS = ("token_weights", "sequential_kl")
+"""The extra inputs a preference loss may need (module docstring), besides :class:`TokenPairs`."""
+
+
+class PreferenceLoss(NamedTuple):
+    """A registered preference loss: its function and the extra inputs (:data:`PREFERENCE_INPUTS`) it needs."""
+
+    fn: PreferenceLossFn
+    needs: frozenset[str]
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
+
+
+def register_preference_loss(name: str, needs: tuple[str, ...] = ()) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
+    """Decorator: register a preference loss under ``name`` (a name can be taken only once), with the extra inputs
+    it needs; the trainer computes those and passes them as keyword arguments."""
+    unknown = set(needs) - set(PREFERENCE_INPUTS)
+    if unknown:
+        raise ValueError(f"unknown preference-loss inputs {sorted(unknown)}; expected some of {PREFERENCE_INPUTS}")
+
+    def decorator(fn: PreferenceLossFn) -> PreferenceLossFn:
+        if name in PREFERENCE_LOSSES and PREFERENCE_LOSSES[name].fn is not fn:
+            raise ValueError(f"a preference loss is already registered as {name!r}")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, frozenset(needs))
+        return fn
+
+    return decorator
+
+
+def get_preference_loss(name: str) -> PreferenceLoss:
+    """The preference loss registered as ``name``; ``ValueError`` listing the registered names otherwise."""
+    try:
+        return PREFERENCE_LOSSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown preference loss {name!r}; registered: {', '.join(sorted(PREFERENCE_LOSSES))}"
+        ) from None
+
+
 def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     """``Σ_t values[:, t]`` over positions where ``mask`` is set; padding is ignored even if NaN."""
     return torch.where(mask.bool(), values, 0.0).sum(-1)
 
 
 def token_weighted_dpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_mask: Tensor,
-    rejected_mask: Tensor,
+    pairs: TokenPairs,
     chosen_weights: Tensor | None = None,
     rejected_weights: Tensor | None = None,
     *,
@@ -73,20 +166,21 @@ def token_weighted_dpo_loss(
     Rewards are the *unweighted* DPO rewards, as cDPO's code logs them, detached:
     ``β·Σ_t m_t·(lp_t − ref_t)`` for each side. ``logits`` is ``β·z`` (detached).
     """
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
+    chosen_logratios = pairs.chosen_logps - pairs.ref_chosen_logps
+    rejected_logratios = pairs.rejected_logps - pairs.ref_rejected_logps
     if chosen_weights is None:
         chosen_weights = torch.ones_like(chosen_logratios)
     if rejected_weights is None:
         rejected_weights = torch.ones_like(rejected_logratios)
-    weighted_chosen = _masked_sum(chosen_weights * chosen_logratios, chosen_mask)
-    weighted_rejected = _masked_sum(rejected_weights * rejected_logratios, rejected_mask)
+    weighted_chosen = _masked_sum(chosen_weights * chosen_logratios, pairs.chosen_mask)
+    weighted_rejected = _masked_sum(rejected_weights * rejected_logratios, pairs.rejected_mask)
     logits = beta * (weighted_chosen - weighted_rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    chosen_delta, rejected_delta = pairs.masked_logratios()
     return PreferenceLossOutput(
         losses=losses,
-        chosen_rewards=beta * _masked_sum(chosen_logratios, chosen_mask).detach(),
-        rejected_rewards=beta * _masked_sum(rejected_logratios, rejected_mask).detach(),
+        chosen_rewards=beta * chosen_delta.detach(),
+        rejected_rewards=beta * rejected_delta.detach(),
         logits=logits.detach(),
     )
 
@@ -138,12 +232,7 @@ def _eos_one_padding_zero(weights: Tensor, mask: Tensor, eos: Tensor | None) -> 
 
 
 def tdpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_mask: Tensor,
-    rejected_mask: Tensor,
+    pairs: TokenPairs,
     chosen_seq_kl: Tensor,
     rejected_seq_kl: Tensor,
     *,
@@ -166,8 +255,7 @@ def tdpo_loss(
     exactly DPO. Rewards are the ones the paper's code logs, detached: ``β·(Δ + SeqKL)`` for each side.
     ``logits`` in the output is ``β·logits`` (detached).
     """
-    chosen_logratio = _masked_sum(chosen_logps - ref_chosen_logps, chosen_mask)
-    rejected_logratio = _masked_sum(rejected_logps - ref_rejected_logps, rejected_mask)
+    chosen_logratio, rejected_logratio = pairs.masked_logratios()
     if variant == "tdpo1":
         kl_penalty = rejected_seq_kl - chosen_seq_kl
     elif variant == "tdpo2":
@@ -181,6 +269,31 @@ def tdpo_loss(
         rejected_rewards=beta * (rejected_logratio + rejected_seq_kl).detach(),
         logits=logits.detach(),
     )
+
+
+@register_preference_loss("cdpo", needs=("token_weights",))
+def cdpo_loss(
+    pairs: TokenPairs, config: PreferenceLossConfig, *, token_weights: tuple[Tensor, Tensor]
+) -> PreferenceLossOutput:
+    """cDPO ("Critical Tokens Matter", arXiv 2411.19943): :func:`token_weighted_dpo_loss` with the batch's
+    per-token weights (e.g. :func:`critical_token_weights` of critical-token scores) and ``label_smoothing``."""
+    return token_weighted_dpo_loss(pairs, *token_weights, beta=config.beta, label_smoothing=config.label_smoothing)
+
+
+@register_preference_loss("tdpo1", needs=("sequential_kl",))
+def tdpo1_loss(
+    pairs: TokenPairs, config: PreferenceLossConfig, *, sequential_kl: tuple[Tensor, Tensor]
+) -> PreferenceLossOutput:
+    """TDPO1 (arXiv 2404.11999): :func:`tdpo_loss` with ``variant="tdpo1"`` (no α)."""
+    return tdpo_loss(pairs, *sequential_kl, beta=config.beta, variant="tdpo1")
+
+
+@register_preference_loss("tdpo2", needs=("sequential_kl",))
+def tdpo2_loss(
+    pairs: TokenPairs, config: PreferenceLossConfig, *, sequential_kl: tuple[Tensor, Tensor]
+) -> PreferenceLossOutput:
+    """TDPO2 (arXiv 2404.11999): :func:`tdpo_loss` with ``variant="tdpo2"`` and ``α = config.tdpo_alpha``."""
+    return tdpo_loss(pairs, *sequential_kl, beta=config.beta, alpha=config.tdpo_alpha, variant="tdpo2")
 
 
 def _forward_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
@@ -221,10 +334,10 @@ def chunked_sequential_kl(
     policy_head(policy_hidden)`` and ``ref_logits = ref_head(ref_hidden)``; the heads map ``[..., H]``
     to ``[..., V]`` logits (e.g. the models' ``lm_head`` modules).
 
-    Only the masked positions are computed: they are flattened and split into chunks of
-    ``chunk_size``. Each chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so its ``[chunk,
-    V]`` logits are freed after the forward and recomputed in the backward: peak memory is about one
-    chunk's logits (a few ``chunk_size × V`` fp32 tensors) instead of ``[B, T, V]`` for both models.
+    Only the masked positions are computed: they are flattened and split into chunks of ``chunk_size``
+    (:func:`tokenweave.tokens.chunked.map_masked_chunks`). Each chunk runs under ``torch.utils.checkpoint``
+    (non-reentrant), so its ``[chunk, V]`` logits are freed after the forward and recomputed in the backward:
+    peak memory is about one chunk's logits (a few ``chunk_size × V`` fp32 tensors) instead of ``[B, T, V]`` for both models.
     The reference side runs under ``torch.no_grad()``; gradients reach ``policy_hidden`` and the
     policy head's parameters only.
 
@@ -233,27 +346,17 @@ def chunked_sequential_kl(
     calls does not depend on the data: under DeepSpeed ZeRO-3 every head call gathers sharded weights
     collectively, and all processes must make the same calls.
     """
-    mask = mask.bool()
-    policy_positions = policy_hidden[mask]  # [N, H], N = number of masked positions
-    ref_positions = ref_hidden.detach()[mask]
-    policy_chunks = list(policy_positions.split(chunk_size))
-    ref_chunks = list(ref_positions.split(chunk_size))
-    if num_chunks is not None:
-        if num_chunks < len(policy_chunks):
-            raise ValueError(f"num_chunks={num_chunks} is less than the {len(policy_chunks)} chunks needed.")
-        policy_chunks += [policy_positions[:0]] * (num_chunks - len(policy_chunks))
-        ref_chunks += [ref_positions[:0]] * (num_chunks - len(ref_chunks))
 
     def chunk_kl(policy_chunk: Tensor, ref_chunk: Tensor) -> Tensor:
         with torch.no_grad():
             ref_logits = ref_head(ref_chunk)
         return _forward_kl(policy_head(policy_chunk), ref_logits)
 
-    chunk_kls = [
-        checkpoint(chunk_kl, policy_chunk, ref_chunk, use_reentrant=False)
-        for policy_chunk, ref_chunk in zip(policy_chunks, ref_chunks, strict=True)
-    ]
-    kl = policy_hidden.new_zeros(mask.shape, dtype=torch.float32)
-    if chunk_kls:
-        kl[mask] = torch.cat(chunk_kls)
-    return kl
+    return map_masked_chunks(
+        chunk_kl,
+        (policy_hidden, ref_hidden.detach()),
+        mask,
+        chunk_size=chunk_size,
+        num_chunks=num_chunks,
+        checkpoint_chunks=True,
+    )

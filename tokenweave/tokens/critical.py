@@ -29,8 +29,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
+
+from .chunked import map_masked_chunks
 
 
 def contrastive_log_scores(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, b: float = 1.0) -> Tensor:
@@ -60,19 +61,15 @@ def chunked_contrastive_scores(
     ``pos_hidden``/``neg_hidden`` are ``[B, T, H]`` hidden states (what each LM head reads) at the
     positions that predict ``targets`` (``[B, T]``); the heads map ``[N, H]`` to ``[N, V]`` logits. Same
     formula as :func:`contrastive_log_scores`, exponentiated. Only the positions where ``mask`` is set are
-    computed, flattened and split into chunks of ``chunk_size``: peak memory is a few ``[chunk_size, V]``
+    computed, flattened and split into chunks of ``chunk_size``
+    (:func:`tokenweave.tokens.chunked.map_masked_chunks`): peak memory is a few ``[chunk_size, V]``
     fp32 tensors. Positions outside ``mask`` are 0.
     """
-    mask = mask.bool()
-    pos_positions, neg_positions, chunk_targets = pos_hidden[mask], neg_hidden[mask], targets[mask]
-    chunk_scores = [
-        contrastive_log_scores(pos_head(pos_chunk), neg_head(neg_chunk), target_chunk, b).exp()
-        for pos_chunk, neg_chunk, target_chunk in zip(
-            pos_positions.split(chunk_size), neg_positions.split(chunk_size), chunk_targets.split(chunk_size),
-            strict=True,
-        )
-    ]
-    scores = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    if chunk_scores:
-        scores[mask] = torch.cat(chunk_scores)
-    return scores
+    return map_masked_chunks(
+        lambda pos_chunk, neg_chunk, target_chunk: contrastive_log_scores(
+            pos_head(pos_chunk), neg_head(neg_chunk), target_chunk, b
+        ).exp(),
+        (pos_hidden, neg_hidden, targets),
+        mask,
+        chunk_size=chunk_size,
+    )

@@ -1,4 +1,4 @@
-"""TokenDPOTrainer: TRL's DPOTrainer plus the token-level preference losses cDPO, TDPO1 and TDPO2.
+"""TokenDPOTrainer: TRL's DPOTrainer plus the registered token-level preference losses cDPO, TDPO1 and TDPO2.
 
 A run picks its loss with TRL's own ``loss_type`` field, so one YAML key selects any DPO variant::
 
@@ -7,17 +7,23 @@ A run picks its loss with TRL's own ``loss_type`` field, so one YAML key selects
     loss_type: tdpo1     # TDPO1 (arXiv 2404.11999)
     loss_type: tdpo2     # TDPO2, with tdpo_alpha
 
-A token-level loss must be the only entry of ``loss_type``. It replaces ``DPOTrainer._compute_loss``;
-every other part of TRL's trainer (reference model or disabled PEFT adapter, fused LM head, dataset
-tokenisation, truncation, logging) is reused as it is. The math lives in
-:mod:`tokenweave.losses.preference`; this file only gathers its inputs:
+A token-level loss is any name of the preference-loss registry (:mod:`tokenweave.losses.preference`), and must
+be the only entry of ``loss_type``. It replaces ``DPOTrainer._compute_loss`` by
+``TokenDPOTrainer._compute_token_loss``, the one labelled mirror of TRL 1.16's (its docstring maps it block by
+block, and a test compares it with TRL's sigmoid loss on loss, gradients and metrics); every other part of
+TRL's trainer (reference model or disabled PEFT adapter, fused LM head, dataset tokenisation, truncation,
+logging) is reused as it is. The math lives in the losses layer; this file only gathers the inputs a registered
+loss names in its ``needs``:
 
-* per-token log-probs of the policy and the reference for the labelled tokens, from TRL's fused LM
-  head (``model(..., labels=..., fused_lm_head=True).log_probs``), exactly as TRL computes them;
-* cDPO: one weight per completion token, from dataset columns, carried through the collator;
-* TDPO: the final hidden states of both models, captured by a forward hook on the backbone during the
-  same forward, turned into full-vocabulary KL chunk by chunk (``chunked_sequential_kl``) by the LM
-  heads (under DeepSpeed ZeRO-3, a frozen head is gathered once per step: see ``_kl_heads``).
+* always: per-token log-probs of the policy and the reference for the labelled tokens, from TRL's fused LM
+  head (``model(..., labels=..., fused_lm_head=True).log_probs``), exactly as TRL computes them, as
+  ``TokenPairs``;
+* ``token_weights`` (cDPO): one weight per completion token, from dataset columns aligned to the completion
+  tokens (:func:`tokenweave.data.token_columns.completion_token_weights`), carried through the collator;
+* ``sequential_kl`` (TDPO): the final hidden states of both models, captured during the same forwards
+  (:func:`tokenweave.models.final_hidden_states`), turned into full-vocabulary KL chunk by chunk
+  (``chunked_sequential_kl``) by the LM heads (:func:`tokenweave.models.lm_head_functions`: under DeepSpeed
+  ZeRO-3, a frozen head is gathered once per step).
 
 The batch is TRL's: ``[prompt+chosen ; prompt+rejected]`` (``2B`` rows, right-padded). The
 fused head returns ``log_probs[:, t] = log p(input_ids[:, t+1])``, computed from the hidden state at
@@ -27,19 +33,18 @@ position ``t``; everything per token is therefore shifted by one (``completion_m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import Tensor, nn
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -47,15 +52,21 @@ from trl.trainer.utils import pad, use_adapter
 
 from ..data.token_columns import completion_token_weights
 from ..losses.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceLossConfig,
     PreferenceLossOutput,
+    TokenPairs,
     chunked_sequential_kl,
     critical_token_weights,
-    tdpo_loss,
-    token_weighted_dpo_loss,
+    get_preference_loss,
 )
-from ..models import LOGIT_TRANSFORM_ATTRIBUTES
-
-TOKEN_LOSS_TYPES = ("cdpo", "tdpo1", "tdpo2")
+from ..models import (
+    causal_lm,
+    check_direct_head_calls,
+    final_hidden_states,
+    head_calls_are_collective,
+    lm_head_functions,
+)
 
 # The batch key of the collated cDPO weights, [2B, L] like input_ids.
 TOKEN_WEIGHTS_KEY = "token_weights"
@@ -139,11 +150,11 @@ class TokenDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()  # turns a single loss_type string into a list
-        token_losses = [name for name in self.loss_type if name in TOKEN_LOSS_TYPES]
+        token_losses = [name for name in self.loss_type if name in PREFERENCE_LOSSES]
         if token_losses:
             if len(self.loss_type) != 1 or self.loss_weights is not None:
                 raise ValueError(
-                    f"loss_type {self.loss_type}: a token-level loss ({', '.join(TOKEN_LOSS_TYPES)}) must be the "
+                    f"loss_type {self.loss_type}: a token-level loss ({', '.join(PREFERENCE_LOSSES)}) must be the "
                     "only loss type, without loss_weights."
                 )
             if self.precompute_ref_log_probs:
@@ -160,8 +171,9 @@ class TokenDPOConfig(DPOConfig):
 
     @property
     def token_loss_type(self) -> str | None:
-        """The token-level loss in ``loss_type`` (``cdpo``, ``tdpo1`` or ``tdpo2``), or None for TRL's losses."""
-        return self.loss_type[0] if self.loss_type[0] in TOKEN_LOSS_TYPES else None
+        """The token-level loss in ``loss_type`` (a registered preference loss: ``cdpo``, ``tdpo1``, ``tdpo2``), or
+        None for TRL's losses."""
+        return self.loss_type[0] if self.loss_type[0] in PREFERENCE_LOSSES else None
 
 
 @dataclass
@@ -201,45 +213,49 @@ class DataCollatorForTokenWeightedPreference(DataCollatorForPreference):
 
 
 class TokenDPOTrainer(DPOTrainer):
-    """TRL's ``DPOTrainer`` with the token-level losses of :class:`TokenDPOConfig`.
+    """TRL's ``DPOTrainer`` with the registered preference losses of :class:`TokenDPOConfig`.
 
-    With a TRL ``loss_type`` nothing changes. With ``cdpo``, ``tdpo1`` or ``tdpo2``, ``_compute_loss``
-    is replaced by :meth:`_compute_token_loss`; the reference is whatever TRL would use (``ref_model``,
-    a copy loaded from the policy's path, or the policy with its PEFT adapter disabled). The loss is a
-    per-batch mean, as DPOTrainer's (``loss_is_scaled_for_ga = False``).
+    With a TRL ``loss_type`` nothing changes. With ``cdpo``, ``tdpo1`` or ``tdpo2`` (any name registered with
+    :func:`~tokenweave.losses.preference.register_preference_loss`), ``_compute_loss`` is replaced by
+    :meth:`_compute_token_loss`, the one place that mirrors TRL's; the reference is whatever TRL would use
+    (``ref_model``, a copy loaded from the policy's path, or the policy with its PEFT adapter disabled). The loss
+    is a per-batch mean, as DPOTrainer's (``loss_is_scaled_for_ga = False``).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_loss_type = getattr(self.args, "token_loss_type", None)
+        self.preference_loss = None
         if self.token_loss_type is None:
-            if any(name in TOKEN_LOSS_TYPES for name in self.args.loss_type):
+            if any(name in PREFERENCE_LOSSES for name in self.args.loss_type):
                 config_name = type(self.args).__name__
                 raise TypeError(f"loss_type {self.args.loss_type} needs a TokenDPOConfig, not a {config_name}.")
             return
         if self._is_vision_dataset:
             raise NotImplementedError(f"loss_type {self.token_loss_type!r} does not support vision datasets yet.")
+        self.preference_loss = get_preference_loss(self.token_loss_type)
+        self.preference_loss_config = PreferenceLossConfig(
+            beta=self.beta, label_smoothing=self.label_smoothing, tdpo_alpha=self.args.tdpo_alpha
+        )
         # DPOTrainer builds its default collator once it has resolved the tokenizer and the pad token; for cDPO
         # that collator is swapped for the weight-carrying one. A collator passed by the user is kept as it is.
-        if self.token_loss_type == "cdpo" and type(self.data_collator) is DataCollatorForPreference:
+        if "token_weights" in self.preference_loss.needs and type(self.data_collator) is DataCollatorForPreference:
             collator = self.data_collator
             self.data_collator = DataCollatorForTokenWeightedPreference(
-                pad_token_id=collator.pad_token_id,
-                max_length=collator.max_length,
-                truncation_mode=collator.truncation_mode,
-                pad_to_multiple_of=collator.pad_to_multiple_of,
+                **{field.name: getattr(collator, field.name) for field in dataclasses.fields(collator)},
                 chosen_weights_key=self.args.chosen_weights_column,
                 rejected_weights_key=self.args.rejected_weights_column,
             )
-        if self.token_loss_type != "cdpo":
-            self._check_lm_heads_for_tdpo()
+        if "sequential_kl" in self.preference_loss.needs:
+            self._check_lm_heads()
 
     # -- data -----------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's tokenisation, then, for cDPO, per-token weights checked against the tokenised completions."""
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if getattr(args, "token_loss_type", None) != "cdpo":
+        loss_name = getattr(args, "token_loss_type", None)
+        if loss_name is None or "token_weights" not in get_preference_loss(loss_name).needs:
             return dataset
         map_kwargs = {"with_indices": True}
         if isinstance(dataset, Dataset):  # checked now, before training (an IterableDataset: as it is read)
@@ -264,23 +280,38 @@ class TokenDPOTrainer(DPOTrainer):
         """Keep the cDPO weights columns when ``remove_unused_columns`` drops the others."""
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            if self.token_loss_type == "cdpo":
+            if self.preference_loss is not None and "token_weights" in self.preference_loss.needs:
                 self._signature_columns += [self.args.chosen_weights_column, self.args.rejected_weights_column]
 
-    # -- loss -----------------------------------------------------------------------------------------
+    # -- loss: the mirror of TRL's DPOTrainer._compute_loss ---------------------------------------------
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self.token_loss_type is None:
+        if self.preference_loss is None:
             return super()._compute_loss(model, inputs, return_outputs)
         return self._compute_token_loss(model, inputs, return_outputs)
 
     def _compute_token_loss(self, model, inputs, return_outputs):
-        """cDPO / TDPO loss of one ``[chosen ; rejected]`` batch: policy and reference forwards, then the loss.
+        """A registered preference loss on one ``[chosen ; rejected]`` batch: **the mirror of TRL 1.16's
+        ``DPOTrainer._compute_loss``** (``trl/trainer/dpo_trainer.py``, lines 1285-1612), the only TRL code this
+        trainer re-implements (TRL offers no smaller hook). ``test_dpo_trainer.py`` checks it against TRL's
+        ``loss_type="sigmoid"`` on loss, gradients and logged metrics. Block by block (TRL 1.16 lines)::
 
-        Per-token tensors below are ``[2B, L-1]`` over next-token positions: entry ``t`` is about
+            1286-1299  model kwargs, labels, policy forward     same; the final hidden state is captured too when
+                                                                the loss needs sequential_kl
+            1300-1316  per-token log-probs [:, -seq_len:]       same, kept per token (no ld_alpha)
+            1318-1339  reference forward (_reference_model)     same (no precompute_ref_log_probs)
+            1347-1528  f-divergence, loss_type loop             the registered loss on TokenPairs and the inputs it
+                                                                needs (_preference_loss_inputs); mean over pairs
+            1530-1533  MoE aux loss                             same
+            1535-1601  metrics (_log_dpo_metrics)               same names and computation; rewards are the loss's
+                                                                own; plus kl/* and weights/* (_log_loss_inputs)
+            1603-1612  return_outputs: a second forward          same, without TRL's FutureWarning
+
+        Per-token tensors are ``[2B, L-1]`` over next-token positions: entry ``t`` is about
         ``input_ids[:, t+1]``. ``chosen_*``/``rejected_*`` are their two halves.
         """
         mode = "train" if self.model.training else "eval"
+        capture_hidden = "sequential_kl" in self.preference_loss.needs
         model_kwargs = {key: value for key, value in inputs.items() if key not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -290,66 +321,27 @@ class TokenDPOTrainer(DPOTrainer):
         mask = completion_mask[:, 1:]
         seq_len = mask.size(1)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        is_tdpo = self.token_loss_type != "cdpo"
 
-        with self._capture_final_hidden_state(model, enabled=is_tdpo) as policy_hidden:
+        with final_hidden_states(model, enabled=capture_hidden) as policy_hidden:
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         with self._reference_model() as ref_model:
-            with self._capture_final_hidden_state(ref_model, enabled=is_tdpo) as ref_hidden:
+            with final_hidden_states(ref_model, enabled=capture_hidden) as ref_hidden:
                 ref_outputs = ref_model(**ref_model_kwargs, labels=labels, fused_lm_head=True)
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real tokens, as TRL does.
         logps = outputs.log_probs[:, -seq_len:]
         ref_logps = ref_outputs.log_probs[:, -seq_len:]
-
-        chosen_logps, rejected_logps = logps.chunk(2)
-        ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
-        chosen_mask, rejected_mask = mask.chunk(2)
-        pair = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_mask, rejected_mask)
-        seq_kl = None
-        if is_tdpo:
-            policy_head, ref_head = self._kl_heads(model, ref_model)
-            # Module heads under ZeRO-3 gather their shards at every call: every process must make as many calls.
-            module_heads = any(isinstance(head, nn.Module) for head in (policy_head, ref_head))
-            num_chunks = self._num_kl_chunks(mask) if module_heads else None
-            # The hidden state at position t predicts token t+1: the positions of `logps`.
-            per_token_kl = chunked_sequential_kl(
-                policy_hidden[0][:, -(seq_len + 1) : -1],
-                ref_hidden[0][:, -(seq_len + 1) : -1],
-                policy_head,
-                ref_head,
-                mask,
-                chunk_size=self.args.tdpo_kl_chunk_size,
-                num_chunks=num_chunks,
-            )
-            seq_kl = per_token_kl.sum(-1)
-            chosen_seq_kl, rejected_seq_kl = seq_kl.chunk(2)
-            result = tdpo_loss(
-                *pair,
-                chosen_seq_kl,
-                rejected_seq_kl,
-                beta=self.beta,
-                alpha=self.args.tdpo_alpha,
-                variant=self.token_loss_type,
-            )
-        else:
-            if TOKEN_WEIGHTS_KEY not in inputs:
-                raise ValueError(
-                    f"loss_type 'cdpo' needs per-token weights in the batch ({TOKEN_WEIGHTS_KEY!r}); a custom data "
-                    "collator must add them, like DataCollatorForTokenWeightedPreference."
-                )
-            token_weights = inputs[TOKEN_WEIGHTS_KEY][:, 1:]
-            chosen_weights, rejected_weights = token_weights.chunk(2)
-            result = token_weighted_dpo_loss(
-                *pair, chosen_weights, rejected_weights, beta=self.beta, label_smoothing=self.label_smoothing
-            )
+        pairs = TokenPairs(*logps.chunk(2), *ref_logps.chunk(2), *mask.chunk(2))
+        # The hidden state at position t predicts token t+1: the positions of `logps`.
+        hidden = [states[0][:, -(seq_len + 1) : -1] for states in (policy_hidden, ref_hidden) if states]
+        loss_inputs = self._preference_loss_inputs(inputs, mask, (model, ref_model), hidden)
+        result = self.preference_loss.fn(pairs, self.preference_loss_config, **loss_inputs)
 
         loss = result.losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        self._log_token_loss_metrics(
-            mode, inputs, outputs.entropy[:, -seq_len:], mask, logps, result, seq_kl, None if is_tdpo else token_weights
-        )
+        self._log_dpo_metrics(mode, inputs, outputs, mask, logps, result)
+        self._log_loss_inputs(mode, mask, loss_inputs)
 
         if return_outputs:  # TRL's deprecated path for compute_metrics: it needs the logits
             with torch.no_grad():
@@ -359,7 +351,7 @@ class TokenDPOTrainer(DPOTrainer):
 
     @contextlib.contextmanager
     def _reference_model(self) -> Iterator[nn.Module]:
-        """The reference, as ``DPOTrainer._compute_loss`` gets it, under ``no_grad``.
+        """The reference, as ``DPOTrainer._compute_loss`` gets it (TRL 1.16 lines 1325-1338), under ``no_grad``.
 
         The separate ``ref_model``, or, with PEFT and no ``ref_model``, the policy with its adapter
         disabled (or switched to the frozen ``"ref"`` adapter TRL adds when re-training an adapter).
@@ -372,125 +364,36 @@ class TokenDPOTrainer(DPOTrainer):
             else:
                 yield self.ref_model
 
-    def _causal_lm(self, model: nn.Module) -> nn.Module:
-        """The transformers causal LM inside a model's wrappers (DDP, DeepSpeed, PEFT): the module TRL patched
-        with its fused head, which owns the backbone (``.base_model``) and the LM head."""
-        model = self.accelerator.unwrap_model(model)
-        return model.get_base_model() if is_peft_model(model) else model
-
-    @contextlib.contextmanager
-    def _capture_final_hidden_state(self, model: nn.Module, enabled: bool) -> Iterator[list[Tensor]]:
-        """Collect the backbone's ``last_hidden_state`` (``[2B, L, H]``, after the final norm: what the LM head
-        reads) during the forward of ``model``, into the yielded list.
-
-        TRL's fused-head forward runs ``causal_lm.base_model`` and then the head, and returns no hidden
-        states; a forward hook on that backbone gets them from the same forward, with their graph, through
-        every wrapper (DDP, DeepSpeed, PEFT).
-        """
-        captured: list[Tensor] = []
-        if not enabled:
-            yield captured
-            return
-        handle = self._causal_lm(model).base_model.register_forward_hook(
-            lambda module, args, output: captured.append(output.last_hidden_state)
-        )
-        try:
-            yield captured
-        finally:
-            handle.remove()
-
-    def _kl_heads(self, model: nn.Module, ref_model: nn.Module) -> tuple[Callable[[Tensor], Tensor], ...]:
-        """The policy's and the reference's LM heads, as TDPO's KL calls them (``[..., H]`` → ``[..., V]`` logits).
-
-        A head is its module, except a *frozen* head (no parameter requires grad) under DeepSpeed ZeRO-3:
-        the base model's head under PEFT, often tied to the frozen embedding. ``chunked_sequential_kl``
-        calls the heads again in the backward, to recompute each chunk (``torch.utils.checkpoint``), and
-        there ZeRO-3 does not keep a frozen module's weight gathered: the recomputed chunk would see the
-        released, empty shard (a ``CheckpointError``: saved ``[V, H]``, recomputed ``[0]``). Such a head is
-        gathered once per step (``deepspeed.zero.GatheredParameters``, a collective every process makes
-        here, once per step) into a full detached copy, and applied as ``F.linear(h, W, b)``: no hook, no
-        collective, and no gradient, which a frozen weight does not need (gradients still reach the hidden
-        states, hence the LoRA weights). A trainable head (full fine-tuning) stays its module: DeepSpeed's
-        hooks gather it in the backward and reduce its gradient.
-        """
-        heads = [self._causal_lm(m).get_output_embeddings() for m in (model, ref_model)]
-        if not is_deepspeed_zero3_enabled():
-            return tuple(heads)
-        import deepspeed  # only under ZeRO-3, where DeepSpeed is installed
-
-        gathered: dict[int, Callable[[Tensor], Tensor]] = {}
-        for head in heads:
-            if id(head) in gathered or any(param.requires_grad for param in head.parameters()):
-                continue
-            with deepspeed.zero.GatheredParameters(list(head.parameters())):
-                weight = head.weight.detach().clone()
-                bias = None if head.bias is None else head.bias.detach().clone()
-            gathered[id(head)] = _linear_head(weight, bias)
-        return tuple(gathered.get(id(head), head) for head in heads)
-
-    def _num_kl_chunks(self, mask: Tensor) -> int | None:
-        """Under DeepSpeed ZeRO-3, the largest number of KL chunks over processes (see ``chunked_sequential_kl``):
-        each call of an LM head module gathers the head's shards, so every process must call it as many times.
-        None elsewhere."""
-        if not is_deepspeed_zero3_enabled():
-            return None
-        local = torch.ceil(mask.sum() / self.args.tdpo_kl_chunk_size).long().reshape(1)
-        return int(self.accelerator.gather(local).max())
-
-    def _check_lm_heads_for_tdpo(self) -> None:
-        """TDPO calls the LM heads directly: refuse heads whose logits would differ from the model's, and, under
-        ZeRO-3, frozen heads that ``_kl_heads`` cannot apply as ``F.linear`` (not an ``nn.Linear``)."""
-        models = [self.model] if self.ref_model is None else [self.model, self.ref_model]
-        for model in models:
-            causal_lm = self._causal_lm(model)
-            head = causal_lm.get_output_embeddings()
-            frozen = not any(param.requires_grad for param in head.parameters())
-            if is_deepspeed_zero3_enabled() and frozen and not isinstance(head, nn.Linear):
-                raise NotImplementedError(
-                    f"loss_type {self.token_loss_type!r} under DeepSpeed ZeRO-3 needs a frozen LM head that is an "
-                    f"nn.Linear (it is gathered once and applied as F.linear), not a {type(head).__name__}."
-                )
-            text_config = causal_lm.config.get_text_config()
-            transforms = [name for name in LOGIT_TRANSFORM_ATTRIBUTES if getattr(text_config, name, None) is not None]
-            if transforms:
-                raise NotImplementedError(
-                    f"loss_type {self.token_loss_type!r} does not support models that transform the LM head's "
-                    f"logits ({', '.join(transforms)}) yet."
-                )
-            if isinstance(head, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-                raise NotImplementedError(
-                    f"loss_type {self.token_loss_type!r} needs an LM head without a PEFT adapter or "
-                    "modules_to_save: its reference logits are computed with the same head module."
-                )
-
-    # -- metrics --------------------------------------------------------------------------------------
-
-    def _log_token_loss_metrics(
+    def _log_dpo_metrics(
         self,
         mode: str,
         inputs: dict[str, Tensor],
-        entropy: Tensor,
+        outputs,
         mask: Tensor,
         logps: Tensor,
         result: PreferenceLossOutput,
-        seq_kl: Tensor | None,
-        token_weights: Tensor | None = None,
     ) -> None:
-        """The metrics DPOTrainer logs for its rewards and log-probs, plus TDPO's sequential KL and cDPO's weights.
+        """The metrics of TRL 1.16's DPOTrainer (``_compute_loss``, lines 1535-1601), with the same names, over the
+        completion tokens of all processes: ``entropy``, ``num_tokens``, ``logits/chosen``, ``logits/rejected``
+        (mean of the fused head's per-position mean logit), ``mean_token_accuracy`` (chosen tokens that are the
+        policy's top-1), ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``.
 
-        Rewards are the loss's own (cDPO: unweighted ``β·Σ(lp − ref)``; TDPO: ``β·(Σ(lp − ref) + SeqKL)``).
-        ``kl/chosen``/``kl/rejected`` are the batch means of ``SeqKL = Σ_t KL(π_ref ‖ π_θ)``.
-        ``weights/chosen``/``weights/rejected`` (cDPO) are the mean token weights over completion tokens,
-        over all processes: 1 and 1 for unit weights, below 1 where critical tokens are down-weighted.
+        The rewards are the loss's own: cDPO's unweighted ``β·Σ(lp − ref)`` (TRL's), TDPO's ``β·(Σ(lp − ref) +
+        SeqKL)`` (the TDPO code's).
         """
         metrics = self._metrics[mode]
-        gather = self.accelerator.gather_for_metrics
-        entropy_sum = gather((entropy.detach() * mask).sum()).sum()
-        num_completion_tokens = gather(mask.sum()).sum()
-        metrics["entropy"].append((entropy_sum / num_completion_tokens).item() if num_completion_tokens > 0 else 0.0)
+        seq_len = mask.size(1)
+        metrics["entropy"].append(self._global_masked_mean(outputs.entropy[:, -seq_len:].detach(), mask))
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+        chosen_mask, rejected_mask = mask.chunk(2)
+        chosen_mean_logits, rejected_mean_logits = outputs.mean_logits[:, -seq_len:].chunk(2)
+        metrics["logits/chosen"].append(self._global_masked_mean(chosen_mean_logits.detach(), chosen_mask))
+        metrics["logits/rejected"].append(self._global_masked_mean(rejected_mean_logits.detach(), rejected_mask))
+        chosen_is_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2)
+        metrics["mean_token_accuracy"].append(self._global_masked_mean(chosen_is_top1, chosen_mask))
 
         chosen_rewards = self.accelerator.gather(result.chosen_rewards)
         rejected_rewards = self.accelerator.gather(result.rejected_rewards)
@@ -501,25 +404,83 @@ class TokenDPOTrainer(DPOTrainer):
         chosen_logps, rejected_logps = self.accelerator.gather((logps.detach() * mask).sum(-1).chunk(2))
         metrics["logps/chosen"].append(chosen_logps.mean().item())
         metrics["logps/rejected"].append(rejected_logps.mean().item())
-        if seq_kl is not None:
-            chosen_kl, rejected_kl = self.accelerator.gather(seq_kl.detach().chunk(2))
+
+    def _global_masked_mean(self, values: Tensor, mask: Tensor) -> float:
+        """``Σ values[mask] / Σ mask`` over all processes (TRL's weighted average of per-token metrics); 0 when
+        no process has a masked position."""
+        total = self.accelerator.gather_for_metrics(values[mask.bool()].sum()).sum()
+        count = self.accelerator.gather_for_metrics(mask.sum()).sum()
+        return (total / count).item() if count > 0 else 0.0
+
+    # -- the inputs a registered loss needs -------------------------------------------------------------
+
+    def _preference_loss_inputs(
+        self,
+        inputs: dict[str, Tensor],
+        mask: Tensor,
+        models: tuple[nn.Module, nn.Module],
+        hidden: list[Tensor],
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """The extra inputs the loss needs (``PreferenceLoss.needs``), each a ``(chosen, rejected)`` pair:
+
+        * ``token_weights``: the collated cDPO weights ``[2B, L]``, shifted like ``mask`` (``[:, 1:]``);
+        * ``sequential_kl``: ``SeqKL = Σ_t KL(π_ref ‖ π_θ)`` (``[B]`` per side), by ``chunked_sequential_kl`` from
+          ``hidden`` (the policy's and the reference's final hidden states at the positions of ``mask``) and the
+          two models' LM heads (:func:`tokenweave.models.lm_head_functions`: under ZeRO-3 a frozen head is gathered
+          once per step; module heads are then called as many times on every process).
+        """
+        needs = self.preference_loss.needs
+        loss_inputs = {}
+        if "token_weights" in needs:
+            if TOKEN_WEIGHTS_KEY not in inputs:
+                raise ValueError(
+                    f"loss_type {self.token_loss_type!r} needs per-token weights in the batch ({TOKEN_WEIGHTS_KEY!r}); "
+                    "a custom data collator must add them, like DataCollatorForTokenWeightedPreference."
+                )
+            loss_inputs["token_weights"] = inputs[TOKEN_WEIGHTS_KEY][:, 1:].chunk(2)
+        if "sequential_kl" in needs:
+            heads = lm_head_functions(models)
+            num_chunks = self._num_kl_chunks(mask) if head_calls_are_collective(heads) else None
+            per_token_kl = chunked_sequential_kl(
+                *hidden, *heads, mask, chunk_size=self.args.tdpo_kl_chunk_size, num_chunks=num_chunks
+            )
+            loss_inputs["sequential_kl"] = per_token_kl.sum(-1).chunk(2)
+        return loss_inputs
+
+    def _num_kl_chunks(self, mask: Tensor) -> int:
+        """The largest number of KL chunks over processes (see ``chunked_sequential_kl``): with module heads under
+        ZeRO-3, each head call gathers the head's shards, so every process must call it as many times."""
+        local = torch.ceil(mask.sum() / self.args.tdpo_kl_chunk_size).long().reshape(1)
+        return int(self.accelerator.gather(local).max())
+
+    def _log_loss_inputs(self, mode: str, mask: Tensor, loss_inputs: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Metrics of the loss's extra inputs, over all processes.
+
+        ``kl/chosen``/``kl/rejected`` (TDPO): the batch means of ``SeqKL = Σ_t KL(π_ref ‖ π_θ)``.
+        ``weights/chosen``/``weights/rejected`` (cDPO): the mean token weights over completion tokens: 1 and 1 for
+        unit weights, below 1 where critical tokens are down-weighted.
+        """
+        metrics = self._metrics[mode]
+        if "sequential_kl" in loss_inputs:
+            chosen_kl, rejected_kl = self.accelerator.gather(tuple(kl.detach() for kl in loss_inputs["sequential_kl"]))
             metrics["kl/chosen"].append(chosen_kl.mean().item())
             metrics["kl/rejected"].append(rejected_kl.mean().item())
-        if token_weights is not None:
-            sides = zip(("chosen", "rejected"), token_weights.chunk(2), mask.chunk(2), strict=True)
-            for side, side_weights, side_mask in sides:
-                weight_sum = gather((side_weights * side_mask).sum()).sum()
-                num_tokens = gather(side_mask.sum()).sum()
-                metrics[f"weights/{side}"].append((weight_sum / num_tokens).item() if num_tokens > 0 else 0.0)
+        if "token_weights" in loss_inputs:
+            for side, weights, side_mask in zip(("chosen", "rejected"), loss_inputs["token_weights"], mask.chunk(2)):
+                metrics[f"weights/{side}"].append(self._global_masked_mean(weights, side_mask))
 
-
-def _linear_head(weight: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """An LM head as a function of fixed tensors: ``h ↦ F.linear(h, weight, bias)``."""
-
-    def head(hidden: Tensor) -> Tensor:
-        return F.linear(hidden, weight, bias)
-
-    return head
+    def _check_lm_heads(self) -> None:
+        """A loss that needs ``sequential_kl`` calls the LM heads directly: refuse heads whose logits would differ
+        from the model's (:func:`tokenweave.models.check_direct_head_calls`), and heads with a PEFT adapter, since
+        the reference's logits are computed with the same head module."""
+        models = [self.model] if self.ref_model is None else [self.model, self.ref_model]
+        for model in models:
+            check_direct_head_calls(model, f"loss_type {self.token_loss_type!r}")
+            if isinstance(causal_lm(model).get_output_embeddings(), (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                raise NotImplementedError(
+                    f"loss_type {self.token_loss_type!r} needs an LM head without a PEFT adapter or "
+                    "modules_to_save: its reference logits are computed with the same head module."
+                )
 
 
 def _critical_weights(

@@ -42,16 +42,6 @@ _TINY_SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>"]
 # Bump when the tiny model's architecture or tokenizer changes, so stale caches are not reused.
 _TINY_VERSION = 1
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# Config attributes with which transformers/TRL rescale or soft-cap the logits after the LM head (see
-# trl.trainer.utils.add_fused_lm_head). Code that calls the LM head directly (TDPO's KL, critical-token
-# scores) would skip them, so it refuses such models.
-LOGIT_TRANSFORM_ATTRIBUTES = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
 
 
 def cache_dir() -> Path:
