@@ -29,6 +29,12 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture
+def tiny_model_cache(tmp_path_factory, monkeypatch):
+    """Built-in models (``tiny-llama``) materialised in this session's temporary directory, not in ``~/.cache``."""
+    monkeypatch.setenv("TOKENWEAVE_CACHE", str(tmp_path_factory.getbasetemp() / "tokenweave-cache"))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The tiny model's matrices are small: on a shared 2-core machine, a second thread only adds waiting."""

@@ -479,11 +479,6 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, models, loss_type
         torch.testing.assert_close(updated[1][name], value, atol=1e-6, rtol=0, msg=name)
 
 
-@pytest.fixture
-def tiny_model_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TOKENWEAVE_CACHE", str(tmp_path_factory.getbasetemp() / "tokenweave-cache"))
-
-
 def test_tdpo_yaml_config_trains(tmp_path, tiny_model_cache):
     info = train(
         ["--config", str(CONFIGS / "tdpo_tiny.yaml"), "--output_dir", str(tmp_path / "out"), "--max_steps", "2"]

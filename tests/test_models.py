@@ -3,9 +3,15 @@ import json
 import pytest
 import torch
 
+from peft import LoraConfig, get_peft_model
+
 from tokenweave.models import (
     build_tiny_llama,
     build_tiny_tokenizer,
+    causal_lm,
+    check_direct_head_calls,
+    final_hidden_states,
+    lm_head_functions,
     load_model_and_tokenizer,
     resolve_model,
 )
@@ -63,6 +69,32 @@ def test_directory_without_config_is_rejected(tmp_path):
 def test_uncached_hub_id_is_rejected_offline():
     with pytest.raises(FileNotFoundError, match="not in the hub cache"):
         resolve_model("no-such-org/no-such-model-xyz")
+
+
+# -- heads: the LM head applied by hand --------------------------------------------------------------------
+
+
+def test_captured_final_hidden_states_through_the_head_give_the_model_logits():
+    """``final_hidden_states`` captures what the LM head reads in the model's own forward (through PEFT), and the
+    head function maps it to that forward's logits."""
+    model = get_peft_model(build_tiny_llama()[0], LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    assert causal_lm(model) is model.get_base_model()
+    with final_hidden_states(model) as hidden:
+        logits = model(input_ids=ids).logits
+    with final_hidden_states(model, enabled=False) as nothing:
+        model(input_ids=ids)
+    assert len(hidden) == 1 and hidden[0].shape == (2, 4, model.config.hidden_size) and nothing == []
+    (head,) = lm_head_functions([model])
+    torch.testing.assert_close(head(hidden[0]), logits)
+
+
+def test_models_that_transform_the_head_logits_are_refused():
+    model = build_tiny_llama()[0]
+    check_direct_head_calls(model, "this test")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="this test calls the LM head directly.*final_logit_softcapping"):
+        check_direct_head_calls(model, "this test")
 
 
 @pytest.mark.smollm
