@@ -99,39 +99,20 @@ def load_base(args):
     return model, tokenizer
 
 
-def completion_lengths(tokenizer, row) -> tuple[int, int]:
-    """Token counts of the chosen and rejected completions as DPOTrainer tokenises a conversational row: the tokens of
-    prompt + completion after the common prefix with the tokenised prompt (trl's ``tokenize_fn``)."""
-
-    def ids(messages, **kwargs):
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
-
-    prompt = ids(row["prompt"], add_generation_prompt=True)
-    full = {side: ids(row["prompt"] + row[side]) for side in ("chosen", "rejected")}
-
-    def common(a, b):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return n
-
-    prompt_len = min(common(prompt, full["chosen"]), common(prompt, full["rejected"]))
-    return len(full["chosen"]) - prompt_len, len(full["rejected"]) - prompt_len
-
-
 def preference_data(args, tokenizer):
     """Arithmetic preference pairs with cDPO weights columns (chosen 1, rejected uniform in [0, 1], seeded)."""
     from tokenweave.data.arithmetic import load_arithmetic
+    from tokenweave.data.token_columns import tokenize_like_dpo
 
     num_pairs = args.batch_size * max(args.warmup + args.rounds, args.memory_steps)
     dataset = load_arithmetic("train", "preference", num_examples=num_pairs, difficulty=args.difficulty)
     generator = torch.Generator().manual_seed(0)
 
     def add_weights(row):
-        num_chosen, num_rejected = completion_lengths(tokenizer, row)
+        tokenized = tokenize_like_dpo(row, tokenizer)  # the completion tokens DPOTrainer will see
         return {
-            "chosen_weights": [1.0] * num_chosen,
-            "rejected_weights": torch.rand(num_rejected, generator=generator).tolist(),
+            "chosen_weights": [1.0] * len(tokenized["chosen_ids"]),
+            "rejected_weights": torch.rand(len(tokenized["rejected_ids"]), generator=generator).tolist(),
         }
 
     return dataset.map(add_weights)

@@ -4,7 +4,7 @@ processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and ZeRO-3 logs 
 The 6 runs of a ZeRO stage (3 losses × LoRA / no LoRA) share one launch (``tests/distributed_runs.py``).
 
 TDPO with LoRA under ZeRO-3 is the case where the frozen LM head is gathered once per step and applied as
-``F.linear`` (``TokenDPOTrainer._kl_heads``): a module call recomputed in the backward finds it released.
+``F.linear`` (``tokenweave.models.lm_head_functions``): a module call recomputed in the backward finds it released.
 """
 
 import json
