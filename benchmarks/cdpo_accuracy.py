@@ -1,13 +1,14 @@
 """Base vs SFT vs DPO vs cDPO on SmolLM2-135M-Instruct and the arithmetic task, over several seeds.
 
-Each seed is one run of the quickstart (:func:`tokenweave.quickstart.run_quickstart`): the critical-token pipeline of
-``configs/critical_smollm2.yaml`` seeded with it (sampling, positive/negative models, cDPO, and plain DPO on the same
-pairs with the same config and budget), then greedy accuracy of the base model, the positive model (the SFT
+Each seed is one run of the quickstart (:func:`tokenweave.pipelines.quickstart.run_quickstart`): the critical-token
+pipeline of ``configs/critical_smollm2.yaml`` seeded with it (sampling and the positive/negative models; cDPO, and
+plain DPO on the same pairs with the same config and budget), then greedy accuracy of the base model, the positive model (the SFT
 baseline), DPO and cDPO on the same held-out test problems. Prints and writes a Markdown table::
 
     python benchmarks/cdpo_accuracy.py --seeds 0 1 2 --num_test_examples 100 --output benchmarks/cdpo_accuracy.md
 
-A seed's finished pipeline steps are reused when its work directory exists (``--work_dir``).
+A seed's finished pipeline steps are reused when its work directory exists (``--work_dir``) and was made from the
+same configs; otherwise the pipeline stops and says what changed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokenweave.quickstart import MODELS, run_quickstart
+from tokenweave.pipelines.quickstart import MODELS, run_quickstart
 
 
 def report(results: dict[int, list[dict]]) -> str:

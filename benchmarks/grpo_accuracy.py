@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tokenweave.evaluate import evaluate_model
+from tokenweave.inference.evaluate import evaluate_model
 from tokenweave.models import SMOLLM2_135M, load_model_and_tokenizer
 from tokenweave.train import train
 

@@ -7,10 +7,10 @@ script (:func:`launch_runs`)::
 
     accelerate launch --config_file launch/cpu_zero3.yaml tests/distributed_runs.py RUNS.json
 
-``RUNS.json`` is a list of argument lists, each given to :func:`tokenweave.train.train` as the command line of
-``python -m tokenweave.train``, one after another. Each run is a full ``train()`` (its own trainer, DeepSpeedEngine,
-saved model or adapter and ``run_info.json``); only the process-group teardown that ends ``train()`` is held back
-until the last run, then done as ``train()`` does it.
+``RUNS.json`` is a list of argument lists, each the command line of ``python -m tokenweave.train``, parsed and run
+one after another by :func:`tokenweave.train.train_from_args`. Each run is a full run (its own trainer,
+DeepSpeedEngine, saved model or adapter and ``run_info.json``); only the last one finishes the process group
+(``finish_distributed``), as a single run does.
 """
 
 from __future__ import annotations
@@ -98,22 +98,17 @@ def assert_trained(output_dir: Path, lora: bool, initial_weights: dict, num_lora
 
 
 def runs(spec: str) -> None:
-    """Script mode: each argument list of the JSON file ``spec`` through ``tokenweave.train.train``."""
-    import tokenweave.train as tokenweave_train
+    """Script mode: each argument list of the JSON file ``spec`` through ``tokenweave.train``; only the last run
+    finishes the process group (waits for every rank, destroys it)."""
+    from tokenweave.config import parse_run_config
+    from tokenweave.train import train_from_args, trainer_is_main_process
 
-    finish = tokenweave_train._finish_distributed
-    tokenweave_train._finish_distributed = lambda accelerator: accelerator.wait_for_everyone()
-    try:
-        for argv in json.loads(Path(spec).read_text()):
-            info = tokenweave_train.train(argv)
-            if tokenweave_train.trainer_is_main_process():
-                print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
-            gc.collect()
-    finally:
-        tokenweave_train._finish_distributed = finish
-    from accelerate import PartialState
-
-    finish(PartialState())  # wait for every rank, destroy the process group (as train() does after one run)
+    spec_runs = json.loads(Path(spec).read_text())
+    for index, argv in enumerate(spec_runs):
+        info = train_from_args(*parse_run_config(argv), finish_distributed=index == len(spec_runs) - 1)
+        if trainer_is_main_process():
+            print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ import torch
 from datasets import Dataset
 
 from tokenweave.data.arithmetic import load_arithmetic
-from tokenweave.data.preferences import build_preference_pairs, sample_trajectories, select_by_answer_frequency
-from tokenweave.evaluate import evaluate_accuracy, evaluate_model
-from tokenweave.generation import generate_completions
+from tokenweave.data.preferences import build_preference_pairs, build_sft_sets, select_by_answer_frequency
+from tokenweave.inference.evaluate import evaluate_accuracy, evaluate_model
+from tokenweave.inference.generation import generate_completions
+from tokenweave.inference.sampling import sample_trajectories
 from tokenweave.models import build_tiny_tokenizer
 
 
@@ -127,6 +128,36 @@ def test_sft_selection_by_answer_frequency():
 def test_pairs_reject_a_dataset_that_is_not_samples():
     with pytest.raises(ValueError, match="lacks columns"):
         build_preference_pairs(Dataset.from_list([{"prompt": "x"}]))
+
+
+def test_sft_sets_select_per_question_by_answer_frequency():
+    rows = [
+        sample_row(0, "a: 7", "7", False),
+        sample_row(0, "b: 10", "10", True),
+        sample_row(0, "c: 9", "9", False),
+        sample_row(0, "d: 9", "9", False),
+        sample_row(1, "all right: 10", "10", True),
+        sample_row(2, "wrong: 3", "3", False),
+    ]
+    samples = Dataset.from_list(rows)
+
+    def texts(sft_rows):
+        assert all(set(row) == {"prompt", "completion"} for row in sft_rows)
+        return [row["completion"][0]["content"] for row in sft_rows]
+
+    positive, negative = build_sft_sets(samples, positive_per_question=1, negative_top_p=0.5, reference_fallback=False)
+    assert texts(positive) == ["b: 10", "all right: 10"]
+    assert texts(negative) == ["c: 9", "d: 9", "wrong: 3"]  # question 0: 9 (2 of 3) covers half; 7 is left out
+    assert positive[0]["prompt"] == rows[1]["prompt"]
+    positive, negative = build_sft_sets(samples, positive_per_question=None, negative_top_p=1.0, reference_fallback=True)
+    assert texts(positive) == ["b: 10", "all right: 10"] + [rows[0]["solution"]] * 3  # plus each question's reference
+    assert texts(negative) == ["a: 7", "c: 9", "d: 9", "wrong: 3"]
+    with pytest.raises(ValueError, match="'solution' column"):
+        build_sft_sets(samples.remove_columns("solution"), positive_per_question=1, negative_top_p=0.5,
+                       reference_fallback=True)
+    with pytest.raises(ValueError, match="lacks columns"):
+        build_sft_sets(Dataset.from_list([{"prompt": "x"}]), positive_per_question=1, negative_top_p=0.5,
+                       reference_fallback=False)
 
 
 def test_sampling_labels_every_trajectory_with_the_reward():

@@ -1,29 +1,24 @@
-"""The critical-token pipeline (sample, label, positive/negative LoRA, score, pairs, cDPO) and the quickstart, on the tiny model."""
+"""The critical-token pipeline (sample, label, positive/negative LoRA, score, pairs, cDPO), its resumable steps and
+the quickstart, on the tiny model."""
 
 import json
-import math
 import shutil
-from types import SimpleNamespace
+from dataclasses import asdict
 
 import pytest
-import torch
 import yaml
-from datasets import Dataset, load_from_disk
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
-from trl import DPOConfig
-from trl.trainer.dpo_trainer import DPOTrainer
+from datasets import load_from_disk
 
-import tokenweave.data.critical as pipeline
-import tokenweave.quickstart as quickstart
+import tokenweave.pipelines.critical as pipeline
+import tokenweave.pipelines.quickstart as quickstart
+from tokenweave.cli import QUICKSTART_HEATMAP_FILE
 from tokenweave.cli import main as cli_main
-from tokenweave.data.critical import CriticalPipelineConfig, parse_pipeline_config
+from tokenweave.config import parse_run_config
 from tokenweave.data.preferences import SAMPLE_COLUMNS, select_by_answer_frequency
-from tokenweave.data.token_columns import tokenize_like_dpo
-from tokenweave.inference.scoring import ScoringModel, load_contrastive_models, score_dataset
-from tokenweave.models import CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, resolve_model
-from tokenweave.tokens.critical import chunked_contrastive_scores, contrastive_log_scores
-from tokenweave.train import RUN_INFO_FILE, train
+from tokenweave.models import build_tiny_tokenizer
+from tokenweave.pipelines.critical import CriticalPipelineConfig, parse_pipeline_config, training_runs
+from tokenweave.pipelines.steps import STEP_RECORD, Step, StepConfigChanged, run_steps
+from tokenweave.train import RUN_INFO_FILE, train_from_args
 
 from .conftest import CONFIGS
 from .test_critical_scores import trl_tokenize
@@ -32,6 +27,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 NUM_QUESTIONS, NUM_SAMPLES = 4, 3
+STEPS_A_TO_E = ("samples", "sft_data", "positive", "negative", "pairs")
+
+
+def write_yaml(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def tiny_sft_config(directory, **overrides):
+    """configs/critical_sft_tiny.yaml with ``overrides``, written under ``directory``."""
+    values = yaml.safe_load((CONFIGS / "critical_sft_tiny.yaml").read_text()) | overrides
+    return write_yaml(directory / "sft.yaml", values)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +51,16 @@ def pipeline_run(tmp_path_factory):
         num_examples=NUM_QUESTIONS,
         num_samples_per_prompt=NUM_SAMPLES,
         max_new_tokens=12,
-        sft_max_steps=1,
-        sft_batch_size=4,
+        sft_config=str(tiny_sft_config(directory, max_steps=1, per_device_train_batch_size=4)),
         cdpo_config=None,
     )
-    config_path = directory / "critical.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_yaml(directory / "critical.yaml", config)
     cli_main(["critical", "--config", str(config_path)])
     return config_path
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("a finished step ran again")
 
 
 def test_pipeline_writes_every_step_as_a_dataset_or_adapter(pipeline_run):
@@ -87,16 +96,20 @@ def test_pipeline_writes_every_step_as_a_dataset_or_adapter(pipeline_run):
             assert len(row[f"{side}_scores"]) == len(trl_row[f"{side}_ids"]) == len(row[f"{side}_tokens"])
             assert all(0 < score <= 1 for score in row[f"{side}_scores"])
 
+    # Each step records the config it was made from; a step's record holds those of the steps it read.
+    records = {step: json.loads((work / step / STEP_RECORD).read_text()) for step in STEPS_A_TO_E}
+    assert records["samples"]["num_samples_per_prompt"] == NUM_SAMPLES
+    assert records["positive"]["run"]["max_steps"] == 1 and records["positive"] == records["negative"]
+    assert records["pairs"]["inputs"]["positive"] == records["positive"]
+    assert records["positive"]["inputs"]["sft_data"]["inputs"]["samples"] == records["samples"]
+
 
 def test_pipeline_rerun_skips_done_steps_and_redoes_a_deleted_one(pipeline_run, monkeypatch):
     work = pipeline_run.parent / "work"
     files = [path for step in ("samples", "sft_data", "positive", "negative") for path in (work / step).rglob("*")]
     mtimes = {path: path.stat().st_mtime_ns for path in files}
 
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a finished step ran again")
-
-    for name in ("sample_trajectories", "train", "score_dataset"):
+    for name in ("sample_trajectories", "train_from_args", "score_dataset"):
         monkeypatch.setattr(pipeline, name, must_not_run)
     cli_main(["critical", "--config", str(pipeline_run)])
 
@@ -107,27 +120,81 @@ def test_pipeline_rerun_skips_done_steps_and_redoes_a_deleted_one(pipeline_run, 
     (work / ".pairs.partial" / "junk").write_text("left by an interrupted run")
     monkeypatch.undo()
     monkeypatch.setattr(pipeline, "sample_trajectories", must_not_run)
-    monkeypatch.setattr(pipeline, "train", must_not_run)
+    monkeypatch.setattr(pipeline, "train_from_args", must_not_run)
     cli_main(["critical", "--config", str(pipeline_run)])
     assert load_from_disk(str(work / "pairs"))["rejected_scores"] == scores_before
     assert not (work / ".pairs.partial").exists()
     assert {path: path.stat().st_mtime_ns for path in files} == mtimes
 
 
+def test_a_changed_config_stops_the_pipeline_naming_what_changed(pipeline_run, tmp_path, monkeypatch):
+    work = pipeline_run.parent / "work"
+    records = {step: (work / step / STEP_RECORD).read_text() for step in STEPS_A_TO_E}
+    for name in ("sample_trajectories", "train_from_args", "score_dataset"):
+        monkeypatch.setattr(pipeline, name, must_not_run)
+
+    with pytest.raises(StepConfigChanged) as changed:
+        cli_main(["critical", "--config", str(pipeline_run), "--temperature", "0.5"])
+    message = str(changed.value)
+    assert "samples/: temperature: 1.0 -> 0.5" in message
+    for step in ("sft_data", "positive", "negative", "pairs"):  # every step made from the samples, at once
+        assert f"{step}/: input " in message
+    assert "Delete these step directories" in message
+
+    # A changed SFT run config: the positive and negative models and the pairs made from them.
+    sft_config = yaml.safe_load((pipeline_run.parent / "sft.yaml").read_text()) | {"learning_rate": 0.002}
+    write_yaml(tmp_path / "sft.yaml", sft_config)
+    with pytest.raises(StepConfigChanged) as changed:
+        cli_main(["critical", "--config", str(pipeline_run), "--sft_config", str(tmp_path / "sft.yaml")])
+    message = str(changed.value)
+    assert "positive/: run.learning_rate: 0.001 -> 0.002" in message and "negative/: run.learning_rate" in message
+    assert "pairs/: input negative/ changed; input positive/ changed" in message
+    assert "samples/" not in message and "sft_data/" not in message
+    assert {step: (work / step / STEP_RECORD).read_text() for step in STEPS_A_TO_E} == records
+
+
 def test_pipeline_step_f_trains_cdpo_and_the_dpo_baseline_on_the_scored_pairs(pipeline_run, tmp_path, monkeypatch):
     cdpo_config = yaml.safe_load((CONFIGS / "cdpo_tiny.yaml").read_text()) | {"max_steps": 1}
-    (tmp_path / "cdpo.yaml").write_text(yaml.safe_dump(cdpo_config))
+    write_yaml(tmp_path / "cdpo.yaml", cdpo_config)
     runs = []
-    monkeypatch.setattr(pipeline, "train", lambda argv: runs.append(argv) or train(argv))
+
+    def recording_train(run_args, training_args, model_args):
+        runs.append((run_args, training_args, model_args))
+        return train_from_args(run_args, training_args, model_args)
+
+    monkeypatch.setattr(pipeline, "train_from_args", recording_train)
     cli_main(["critical", "--config", str(pipeline_run), "--cdpo_config", str(tmp_path / "cdpo.yaml"),
               "--compare_dpo", "true"])
     work = pipeline_run.parent / "work"
     for name in ("cdpo", "dpo"):
         info = json.loads((work / name / RUN_INFO_FILE).read_text())
         assert info["method"] == "dpo" and info["global_step"] == 1
-    cdpo_argv, dpo_argv = runs  # the SFT runs were done by the fixture
-    assert dpo_argv == [arg.replace("/.cdpo.partial", "/.dpo.partial") for arg in cdpo_argv] + ["--loss_type", "sigmoid"]
+    (cdpo_run, cdpo_args, cdpo_model), (dpo_run, dpo_args, dpo_model) = runs  # the SFT runs were done by the fixture
+    assert cdpo_run.dataset_name == dpo_run.dataset_name == str(work / "pairs")
+    assert cdpo_model.model_name_or_path == "tiny-llama" and asdict(cdpo_model) == asdict(dpo_model)
+    assert (cdpo_args.loss_type, dpo_args.loss_type) == (["cdpo"], ["sigmoid"])
+    assert cdpo_args.output_dir.endswith("/.cdpo.partial") and dpo_args.output_dir.endswith("/.dpo.partial")
+    differing = {
+        key for key, value in cdpo_args.to_dict().items() if dpo_args.to_dict()[key] != value
+    }
+    assert differing == {"loss_type", "output_dir"}
     assert cdpo_config["loss_type"] == "cdpo"
+
+
+def test_pipeline_runs_equal_the_run_configs_with_the_pipeline_keys_on_the_command_line(tmp_path):
+    config = parse_pipeline_config(["--config", str(CONFIGS / "critical_tiny.yaml"), "--seed", "3"])
+    runs = training_runs(config)
+    for name, path, extra in (
+        ("sft", config.sft_config, ["--seed", "3"]),
+        ("cdpo", config.cdpo_config, []),
+    ):
+        run = runs[name]
+        expected = parse_run_config(["--config", path, "--model_name_or_path", config.model, *extra])
+        for got, want in zip((run.run_args, run.training_args, run.model_args), expected, strict=True):
+            assert (got.to_dict() if hasattr(got, "to_dict") else asdict(got)) == (
+                want.to_dict() if hasattr(want, "to_dict") else asdict(want)
+            )
+    assert runs["sft"].training_args.seed == 3 and runs["cdpo"].training_args.seed == 0
 
 
 def test_compare_dpo_needs_the_cdpo_config():
@@ -135,15 +202,30 @@ def test_compare_dpo_needs_the_cdpo_config():
         CriticalPipelineConfig(compare_dpo=True)
 
 
+def test_the_sft_config_is_required_and_must_be_an_sft_run(tmp_path):
+    with pytest.raises(ValueError, match="sft_config is required"):
+        CriticalPipelineConfig()
+    with pytest.raises(FileNotFoundError, match="no-such.yaml"):
+        CriticalPipelineConfig(sft_config=str(tmp_path / "no-such.yaml"))
+    config = CriticalPipelineConfig(sft_config=str(CONFIGS / "dpo_tiny.yaml"))
+    with pytest.raises(ValueError, match="is a 'dpo' run; the pipeline needs a 'sft' run config"):
+        training_runs(config)
+    bad_key = tiny_sft_config(tmp_path, not_a_field=1)
+    with pytest.raises(ValueError, match="not_a_field"):
+        training_runs(CriticalPipelineConfig(sft_config=str(bad_key)))
+
+
 def test_a_bad_cdpo_config_fails_before_any_step(tmp_path, monkeypatch):
     (tmp_path / "cdpo.yaml").write_text((CONFIGS / "cdpo_tiny.yaml").read_text() + "warmup_ratio: 0.1\n")
     monkeypatch.setattr(pipeline, "sample_trajectories", lambda *args, **kwargs: pytest.fail("sampling started"))
-    config = CriticalPipelineConfig(work_dir=str(tmp_path / "work"), cdpo_config=str(tmp_path / "cdpo.yaml"))
+    config = CriticalPipelineConfig(
+        work_dir=str(tmp_path / "work"),
+        sft_config=str(CONFIGS / "critical_sft_tiny.yaml"),
+        cdpo_config=str(tmp_path / "cdpo.yaml"),
+    )
     with pytest.raises(ValueError, match="warmup_ratio"):
         pipeline.run_critical_pipeline(config)
-
-
-# -- the config -------------------------------------------------------------------------------------------
+    assert not (tmp_path / "work").exists()
 
 
 def test_unknown_config_key_is_an_error_naming_it(tmp_path):
@@ -153,25 +235,78 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path):
         parse_pipeline_config(["--config", str(path)])
 
 
-def test_shipped_configs_parse_and_sft_args_are_checked():
-    for name in ("critical_tiny.yaml", "critical_smollm2.yaml"):
-        config = parse_pipeline_config(["--config", str(CONFIGS / name)])
-        assert (config.lora_r, config.lora_alpha) == (8, 16)
-    with pytest.raises(ValueError, match=r"lora_r \(set it with the pipeline field 'lora_r'\)"):
-        CriticalPipelineConfig(sft_args={"lora_r": 4})
-    with pytest.raises(ValueError, match="not_a_field"):
-        CriticalPipelineConfig(sft_args={"not_a_field": 1})
+# -- resumable steps --------------------------------------------------------------------------------------
+
+
+def counting_step(name, config, built, inputs=()):
+    """A step that writes ``out.txt`` and counts its builds in ``built``."""
+
+    def build(directory):
+        directory.mkdir()
+        (directory / "out.txt").write_text(name)
+        built.append(name)
+
+    return Step(name, config, build, inputs=inputs)
+
+
+def test_steps_run_once_record_their_config_and_refuse_a_changed_one(tmp_path):
+    built = []
+
+    def steps(size, seed):
+        return [counting_step("a", {"size": size}, built), counting_step("b", {"seed": seed}, built, inputs=("a",))]
+
+    outputs = run_steps(tmp_path, steps(size=2, seed=0), "test")
+    assert built == ["a", "b"] and outputs == {"a": tmp_path / "a", "b": tmp_path / "b"}
+    assert json.loads((tmp_path / "b" / STEP_RECORD).read_text()) == {"seed": 0, "inputs": {"a": {"size": 2, "inputs": {}}}}
+    run_steps(tmp_path, steps(size=2, seed=0), "test")
+    assert built == ["a", "b"]  # both done already
+
+    with pytest.raises(StepConfigChanged, match=r"(?s)a/: size: 2 -> 3\n  b/: input a/ changed"):
+        run_steps(tmp_path, steps(size=3, seed=0), "test")
+    with pytest.raises(StepConfigChanged, match=r"b/: seed: 0 -> \(unset\)"):
+        run_steps(tmp_path, [counting_step("a", {"size": 2}, built), counting_step("b", {}, built, inputs=("a",))], "t")
+    assert built == ["a", "b"]
+
+    shutil.rmtree(tmp_path / "b")  # deleted: redone with the new config
+    run_steps(tmp_path, steps(size=2, seed=1), "test")
+    assert built == ["a", "b", "b"]
+
+
+def test_a_failed_step_leaves_no_output_and_a_foreign_directory_is_refused(tmp_path):
+    def fail(directory):
+        directory.mkdir()
+        (directory / "half.txt").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_steps(tmp_path, [Step("a", {}, fail)], "test")
+    assert not (tmp_path / "a").exists() and (tmp_path / ".a.partial" / "half.txt").exists()
+    run_steps(tmp_path, [counting_step("a", {}, [])], "test")  # the stale partial directory is replaced
+    assert (tmp_path / "a" / "out.txt").exists() and not (tmp_path / ".a.partial").exists()
+
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileExistsError, match="has no step_config.json"):
+        run_steps(tmp_path, [counting_step("b", {}, [])], "test")
+    with pytest.raises(ValueError, match=r"reads \['z'\], which are not earlier steps"):
+        run_steps(tmp_path, [counting_step("c", {}, [], inputs=("z",))], "test")
 
 
 # -- the quickstart ---------------------------------------------------------------------------------------
 
 
-def test_quickstart_runs_the_pipeline_and_reports_four_models(tmp_path, monkeypatch):
+def test_quickstart_runs_the_pipeline_and_reports_four_models(tmp_path, monkeypatch, capsys):
     # The quickstart on the tiny model: its pipeline config with 4 questions, 1 step per training run.
-    config = yaml.safe_load((CONFIGS / "critical_tiny.yaml").read_text()) | {"num_examples": 4, "sft_max_steps": 1}
-    (tmp_path / "critical.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setattr(quickstart, "CONFIG", tmp_path / "critical.yaml")
-    rows = quickstart.run_quickstart(str(tmp_path / "out"), num_test_examples=3)
+    sft_config = tiny_sft_config(tmp_path, max_steps=1)
+    config = yaml.safe_load((CONFIGS / "critical_tiny.yaml").read_text()) | {
+        "num_examples": 4, "sft_config": str(sft_config),  # cdpo_config stays relative to the repository root
+    }
+    monkeypatch.setattr(quickstart, "CONFIG", write_yaml(tmp_path / "critical.yaml", config))
+    returned = []
+    run_quickstart = quickstart.run_quickstart
+    monkeypatch.setattr(quickstart, "run_quickstart", lambda *args, **kwargs: returned.append(
+        run_quickstart(*args, **kwargs)) or returned[-1])
+    cli_main(["quickstart", "--output_dir", str(tmp_path / "out"), "--num_test_examples", "3"])
+    (rows,) = returned
 
     assert [row["model"] for row in rows] == [label for label, _ in quickstart.MODELS]
     assert all(row["total"] == 3 and row["correct"] == round(row["accuracy"] * 3) for row in rows)
@@ -181,6 +316,7 @@ def test_quickstart_runs_the_pipeline_and_reports_four_models(tmp_path, monkeypa
     evaluated = [json.loads((tmp_path / "out" / f"eval_{name}.json").read_text()) for name in ("base", "dpo")]
     assert evaluated[0]["model"] == "tiny-llama" and evaluated[1]["model"] == str(work / "dpo")
     assert json.loads((tmp_path / "out" / quickstart.RESULTS_FILE).read_text())["rows"] == rows
-    page = (tmp_path / "out" / quickstart.HEATMAP_FILE).read_text()
+    assert quickstart.format_table(rows) in capsys.readouterr().out
+    page = (tmp_path / "out" / QUICKSTART_HEATMAP_FILE).read_text()
     pairs = load_from_disk(str(work / "pairs"))
     assert page.count('title="s = ') == sum(len(row["chosen_tokens"]) + len(row["rejected_tokens"]) for row in pairs)

@@ -1,10 +1,12 @@
-"""Every config shipped under configs/ parses: no unknown key, a known method, valid TRL options."""
+"""Every config shipped under configs/ parses: no unknown key, a known method, valid TRL options. The one place
+where the shipped configs are parsed."""
 
 import pytest
 import yaml
 
-from tokenweave.config import parse_run_config
-from tokenweave.data.critical import parse_pipeline_config
+from tokenweave.config import RunArguments, parse_run_config
+from tokenweave.pipelines.critical import parse_pipeline_config, training_runs
+from tokenweave.trainers import TokenDPOConfig, TokenGRPOConfig, TokenSFTConfig
 
 from .conftest import CONFIGS
 
@@ -26,9 +28,26 @@ def test_train_config_parses(path):
     assert run_args.method in {"sft", "dpo", "grpo"} and model_args.model_name_or_path
 
 
+@pytest.mark.parametrize(
+    "name, config_class", [("sft_tiny", TokenSFTConfig), ("dpo_tiny", TokenDPOConfig), ("grpo_tiny", TokenGRPOConfig)]
+)
+def test_tiny_configs_parse_to_the_method_config(name, config_class):
+    run_args, training_args, model_args = parse_run_config(["--config", str(CONFIGS / f"{name}.yaml")])
+    assert isinstance(run_args, RunArguments)
+    assert type(training_args) is config_class
+    assert model_args.model_name_or_path == "tiny-llama"
+    assert training_args.use_cpu and not training_args.bf16
+
+
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=config_id)
-def test_pipeline_config_parses(path):
-    assert parse_pipeline_config(["--config", str(path)]).work_dir
+def test_pipeline_config_parses_with_its_training_runs(path):
+    config = parse_pipeline_config(["--config", str(path)])
+    assert config.work_dir
+    runs = training_runs(config)  # parses its sft_config and cdpo_config, on the pipeline's model
+    sft = runs["sft"].model_args
+    assert sft.use_peft and (sft.lora_r, sft.lora_alpha) == (8, 16)  # cDPO's positive/negative LoRA
+    assert all(run.model_args.model_name_or_path == config.model for run in runs.values())
+    assert ("dpo" in runs) == config.compare_dpo
 
 
 def test_every_config_is_checked():

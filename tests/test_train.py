@@ -13,41 +13,56 @@ from tokenweave.train import RUN_INFO_FILE, train
 from .conftest import CONFIGS
 
 
+# Each tiny config trains once, in one module fixture, for every test of a trained run below: sft and dpo with
+# the steps (and, for dpo, the learning rate) their loss-curve tests need.
+OVERRIDES = {"sft": ["--max_steps", "12"], "dpo": ["--max_steps", "12", "--learning_rate", "5e-3"], "grpo": []}
+STEPS = {"sft": 12, "dpo": 12, "grpo": 4}
+
+
 def losses(info):
     return [entry["loss"] for entry in info["log_history"] if "loss" in entry]
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``trained(method)``: ``(output_dir, run info)`` of the method's tiny config with :data:`OVERRIDES`, trained
+    through `tokenweave train` on first use."""
+    runs = {}
+
+    def run(method):
+        if method not in runs:
+            output_dir = tmp_path_factory.mktemp(method)
+            config = str(CONFIGS / f"{method}_tiny.yaml")
+            runs[method] = output_dir, train(["--config", config, "--output_dir", str(output_dir), *OVERRIDES[method]])
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
-def test_tiny_config_trains_and_saves_a_changed_model(method, tmp_path):
-    output_dir = tmp_path / method
-    info = train(["--config", str(CONFIGS / f"{method}_tiny.yaml"), "--output_dir", str(output_dir)])
-    assert info["method"] == method and info["global_step"] == 4 and info["num_processes"] == 1
-    assert json.loads((output_dir / RUN_INFO_FILE).read_text())["global_step"] == 4
-    assert len(losses(info)) == 4
-    trained = AutoModelForCausalLM.from_pretrained(output_dir)
+def test_tiny_config_trains_and_saves_a_changed_model(method, trained):
+    output_dir, info = trained(method)
+    assert info["method"] == method and info["global_step"] == STEPS[method] and info["num_processes"] == 1
+    assert json.loads((output_dir / RUN_INFO_FILE).read_text())["global_step"] == STEPS[method]
+    assert len(losses(info)) == STEPS[method]
+    trained_model = AutoModelForCausalLM.from_pretrained(output_dir)
     initial, _ = build_tiny_llama()
     changed = [
-        name for name, weight in trained.state_dict().items() if not torch.equal(weight, initial.state_dict()[name])
+        name for name, weight in trained_model.state_dict().items()
+        if not torch.equal(weight, initial.state_dict()[name])
     ]
     assert changed, "training did not change any weight"
 
 
-def test_sft_loss_decreases_on_the_arithmetic_task(tmp_path):
-    info = train(
-        ["--config", str(CONFIGS / "sft_tiny.yaml"), "--output_dir", str(tmp_path), "--max_steps", "12"]
-    )
-    history = losses(info)
+def test_sft_loss_decreases_on_the_arithmetic_task(trained):
+    history = losses(trained("sft")[1])
     # Uniform over the 100-symbol vocabulary is ln(100) = 4.6 nats; learning the character statistics of
     # the solutions takes it well below the first steps' loss.
     assert sum(history[-3:]) / 3 < sum(history[:3]) / 3 - 0.3
 
 
-def test_dpo_rewards_separate_chosen_from_rejected(tmp_path):
-    info = train(
-        ["--config", str(CONFIGS / "dpo_tiny.yaml"), "--output_dir", str(tmp_path), "--max_steps", "12",
-         "--learning_rate", "5e-3"]
-    )
-    steps = [entry for entry in info["log_history"] if "rewards/margins" in entry]
+def test_dpo_rewards_separate_chosen_from_rejected(trained):
+    steps = [entry for entry in trained("dpo")[1]["log_history"] if "rewards/margins" in entry]
     assert steps[0]["rewards/margins"] == 0.0 and steps[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy = ref
     late = steps[-6:]
     assert sum(entry["rewards/margins"] for entry in late) / 6 > 0.01

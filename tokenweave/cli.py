@@ -15,41 +15,40 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
+
+QUICKSTART_HEATMAP_FILE = "critical_tokens.html"  # under the quickstart's output_dir
 
 
-def _eval_command(args) -> None:
-    from .evaluate import evaluate_model
-
-    result = evaluate_model(
-        args.model,
-        adapter=args.adapter,
-        task=args.task,
-        split=args.split,
-        num_examples=args.num_examples,
-        difficulty=args.difficulty,
-        seed=args.task_seed,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        output=args.output,
-    )
-    print(json.dumps({key: value for key, value in result.items() if key != "samples"}, indent=2))
-
-
-def _sample_command(args) -> None:
-    from .data.preferences import sample_trajectories
-
-    samples = sample_trajectories(
-        args.model,
+def _task_arguments(args) -> dict:
+    """The keyword arguments ``eval`` and ``sample`` share: the model and the task's questions."""
+    return dict(
         adapter=args.adapter,
         task=args.task,
         split=args.split,
         num_examples=args.num_examples,
         difficulty=args.difficulty,
         task_seed=args.task_seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def _eval_command(args) -> None:
+    from .inference.evaluate import evaluate_model
+
+    result = evaluate_model(args.model, **_task_arguments(args), output=args.output)
+    print(json.dumps({key: value for key, value in result.items() if key != "samples"}, indent=2))
+
+
+def _sample_command(args) -> None:
+    from .inference.sampling import sample_trajectories
+
+    samples = sample_trajectories(
+        args.model,
+        **_task_arguments(args),
         num_samples_per_prompt=args.num_samples_per_prompt,
         temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
         seed=args.seed,
     )
     samples.save_to_disk(args.output)
@@ -67,7 +66,7 @@ def _pairs_command(args) -> None:
 
 
 def _critical_command(argv: list[str]) -> None:
-    from .data.critical import parse_pipeline_config, run_critical_pipeline
+    from .pipelines.critical import parse_pipeline_config, run_critical_pipeline
 
     outputs = run_critical_pipeline(parse_pipeline_config(argv))
     for step, path in outputs.items():
@@ -77,15 +76,37 @@ def _critical_command(argv: list[str]) -> None:
 def _heatmap_command(args) -> None:
     from datasets import load_from_disk
 
-    from .heatmap import render_html, render_terminal, trajectories_from_dataset
+    from .heatmap import render_terminal, trajectories_from_dataset
 
     trajectories = trajectories_from_dataset(load_from_disk(args.scores), max_examples=args.max_examples)
     if args.terminal:
         sys.stdout.write(render_terminal(trajectories, color=sys.stdout.isatty(), threshold=args.threshold))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(render_html(trajectories, title=f"Critical tokens: {args.scores}"))
+        _write_heatmap_page(args.output, trajectories, title=f"Critical tokens: {args.scores}")
         print(f"wrote {len(trajectories)} scored trajectories to {args.output}")
+
+
+def _quickstart_command(args) -> None:
+    """The quickstart (:mod:`tokenweave.pipelines.quickstart`), its table, and the heatmap page of its pairs."""
+    from datasets import load_from_disk
+
+    from .heatmap import trajectories_from_dataset
+    from .pipelines.quickstart import NUM_TEST_EXAMPLES, PIPELINE_DIR, format_table, run_quickstart
+
+    num_test_examples = NUM_TEST_EXAMPLES if args.num_test_examples is None else args.num_test_examples
+    rows = run_quickstart(args.output_dir, seed=args.seed, num_test_examples=num_test_examples)
+    print("[quickstart 3/3] critical-token heatmap")
+    trajectories = trajectories_from_dataset(load_from_disk(str(Path(args.output_dir) / PIPELINE_DIR / "pairs")))
+    heatmap = Path(args.output_dir) / QUICKSTART_HEATMAP_FILE
+    _write_heatmap_page(heatmap, trajectories, title="Critical tokens found by the contrastive estimate")
+    print(format_table(rows))
+    print(f"Heatmap of {len(trajectories)} scored trajectories: {heatmap}")
+
+
+def _write_heatmap_page(path, trajectories, title: str) -> None:
+    from .heatmap import render_html
+
+    Path(path).write_text(render_html(trajectories, title=title), encoding="utf-8")
 
 
 def _add_task_arguments(parser: argparse.ArgumentParser, default_num_examples: int | None) -> None:
@@ -151,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart", help="Offline demo: the critical-token pipeline on SmolLM2; base, SFT, DPO, cDPO accuracy."
     )
     quickstart.add_argument("--output_dir", default="quickstart_output")
-    quickstart.add_argument("--seed", type=int, default=0, help="Seed of sampling and of every training run.")
+    quickstart.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the SFT runs.")
+    quickstart.add_argument(
+        "--num_test_examples", type=int, default=None, help="Held-out problems each model is evaluated on (50)."
+    )
     return parser
 
 
@@ -178,9 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "heatmap":
         _heatmap_command(args)
     elif args.command == "quickstart":
-        from .quickstart import run_quickstart
-
-        run_quickstart(args.output_dir, seed=args.seed)
+        _quickstart_command(args)
 
 
 if __name__ == "__main__":

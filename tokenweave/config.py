@@ -14,7 +14,8 @@ none of the three dataclasses knows is an error naming the key.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import yaml
 from trl import ModelConfig, TrlParser
@@ -59,19 +60,27 @@ class RunArguments:
     )
 
 
-def _read_yaml_config(argv: list[str]) -> dict:
-    """The mapping in the ``--config`` file named on the command line (empty without one)."""
-    if "--config" not in argv:
-        return {}
-    config_path = argv[argv.index("--config") + 1]
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in the YAML config file ``path``, as written."""
     try:
-        with open(config_path) as handle:
+        with open(path) as handle:
             config = yaml.safe_load(handle) or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"Config file {config_path!r} does not exist.") from None
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.") from None
     if not isinstance(config, dict):
-        raise ValueError(f"Config file {config_path!r} must contain a YAML mapping.")
+        raise ValueError(f"Config file {str(path)!r} must contain a YAML mapping.")
     return config
+
+
+def config_file_of(argv: list[str]) -> dict:
+    """The mapping in the ``--config`` file named on the command line ``argv`` (empty without one)."""
+    return read_config_file(argv[argv.index("--config") + 1]) if "--config" in argv else {}
+
+
+def config_keys(*dataclass_types) -> set[str]:
+    """The keys a config file of ``dataclass_types`` may set: their fields (those ``TrlParser`` parses) and ``env``
+    (environment variables that ``TrlParser`` sets)."""
+    return {item.name for dataclass_type in dataclass_types for item in fields(dataclass_type) if item.init} | {"env"}
 
 
 def _requested_method(argv: list[str], config: dict) -> str:
@@ -93,17 +102,21 @@ def parse_run_config(argv: list[str] | None = None):
     for an unknown method.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = _read_yaml_config(argv)
+    config = config_file_of(argv)
     method = _requested_method(argv, config)
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}: choose one of {sorted(METHODS)}.")
-    parser = TrlParser((RunArguments, METHODS[method][1], ModelConfig))
-    known_keys = {action.dest for action in parser._actions} | {"env"}
-    unknown_keys = sorted(set(config) - known_keys)
+    dataclass_types = (RunArguments, METHODS[method][1], ModelConfig)
+    unknown_keys = sorted(set(config) - config_keys(*dataclass_types))
     if unknown_keys:
         raise ValueError(
             f"Unknown config key(s) {unknown_keys} for method {method!r}: not a field of RunArguments, "
             f"{METHODS[method][1].__name__} or ModelConfig."
         )
-    run_args, training_args, model_args = parser.parse_args_and_config(argv)
+    run_args, training_args, model_args = TrlParser(dataclass_types).parse_args_and_config(argv)
     return run_args, training_args, model_args
+
+
+def load_run_config(path: str | Path):
+    """The run config in the YAML file ``path``, as :func:`parse_run_config` returns it (no overrides)."""
+    return parse_run_config(["--config", str(path)])

@@ -2,7 +2,7 @@
 
 ``tokenweave heatmap --scores outputs/critical_tokens/pairs --output page.html [--terminal]`` reads a
 scored dataset (the ``pairs/`` output of ``tokenweave critical``, or any dataset with ``{side}_tokens`` and
-``{side}_scores`` columns, as :func:`tokenweave.tokens.critical.score_dataset` writes them) and renders:
+``{side}_scores`` columns, as :func:`tokenweave.inference.scoring.score_dataset` writes them) and renders:
 
 * a self-contained HTML page (:func:`render_html`): one ``<span>`` per token, its background going from
   dark red (``s_t = 0``: critical) to white (``s_t = 1``), its score in the ``title`` tooltip, text
@@ -48,7 +48,7 @@ def trajectories_from_dataset(dataset: Dataset, max_examples: int | None = None)
     if not sides:
         raise ValueError(
             f"The dataset has no pair of <side>_tokens / <side>_scores columns (it has {dataset.column_names}); "
-            "score it with `tokenweave critical` or tokenweave.tokens.critical.score_dataset."
+            "score it with `tokenweave critical` or tokenweave.inference.scoring.score_dataset."
         )
     rows = dataset if max_examples is None else dataset.select(range(min(max_examples, len(dataset))))
     trajectories = []

@@ -4,6 +4,9 @@ The same entry point runs under accelerate / DeepSpeed::
 
     accelerate launch --config_file launch/zero3.yaml -m tokenweave.train --config configs/X.yaml
 
+Code that trains (the pipelines, the tests) calls the typed entry point :func:`train_from_args` with the three
+config dataclasses; :func:`train` is the command line, which parses them and calls it.
+
 Everything that can be wrong with the input (config keys, model path, dataset columns, reward names) is
 checked before the trainer is built; a run that fails before training starts leaves no output directory
 behind it if it created one. At the end the model (or LoRA adapter) is saved to ``output_dir`` together
@@ -88,9 +91,14 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
     }
 
 
-def train(argv: list[str] | None = None) -> dict:
-    """Parse a run config, train, save the model and ``run_info.json``; returns the run info."""
-    run_args, training_args, model_args = parse_run_config(argv)
+def train_from_args(run_args, training_args, model_args, *, finish_distributed: bool = True) -> dict:
+    """Train one run from its three config dataclasses, save the model and ``run_info.json``; returns the run info.
+
+    The typed entry point: ``run_args`` is a :class:`~tokenweave.config.RunArguments`, ``training_args`` the
+    method's TRL config, ``model_args`` TRL's ``ModelConfig`` (as :func:`~tokenweave.config.parse_run_config`
+    returns them; pipelines derive them with ``dataclasses.replace``). ``finish_distributed=False`` leaves the
+    process group up after the run, for several runs in one launch; the last one must finish it.
+    """
     output_dir = Path(training_args.output_dir)
     created_output_dir = not output_dir.exists()
     try:
@@ -104,8 +112,14 @@ def train(argv: list[str] | None = None) -> dict:
     info = run_info(trainer, run_args, model_args, result.metrics)
     if trainer.accelerator.is_main_process:
         (output_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    _finish_distributed(trainer.accelerator)
+    if finish_distributed:
+        _finish_distributed(trainer.accelerator)
     return info
+
+
+def train(argv: list[str] | None = None) -> dict:
+    """The command line: parse ``--config file.yaml [--key value ...]``, then :func:`train_from_args`."""
+    return train_from_args(*parse_run_config(argv))
 
 
 def trainer_is_main_process() -> bool:

@@ -1,12 +1,14 @@
-"""Preference pairs from the model's own trajectories, labelled correct or incorrect by a reward.
+"""Preference pairs and SFT sets from the model's own labelled trajectories: pure selection, no model.
 
-Two steps, each a dataset on disk (``tokenweave sample`` then ``tokenweave pairs``):
+The trajectories come from :func:`tokenweave.inference.sampling.sample_trajectories` (``tokenweave sample``): K
+sampled completions per question, each labelled by :func:`tokenweave.rewards.math.is_correct` against the gold
+answer, with the columns :data:`SAMPLE_COLUMNS`. Here:
 
-1. :func:`sample_trajectories`: K sampled completions per question, each labelled by
-   :func:`tokenweave.rewards.math.is_correct` against the gold answer.
-2. :func:`build_preference_pairs`: per question, a correct trajectory as ``chosen`` and an incorrect
-   one as ``rejected``. As in cDPO (arXiv 2411.19943), the chosen trajectory comes from the most frequent
-   correct final answer and the rejected one from the most frequent incorrect final answer.
+* :func:`build_preference_pairs` (``tokenweave pairs``): per question, a correct trajectory as ``chosen`` and an
+  incorrect one as ``rejected``. As in cDPO (arXiv 2411.19943), the chosen trajectory comes from the most frequent
+  correct final answer and the rejected one from the most frequent incorrect final answer.
+* :func:`build_sft_sets`: the positive and negative SFT sets of the critical-token pipeline, chosen per question
+  by :func:`select_by_answer_frequency` (cDPO's choice by answer frequency).
 """
 
 from __future__ import annotations
@@ -15,68 +17,8 @@ from collections import Counter, defaultdict
 
 from datasets import Dataset
 
-from ..generation import generate_completions
-from ..models import load_model_and_tokenizer
-from ..rewards.math import extract_answer, is_correct
-from .loading import load_run_dataset
-
+# The columns of a dataset of labelled trajectories (one row per trajectory), as sample_trajectories writes them.
 SAMPLE_COLUMNS = ("question_id", "prompt", "answer", "completion", "parsed", "correct")
-
-
-def sample_trajectories(
-    model: str,
-    *,
-    adapter: str | None = None,
-    task: str = "arithmetic",
-    split: str = "train",
-    num_examples: int | None = None,
-    difficulty: str = "easy",
-    task_seed: int = 0,
-    num_samples_per_prompt: int = 4,
-    temperature: float = 0.7,
-    max_new_tokens: int = 96,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> Dataset:
-    """Sample ``num_samples_per_prompt`` completions per question and label each one.
-
-    Returns a dataset with one row per trajectory: ``question_id`` (row of the task split), ``prompt``,
-    ``answer`` (gold), ``completion`` (an assistant message list), ``parsed`` (the answer read from the
-    completion, or None), ``correct`` and, when the task has one, the reference ``solution``. Deterministic for a given ``seed``.
-    """
-    if num_samples_per_prompt < 1:
-        raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}.")
-    dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed)
-    if "answer" not in dataset.column_names:
-        raise ValueError(f"Dataset {task!r} has no 'answer' column to label trajectories with.")
-    loaded_model, tokenizer = load_model_and_tokenizer(model, adapter=adapter)
-    completions = generate_completions(
-        loaded_model,
-        tokenizer,
-        list(dataset["prompt"]),
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        num_samples=num_samples_per_prompt,
-        temperature=temperature,
-        seed=seed,
-        desc="sampling",
-    )
-    reference_solutions = dataset["solution"] if "solution" in dataset.column_names else None
-    rows = []
-    for question_id, (prompt, gold, texts) in enumerate(zip(dataset["prompt"], dataset["answer"], completions)):
-        for text in texts:
-            row = {
-                "question_id": question_id,
-                "prompt": prompt,
-                "answer": gold,
-                "completion": [{"role": "assistant", "content": text}],
-                "parsed": extract_answer(text),
-                "correct": is_correct(text, gold),
-            }
-            if reference_solutions is not None:
-                row["solution"] = reference_solutions[question_id]
-            rows.append(row)
-    return Dataset.from_list(rows)
 
 
 def build_preference_pairs(samples: Dataset, *, reference_fallback: bool = False) -> Dataset:
@@ -88,16 +30,8 @@ def build_preference_pairs(samples: Dataset, *, reference_fallback: bool = False
     whose reference solution then becomes ``chosen``. Columns: ``question_id``, ``prompt``, ``chosen``,
     ``rejected``, ``answer``.
     """
-    missing = [column for column in SAMPLE_COLUMNS if column not in samples.column_names]
-    if missing:
-        raise ValueError(f"Samples dataset lacks columns {missing}; build it with `tokenweave sample`.")
-    if reference_fallback and "solution" not in samples.column_names:
-        raise ValueError("reference_fallback needs a 'solution' column in the samples dataset.")
-    by_question: dict[int, list[dict]] = defaultdict(list)
-    for row in samples:
-        by_question[row["question_id"]].append(row)
     pairs = []
-    for question_id, rows in by_question.items():
+    for question_id, rows in _rows_by_question(samples, reference_fallback).items():
         rejected = _most_frequent_answer_row([row for row in rows if not row["correct"]])
         if rejected is None:
             continue
@@ -118,6 +52,33 @@ def build_preference_pairs(samples: Dataset, *, reference_fallback: bool = False
             }
         )
     return Dataset.from_list(pairs)
+
+
+def build_sft_sets(
+    samples: Dataset, *, positive_per_question: int | None, negative_top_p: float, reference_fallback: bool
+) -> tuple[list[dict], list[dict]]:
+    """The positive and negative SFT sets (prompt/completion rows) of cDPO's contrastive estimation, per question.
+
+    Positive: ``positive_per_question`` correct trajectories, those with the most frequent correct answer first
+    (None: all), plus, with ``reference_fallback``, every question's reference ``solution``. Negative: the incorrect
+    trajectories whose answers cover ``negative_top_p`` of the question's incorrect ones
+    (:func:`select_by_answer_frequency`). Rows keep the order of ``samples`` within a question.
+    """
+    by_question = _rows_by_question(samples, reference_fallback)
+    positive, negative = [], []
+    for rows in by_question.values():
+        correct = [row for row in rows if row["correct"]]
+        incorrect = [row for row in rows if not row["correct"]]
+        positive += select_by_answer_frequency(correct, max_rows=positive_per_question)
+        negative += select_by_answer_frequency(incorrect, top_p=negative_top_p)
+    positive = [{"prompt": row["prompt"], "completion": row["completion"]} for row in positive]
+    negative = [{"prompt": row["prompt"], "completion": row["completion"]} for row in negative]
+    if reference_fallback:
+        positive += [
+            {"prompt": rows[0]["prompt"], "completion": [{"role": "assistant", "content": rows[0]["solution"]}]}
+            for rows in by_question.values()
+        ]
+    return positive, negative
 
 
 def select_by_answer_frequency(rows: list[dict], *, top_p: float = 1.0, max_rows: int | None = None) -> list[dict]:
@@ -144,6 +105,20 @@ def select_by_answer_frequency(rows: list[dict], *, top_p: float = 1.0, max_rows
         return selected
     rank = {answer: index for index, answer in enumerate(ranked)}
     return sorted(selected, key=lambda row: rank[row["parsed"]])[:max_rows]
+
+
+def _rows_by_question(samples: Dataset, reference_fallback: bool) -> dict[int, list[dict]]:
+    """The rows of a samples dataset grouped by ``question_id`` (questions and rows in dataset order), after checking
+    its columns."""
+    missing = [column for column in SAMPLE_COLUMNS if column not in samples.column_names]
+    if missing:
+        raise ValueError(f"Samples dataset lacks columns {missing}; build it with `tokenweave sample`.")
+    if reference_fallback and "solution" not in samples.column_names:
+        raise ValueError("reference_fallback needs a 'solution' column in the samples dataset.")
+    by_question: dict[int, list[dict]] = defaultdict(list)
+    for row in samples:
+        by_question[row["question_id"]].append(row)
+    return by_question
 
 
 def _most_frequent_answer_row(rows: list[dict]) -> dict | None:

@@ -1,2 +1,7 @@
-"""Multi-step recipes (the critical-token pipeline, the quickstart): resumable steps that call training and inference
-with dataclasses."""
+"""Multi-step recipes above training (see the README's layout): resumable steps that call training and inference with
+dataclasses, never with argv lists or YAML files written to talk to ourselves.
+
+* :mod:`.steps`: run a step atomically into its directory and record the config it was made from;
+* :mod:`.critical`: the critical-token pipeline of cDPO (``tokenweave critical``);
+* :mod:`.quickstart`: that pipeline on SmolLM2, then four accuracies (``tokenweave quickstart``).
+"""

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .data.loading import load_run_dataset
+from ..data.loading import load_run_dataset
+from ..models import load_model_and_tokenizer
+from ..rewards.math import extract_answer, is_correct
 from .generation import generate_completions
-from .models import load_model_and_tokenizer
-from .rewards.math import extract_answer, is_correct
 
 
 def evaluate_accuracy(model, tokenizer, dataset, *, batch_size: int = 32, max_new_tokens: int = 96, desc="eval"):
@@ -53,13 +53,16 @@ def evaluate_model(
     split: str = "test",
     num_examples: int | None = 200,
     difficulty: str = "easy",
-    seed: int = 0,
+    task_seed: int = 0,
     batch_size: int = 32,
     max_new_tokens: int = 96,
     output: str | None = None,
 ) -> dict:
-    """Load ``model`` (and ``adapter``), score it on ``task``'s ``split``, optionally write JSON to ``output``."""
-    dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=seed)
+    """Load ``model`` (and ``adapter``), score it on ``task``'s ``split``, optionally write JSON to ``output``.
+
+    ``difficulty`` and ``task_seed`` pick a built-in task's problems, as in a run config.
+    """
+    dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed)
     if "answer" not in dataset.column_names:
         raise ValueError(f"Dataset {task!r} has no 'answer' column to score against: {dataset.column_names}.")
     loaded_model, tokenizer = load_model_and_tokenizer(model, adapter=adapter)

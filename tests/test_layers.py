@@ -1,0 +1,102 @@
+"""The package's layers: every module imports only from its own layer and the layers below it.
+
+The order (DESIGN.md; the README's layout section), top to bottom::
+
+    cli.py, heatmap.py  >  pipelines/  >  train.py, config.py  >  inference/  >  trainers/  >  losses/  >  tokens/
+    >  models/, data/, rewards/
+
+Every ``import`` and ``from ... import`` of the package's modules is read with ``ast`` (those inside functions
+too), relative imports resolved against the importing module.
+"""
+
+import ast
+from pathlib import Path
+
+from .conftest import REPO_ROOT
+
+PACKAGE = "tokenweave"
+LAYERS = (
+    ("models", "data", "rewards"),
+    ("tokens",),
+    ("losses",),
+    ("trainers",),
+    ("inference",),
+    ("train", "config"),
+    ("pipelines",),
+    ("cli", "heatmap"),
+)
+RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
+
+
+def module_name(path: Path, package_dir: Path) -> str:
+    """``tokenweave.pipelines.critical`` for ``<package_dir>/pipelines/critical.py`` (a package: its ``__init__``)."""
+    parts = [PACKAGE, *path.relative_to(package_dir).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, module: str) -> list[tuple[int, str]]:
+    """``(line, absolute module name)`` of every package module that the file at ``path`` imports."""
+    is_package = path.name == "__init__.py"
+    imports = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            imports += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: len(module.split(".")) - node.level + is_package]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            # `from . import x` may import the submodule x: name it, so that its layer is checked.
+            imports += [(node.lineno, f"{target}.{alias.name}") for alias in node.names] if not node.module else []
+            imports.append((node.lineno, target))
+    return [(line, name) for line, name in imports if name == PACKAGE or name.startswith(PACKAGE + ".")]
+
+
+def layer_of(module: str) -> str | None:
+    """The package part a module belongs to (``pipelines`` for ``tokenweave.pipelines.critical``); None: the root."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def layer_violations(package_dir: Path) -> list[str]:
+    """Every import in the package at ``package_dir`` that runs up the layers, and every module without a layer."""
+    problems = []
+    for path in sorted(package_dir.rglob("*.py")):
+        module = module_name(path, package_dir)
+        importer = layer_of(module)
+        if importer is None:
+            continue  # the package's __init__: imports nothing of its own
+        if importer not in RANK:
+            problems.append(f"{path.relative_to(package_dir.parent)}: {importer!r} has no layer in LAYERS")
+            continue
+        for line, imported in imported_modules(path, module):
+            target = layer_of(imported)
+            if target is None or target == importer:
+                continue
+            if target not in RANK:
+                problems.append(f"{path.relative_to(package_dir.parent)}:{line} imports {imported}, which has no layer")
+            elif RANK[target] > RANK[importer]:
+                problems.append(
+                    f"{path.relative_to(package_dir.parent)}:{line} imports {imported}: {importer} "
+                    f"(layer {RANK[importer]}) must not import {target} (layer {RANK[target]}), a layer above it"
+                )
+    return problems
+
+
+def test_no_import_runs_up_the_layers():
+    assert layer_violations(REPO_ROOT / PACKAGE) == []
+
+
+def test_relative_imports_resolve_against_the_importing_module(tmp_path):
+    package = tmp_path / PACKAGE
+    (package / "tokens").mkdir(parents=True)
+    (package / "tokens" / "__init__.py").write_text("from . import entropy\nfrom ..losses import policy\n")
+    (package / "tokens" / "entropy.py").write_text("from .. import inference\nimport tokenweave.models\n")
+    assert imported_modules(package / "tokens" / "__init__.py", "tokenweave.tokens") == [
+        (1, "tokenweave.tokens.entropy"), (1, "tokenweave.tokens"), (2, "tokenweave.losses")
+    ]
+    assert [problem.split(": ", 1)[0] for problem in layer_violations(package)] == [
+        "tokenweave/tokens/__init__.py:2 imports tokenweave.losses",
+        "tokenweave/tokens/entropy.py:1 imports tokenweave.inference",
+    ]

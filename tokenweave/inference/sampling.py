@@ -1,0 +1,72 @@
+"""Labelled trajectories from a model: ``tokenweave sample``, step (a, b) of the critical-token pipeline.
+
+:func:`sample_trajectories` samples K completions per question of a task and labels each one correct or incorrect
+by the answer reward (:func:`tokenweave.rewards.math.is_correct`). Pairs and SFT sets are then chosen from them,
+without a model, by :mod:`tokenweave.data.preferences`.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from ..data.loading import load_run_dataset
+from ..models import load_model_and_tokenizer
+from ..rewards.math import extract_answer, is_correct
+from .generation import generate_completions
+
+
+def sample_trajectories(
+    model: str,
+    *,
+    adapter: str | None = None,
+    task: str = "arithmetic",
+    split: str = "train",
+    num_examples: int | None = None,
+    difficulty: str = "easy",
+    task_seed: int = 0,
+    num_samples_per_prompt: int = 4,
+    temperature: float = 0.7,
+    max_new_tokens: int = 96,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Dataset:
+    """Sample ``num_samples_per_prompt`` completions per question and label each one.
+
+    Returns a dataset with one row per trajectory, the columns :data:`tokenweave.data.preferences.SAMPLE_COLUMNS`:
+    ``question_id`` (row of the task split), ``prompt``, ``answer`` (gold), ``completion`` (an assistant message
+    list), ``parsed`` (the answer read from the completion, or None), ``correct``; and, when the task has one, the
+    reference ``solution``. Deterministic for a given ``seed``.
+    """
+    if num_samples_per_prompt < 1:
+        raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}.")
+    dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed)
+    if "answer" not in dataset.column_names:
+        raise ValueError(f"Dataset {task!r} has no 'answer' column to label trajectories with.")
+    loaded_model, tokenizer = load_model_and_tokenizer(model, adapter=adapter)
+    completions = generate_completions(
+        loaded_model,
+        tokenizer,
+        list(dataset["prompt"]),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples_per_prompt,
+        temperature=temperature,
+        seed=seed,
+        desc="sampling",
+    )
+    reference_solutions = dataset["solution"] if "solution" in dataset.column_names else None
+    rows = []
+    for question_id, (prompt, gold, texts) in enumerate(zip(dataset["prompt"], dataset["answer"], completions)):
+        for text in texts:
+            row = {
+                "question_id": question_id,
+                "prompt": prompt,
+                "answer": gold,
+                "completion": [{"role": "assistant", "content": text}],
+                "parsed": extract_answer(text),
+                "correct": is_correct(text, gold),
+            }
+            if reference_solutions is not None:
+                row["solution"] = reference_solutions[question_id]
+            rows.append(row)
+    return Dataset.from_list(rows)

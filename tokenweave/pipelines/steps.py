@@ -1,0 +1,139 @@
+"""Resumable pipeline steps: each step writes its output atomically and records the config it was made from.
+
+A pipeline is a list of :class:`Step` objects run by :func:`run_steps` into one work directory, each into its own
+subdirectory. A step's *record* is its own settings plus the records of the steps it reads (``inputs``), so it
+depends only on the config, never on outputs, and a change anywhere upstream reaches every step downstream. The
+record is written as ``step_config.json`` inside the step's directory.
+
+* A step whose directory is missing runs: into ``.<name>.partial`` first (a stale one is removed), the record is
+  written last, then the directory is renamed into place. An interrupted step leaves no output and reruns.
+* A step whose directory holds the same record is skipped.
+* If any step's directory holds a different record, nothing runs: :class:`StepConfigChanged` names every such step
+  and what changed, and says how to proceed (delete those directories to recompute them, or use another work
+  directory). Finished work is never silently reused for a changed config, nor silently thrown away.
+* A directory with no record (not written by a step) is an error too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STEP_RECORD = "step_config.json"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: its directory ``name``, the settings its output is made from, the steps it reads, and how to build.
+
+    ``config`` must be JSON data (it is compared with the recorded one after a JSON round trip). ``build(directory)``
+    writes the step's output into ``directory``, which does not exist yet.
+    """
+
+    name: str
+    config: dict
+    build: Callable[[Path], None]
+    inputs: tuple[str, ...] = field(default=())
+
+
+class StepConfigChanged(ValueError):
+    """Finished steps in the work directory were made from a config other than the current one."""
+
+
+def run_steps(work_dir: Path, steps: Sequence[Step], log_prefix: str) -> dict[str, Path]:
+    """Run every step not done yet, in order (module docstring); returns each step's output directory.
+
+    Raises :class:`StepConfigChanged` before running anything if a finished step was made from another config, and
+    ``FileExistsError`` if a step's directory exists without a record.
+    """
+    work_dir = Path(work_dir)
+    records: dict[str, dict] = {}
+    for step in steps:
+        unknown = [name for name in step.inputs if name not in records]
+        if unknown:
+            raise ValueError(f"Step {step.name!r} reads {unknown}, which are not earlier steps.")
+        records[step.name] = _json_data(
+            {**step.config, "inputs": {name: records[name] for name in step.inputs}}
+        )
+    outputs = {step.name: work_dir / step.name for step in steps}
+    _check_records(work_dir, outputs, records)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        target = outputs[step.name]
+        if (target / STEP_RECORD).exists():
+            print(f"[{log_prefix}] {step.name}: done already ({target}), skipped")
+            continue
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"[{log_prefix}] {step.name}: running")
+        step.build(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / STEP_RECORD).write_text(json.dumps(records[step.name], indent=2) + "\n")
+        os.replace(staging, target)
+    return outputs
+
+
+def _check_records(work_dir: Path, outputs: dict[str, Path], records: dict[str, dict]) -> None:
+    """Refuse a step directory without a record, and (all at once) every step made from another config."""
+    changed = []
+    for name, target in outputs.items():
+        if not target.exists():
+            continue
+        record_path = target / STEP_RECORD
+        if not record_path.exists():
+            raise FileExistsError(
+                f"{target} exists but has no {STEP_RECORD}: it is not the output of the step {name!r}; delete it."
+            )
+        previous = json.loads(record_path.read_text())
+        if previous != records[name]:
+            changed.append(f"  {name}/: {'; '.join(_differences(previous, records[name]))}")
+    if changed:
+        raise StepConfigChanged(
+            f"{work_dir} holds steps made from another config than this one:\n" + "\n".join(changed) + "\n"
+            "Delete these step directories to recompute them with this config, or set another work_dir to keep them "
+            "(or restore the old values)."
+        )
+
+
+def _differences(previous: dict, current: dict) -> list[str]:
+    """What differs between two records: ``key: old -> new`` for the step's own settings (dotted keys into nested
+    mappings), ``input <name>/ changed`` for an input made from another config."""
+    previous_inputs, current_inputs = previous.get("inputs", {}), current.get("inputs", {})
+    differences = [
+        f"{key}: {_show(previous_value)} -> {_show(current_value)}"
+        for key, previous_value, current_value in _changed_leaves(
+            {k: v for k, v in previous.items() if k != "inputs"}, {k: v for k, v in current.items() if k != "inputs"}
+        )
+    ]
+    differences += [
+        f"input {name}/ changed"
+        for name in sorted(set(previous_inputs) | set(current_inputs))
+        if previous_inputs.get(name) != current_inputs.get(name)
+    ]
+    return differences
+
+
+_MISSING = object()
+
+
+def _changed_leaves(previous: dict, current: dict, prefix: str = ""):
+    """``(dotted key, previous value, current value)`` for every leaf that differs (``_MISSING`` when absent)."""
+    for key in sorted(set(previous) | set(current)):
+        old, new = previous.get(key, _MISSING), current.get(key, _MISSING)
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from _changed_leaves(old, new, f"{prefix}{key}.")
+        elif old != new:
+            yield f"{prefix}{key}", old, new
+
+
+def _show(value) -> str:
+    return "(unset)" if value is _MISSING else json.dumps(value)
+
+
+def _json_data(value):
+    """``value`` as JSON reads it back (tuples become lists), so a record compares equal to its stored copy."""
+    return json.loads(json.dumps(value))
