@@ -283,7 +283,7 @@ class TokenDPOTrainer(DPOTrainer):
             if self.preference_loss is not None and "token_weights" in self.preference_loss.needs:
                 self._signature_columns += [self.args.chosen_weights_column, self.args.rejected_weights_column]
 
-    # -- loss: the mirror of TRL's DPOTrainer._compute_loss ---------------------------------------------
+    # -- loss: the mirror of TRL's DPOTrainer._compute_loss (down to _global_masked_mean) ---------------
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.preference_loss is None:
@@ -299,13 +299,15 @@ class TokenDPOTrainer(DPOTrainer):
             1286-1299  model kwargs, labels, policy forward     same; the final hidden state is captured too when
                                                                 the loss needs sequential_kl
             1300-1316  per-token log-probs [:, -seq_len:]       same, kept per token (no ld_alpha)
-            1318-1339  reference forward (_reference_model)     same (no precompute_ref_log_probs)
-            1347-1528  f-divergence, loss_type loop             the registered loss on TokenPairs and the inputs it
-                                                                needs (_preference_loss_inputs); mean over pairs
+            1318-1347  reference forward (_reference_model)     same, kept per token (no precompute_ref_log_probs)
+            1349-1528  log-ratios, f-divergence, loss_type      the registered loss on TokenPairs and the inputs it
+                       loop                                     needs (_preference_loss_inputs); mean over pairs
             1530-1533  MoE aux loss                             same
             1535-1601  metrics (_log_dpo_metrics)               same names and computation; rewards are the loss's
                                                                 own; plus kl/* and weights/* (_log_loss_inputs)
-            1603-1612  return_outputs: a second forward          same, without TRL's FutureWarning
+            1603-1612  return_outputs: a second forward         same, without TRL's FutureWarning
+
+        ``_reference_model`` and ``_log_dpo_metrics`` below are part of this mirror.
 
         Per-token tensors are ``[2B, L-1]`` over next-token positions: entry ``t`` is about
         ``input_ids[:, t+1]``. ``chosen_*``/``rejected_*`` are their two halves.
@@ -331,8 +333,9 @@ class TokenDPOTrainer(DPOTrainer):
         logps = outputs.log_probs[:, -seq_len:]
         ref_logps = ref_outputs.log_probs[:, -seq_len:]
         pairs = TokenPairs(*logps.chunk(2), *ref_logps.chunk(2), *mask.chunk(2))
-        # The hidden state at position t predicts token t+1: the positions of `logps`.
-        hidden = [states[0][:, -(seq_len + 1) : -1] for states in (policy_hidden, ref_hidden) if states]
+        hidden = None
+        if capture_hidden:  # the hidden state at position t predicts token t+1: the positions of `logps`
+            hidden = tuple(states[0][:, -(seq_len + 1) : -1] for states in (policy_hidden, ref_hidden))
         loss_inputs = self._preference_loss_inputs(inputs, mask, (model, ref_model), hidden)
         result = self.preference_loss.fn(pairs, self.preference_loss_config, **loss_inputs)
 
@@ -351,7 +354,7 @@ class TokenDPOTrainer(DPOTrainer):
 
     @contextlib.contextmanager
     def _reference_model(self) -> Iterator[nn.Module]:
-        """The reference, as ``DPOTrainer._compute_loss`` gets it (TRL 1.16 lines 1325-1338), under ``no_grad``.
+        """The reference, as ``DPOTrainer._compute_loss`` gets it (TRL 1.16 lines 1327-1338), under ``no_grad``.
 
         The separate ``ref_model``, or, with PEFT and no ``ref_model``, the policy with its adapter
         disabled (or switched to the frozen ``"ref"`` adapter TRL adds when re-training an adapter).
@@ -419,7 +422,7 @@ class TokenDPOTrainer(DPOTrainer):
         inputs: dict[str, Tensor],
         mask: Tensor,
         models: tuple[nn.Module, nn.Module],
-        hidden: list[Tensor],
+        hidden: tuple[Tensor, Tensor] | None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """The extra inputs the loss needs (``PreferenceLoss.needs``), each a ``(chosen, rejected)`` pair:
 
