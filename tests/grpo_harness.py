@@ -95,9 +95,13 @@ def with_generation_signals(trainer, batch: dict) -> dict:
     """``batch`` with the per-token columns the trainer's token signals add after generation that a hand-made batch
     can carry (HAPO: ``entropy_signal``, ĥ under the statistics of the whole generation batch, gathered over
     processes), as ``_generate_and_score_completions`` adds them. A collective under several processes."""
-    if not trainer.entropy_signal_from_generation:
+    from tokenweave.trainers.signals import Generation
+
+    hapo = trainer.signals.get("hapo")
+    if hapo is None or not hapo.entropy_signal_from_generation:
         return batch
-    return batch | {"entropy_signal": trainer._generation_entropy_signal(batch)[1]}
+    entropies = Generation(trainer, batch, training=True, captured=[]).old_policy_entropies()
+    return batch | {"entropy_signal": hapo.entropy_statistics(entropies, batch)[1]}
 
 
 def process_slice(batch: dict, rank: int, num_processes: int = 2) -> dict:

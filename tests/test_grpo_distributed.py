@@ -19,19 +19,27 @@ from tokenweave.trainers.grpo import TRL_LOSS_TYPES
 
 from .conftest import CONFIGS, PYTHON, REPO_ROOT
 from .distributed_runs import assert_trained, run_name, run_subprocess, stage_launcher
-from .grpo_invariance_probe import loss_and_grads, make_batch, make_trainer, process_slice
+from .grpo_harness import (
+    assert_same_update,
+    loss_and_grads,
+    make_batch,
+    make_trainer,
+    process_slice,
+    with_generation_signals,
+)
+from .grpo_invariance_probe import HAPO_OFF
 
 pytestmark = pytest.mark.slow
 
 PROBE = REPO_ROOT / "tests" / "grpo_invariance_probe.py"
 LOSSES = sorted(POLICY_LOSSES)  # grpo, dapo, cispo, gspo, hapo, and any loss registered later
 LORA_ARGS = ["--use_peft", "true", "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj"]
-# A metric that only this loss's code logs (TRL's own losses log clip ratios without the entropy split); a loss not
-# listed is recognised by the policy_loss recorded in its saved config only.
+# A metric of this loss (hapo's is its own; the others' are TRL's clip metrics, which the registry losses log too); a
+# loss not listed is recognised by the policy_loss recorded in its saved config only.
 LOSS_METRICS = {
-    "grpo": "clip_ratio/high_mean_high_entropy",
-    "dapo": "clip_ratio/high_mean_high_entropy",
-    "gspo": "clip_ratio/high_mean_high_entropy",
+    "grpo": "clip_ratio/high_max",
+    "dapo": "clip_ratio/high_max",
+    "gspo": "clip_ratio/high_max",
     "cispo": "cispo_clip_ratio",
     "hapo": "hapo/redistributed_frac",
 }
@@ -98,6 +106,7 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
     assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]) for entry in logs)
     metric = LOSS_METRICS.get(policy_loss, "entropy/q80")  # entropy/q80: TokenGRPOTrainer's metric
     assert all(metric in entry and "entropy/q80" in entry for entry in logs)
+    assert all(("entropy_signal/mean" in entry) == (policy_loss == "hapo") for entry in logs)  # only hapo's signal
     if policy_loss == "hapo":  # every part on, adaptive-temperature sampling included
         assert args.hapo_adaptive_temperature and args.hapo_token_advantage and args.hapo_adaptive_clip
         assert any("hapo/sampling_temperature" in entry for entry in logs)
@@ -132,21 +141,14 @@ def two_process_results(model_dir, tmp_path_factory):
     return torch.load(output, weights_only=False)
 
 
-def assert_same_update(actual, expected, atol=1e-5):
-    assert actual[0] == pytest.approx(expected[0], abs=atol)
-    for grad, expected_grad in zip(actual[1], expected[1], strict=True):
-        torch.testing.assert_close(grad, expected_grad, atol=atol, rtol=0)
-
-
 @pytest.mark.parametrize("policy_loss", LOSSES)
 def test_process_and_accumulation_invariance(policy_loss, model_dir, two_process_results, tmp_path):
-    one_step = make_trainer(model_dir, str(tmp_path), policy_loss)  # batch 8, GA 1
+    one_step = make_trainer(model_dir, tmp_path, policy_loss=policy_loss, **HAPO_OFF)  # batch 8, GA 1
     accumulated = make_trainer(
-        model_dir, str(tmp_path), policy_loss, per_device_train_batch_size=4, gradient_accumulation_steps=2
+        model_dir, tmp_path, policy_loss=policy_loss, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        **HAPO_OFF,
     )
-    batch = make_batch(one_step)
-    if one_step.entropy_signal_from_generation:
-        batch["entropy_signal"] = one_step._generation_entropy_signal(batch)[1]
+    batch = with_generation_signals(one_step, make_batch(one_step))
     expected = loss_and_grads(one_step, [batch])
     assert max(grad.abs().max() for grad in expected[1]) > 0
 

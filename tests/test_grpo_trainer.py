@@ -8,93 +8,29 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
-from tokenweave.data.arithmetic import load_arithmetic
 from tokenweave.losses.policy import POLICY_LOSSES
 from tokenweave.models import build_tiny_tokenizer
 from tokenweave.tokens.advantage import token_group_advantage
 from tokenweave.tokens.entropy import entropy_signal, entropy_stats
 from tokenweave.train import train
-from tokenweave.trainers import TokenGRPOConfig, TokenGRPOTrainer
+from tokenweave.trainers import TokenGRPOConfig
 
 from .conftest import CONFIGS
-from .grpo_invariance_probe import token_logps_and_entropies
+from .grpo_harness import (
+    assert_same_update,
+    digit_reward,
+    loss_and_grads,
+    make_batch,
+    make_trainer,
+    token_logps_and_entropies,
+    train_dataset,
+    with_generation_signals,
+)
 
 HAPO_OFF = dict(
     hapo_adaptive_temperature=False, hapo_token_advantage=False, hapo_adaptive_advantage=False, hapo_adaptive_clip=False
 )
-DATASET = load_arithmetic("train", "prompt", 16)
-
-
-def digit_reward(completions, **kwargs):
-    """The share of digits in the completion: varied rewards even for a random model (character tokenizer)."""
-    texts = [completion[-1]["content"] for completion in completions]
-    return [sum(char.isdigit() for char in text) / max(len(text), 1) for text in texts]
-
-
-def make_trainer(model_dir, output_dir, trainer_class=TokenGRPOTrainer, config_class=TokenGRPOConfig, **overrides):
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-    )
-    config = config_class(**(kwargs | overrides))
-    trainer = trainer_class(model=model_dir, reward_funcs=[digit_reward], args=config, train_dataset=DATASET)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = config.gradient_accumulation_steps  # set by Trainer when training
-    return trainer
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A generation batch of 8 completions (2 prompts × 4) as _generate_and_score_completions returns it, off-policy:
-# old log-probs are the model's, shifted by N(0, 0.3²), so ratios leave the clip range. Lengths are unequal, so a
-# per-micro-batch token mean would differ from the global one.
-# ---------------------------------------------------------------------------------------------------------------
-LENGTHS = [6, 3, 5, 1, 6, 2, 4, 6]
-
-
-def make_batch(trainer, lengths=LENGTHS, seed=0, log_ratio_std=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    n, width = len(lengths), max(lengths)
-    pad = trainer.processing_class.pad_token_id
-    prompt_mask = (torch.arange(5) >= torch.tensor([0, 2] * (n // 2)).unsqueeze(1)).long()  # left padding
-    completion_mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
-    batch = {
-        "prompt_ids": torch.randint(4, 100, (n, 5), generator=generator).masked_fill(prompt_mask == 0, pad),
-        "prompt_mask": prompt_mask,
-        "completion_ids": torch.randint(4, 100, (n, width), generator=generator).masked_fill(completion_mask == 0, pad),
-        "completion_mask": completion_mask,
-        "advantages": torch.randn(n, generator=generator),
-        "num_items_in_batch": completion_mask.sum(),
-    }
-    logps, _ = token_logps_and_entropies(trainer, batch)
-    batch["old_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
-    batch["ref_per_token_logps"] = logps + log_ratio_std * torch.randn(logps.shape, generator=generator)
-    return batch
-
-
-def loss_and_grads(trainer, batches):
-    """Σ of the micro-batch losses (as Trainer accumulates them), and the accumulated gradients."""
-    trainer.model.zero_grad()
-    total = 0.0
-    for batch in batches:
-        loss = trainer._compute_loss(trainer.model, batch)
-        loss.backward()
-        total += loss.item()
-    return total, [param.grad.clone() for param in trainer.model.parameters()]
-
-
-def assert_same_update(actual, expected, atol=1e-5):
-    assert actual[0] == pytest.approx(expected[0], abs=atol)
-    for grad, expected_grad in zip(actual[1], expected[1], strict=True):
-        torch.testing.assert_close(grad, expected_grad, atol=atol, rtol=0)
+DATASET = train_dataset()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,6 +62,18 @@ def test_policy_loss_equals_trl_loss_type(model_dir, tmp_path, policy_loss, ours
     assert_same_update(loss_and_grads(trainer, [batch]), loss_and_grads(reference, [batch]))
     if policy_loss != "cispo":  # a real off-policy batch: clipping acted
         assert max(trainer._metrics["train"]["clip_ratio/region_mean"]) > 0
+
+    # and the metrics TRL logs (the loss's: a superset of TRL's), with the same values
+    ours, theirs = trainer._metrics["train"], reference._metrics["train"]
+    expected = {"cispo_clip_ratio"} if policy_loss == "cispo" else {
+        f"clip_ratio/{name}" for name in ("low_mean", "high_mean", "region_mean", "low_min", "high_max")
+    }
+    expected |= {"entropy"} | ({"kl"} if trainer.beta else set())
+    assert expected <= set(theirs) and set(theirs) <= set(ours)
+    for name in theirs:
+        if policy_loss == "gspo" and name.endswith("_mean"):
+            continue  # one ratio per sequence: TRL's clip means count sequences, ours tokens (losses.policy)
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
 
 
 def test_without_policy_loss_it_is_trl(model_dir, tmp_path):
@@ -175,7 +123,7 @@ def test_hapo_redistribution_and_adaptive_clip_by_hand(model_dir, tmp_path, entr
     )
     batch, entropies = ratio_batch(trainer, 1.5, +1.0)
     if entropy_stats_scope == "generation_batch":
-        batch["entropy_signal"] = trainer._generation_entropy_signal(batch)[1]
+        batch = with_generation_signals(trainer, batch)
     mask = batch["completion_mask"].bool()
     h_hat = entropy_signal(entropies, batch["completion_mask"], 0.8)
     high = h_hat > 0
@@ -192,7 +140,7 @@ def test_hapo_redistribution_and_adaptive_clip_by_hand(model_dir, tmp_path, entr
     if entropy_stats_scope == "generation_batch":
         del batch["entropy_signal"]
         with pytest.raises(KeyError, match="entropy_signal"):
-            trainer._compute_loss(trainer.model, batch)
+            trainer.compute_loss(trainer.model, batch)
 
 
 def test_token_weights_column_multiplies_the_loss(model_dir, tmp_path):
@@ -205,7 +153,32 @@ def test_token_weights_column_multiplies_the_loss(model_dir, tmp_path):
     assert loss == pytest.approx((-1.28 * (weights * mask).sum() / mask.sum()).item(), abs=1e-5)
     del batch["critical_weights"]
     with pytest.raises(KeyError, match="critical_weights"):
-        trainer._compute_loss(trainer.model, batch)
+        trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("policy_loss", ["grpo", "dapo", "gspo", "cispo", "hapo"])
+def test_only_a_signal_that_is_on_computes_entropy_statistics(model_dir, tmp_path, monkeypatch, policy_loss):
+    # grpo, dapo, gspo, cispo run no token signal: no entropy statistics at generation or in the loss, no ĥ metrics;
+    # hapo (the control: the spy sees it) computes them.
+    trainer = make_trainer(model_dir, tmp_path, policy_loss=policy_loss, num_iterations=2)
+    calls = []
+
+    def spy(original):
+        return lambda *args, **kwargs: calls.append(original) or original(*args, **kwargs)
+
+    import tokenweave.tokens.entropy as token_entropy
+    import tokenweave.trainers.hapo as hapo
+
+    monkeypatch.setattr(token_entropy, "entropy_stats", spy(token_entropy.entropy_stats))
+    monkeypatch.setattr(hapo, "entropy_stats", spy(hapo.entropy_stats))
+    output = trainer._generate_and_score_completions([DATASET[0]] * 4 + [DATASET[1]] * 4)
+    loss_and_grads(trainer, [output])
+    metrics = set(trainer._metrics["train"])
+    if policy_loss == "hapo":
+        assert trainer.args.token_signals == ["hapo"] and calls and "entropy_signal/mean" in metrics
+    else:
+        assert trainer.args.token_signals == [] and trainer.signals == {} and calls == []
+        assert not {name for name in metrics if "entropy_signal" in name or name.endswith("_entropy")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +197,7 @@ def test_gradient_accumulation_invariance(model_dir, tmp_path, policy_loss):
     batch = make_batch(one_step)
     assert batch["completion_mask"][:4].sum() != batch["completion_mask"][4:].sum()
     if policy_loss == "hapo":
-        batch["entropy_signal"] = one_step._generation_entropy_signal(batch)[1]
+        batch = with_generation_signals(one_step, batch)
         _, entropies = token_logps_and_entropies(one_step, batch)
         halves = [entropy_stats(entropies[rows], batch["completion_mask"][rows]) for rows in (slice(0, 4), slice(4, 8))]
         assert not torch.allclose(halves[0].pivot, halves[1].pivot)
@@ -266,7 +239,7 @@ def test_adaptive_sampling_hands_the_processor_to_generate(model_dir, tmp_path, 
 
     monkeypatch.setattr(type(trainer.model), "generate", spy)
     trainer._generate_and_score_completions([DATASET[0]] * 8)
-    assert calls == [(1.0, [trainer.temperature_processor])]
+    assert calls == [(1.0, [trainer.signals["hapo"].temperature_processor])]
     assert trainer._metrics["train"]["hapo/sampling_temperature"] == [pytest.approx(0.7)]  # no statistics yet
     assert trainer.generation_config.temperature == 0.7 and "generate" not in vars(trainer.model)
     trainer.model.eval()
@@ -337,11 +310,43 @@ def test_hapo_training_run(model_dir, tmp_path, steps_per_generation):
     assert temperatures[0] == pytest.approx(1.0)  # first generation: no statistics yet, T_base
     assert temperatures[1] != pytest.approx(1.0, abs=1e-4)  # then entropy-adaptive, within T_base·[0.95, 1.05]
     assert 0.95 - 1e-6 <= temperatures[1] <= 1.05 + 1e-6
-    assert trainer.temperature_processor.stats is not None
+    assert trainer.signals["hapo"].temperature_processor.stats is not None
     region = max(entry["clip_ratio/region_mean"] for entry in logs)
     assert region > 0 if steps_per_generation == 2 else region == 0  # the second update of a batch is off-policy
     assert trainer._buffered_inputs[0]["advantages"].dim() == 2
     assert any(not torch.equal(param, initial[name]) for name, param in trainer.model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A token signal's state goes into each checkpoint and comes back on resume: HAPO's sampler statistics, so the first
+# generation of a resumed run samples as the saved run's next one would have (not at T_base, as a fresh run does).
+# ---------------------------------------------------------------------------------------------------------------
+def test_signal_state_round_trips_through_a_checkpoint(model_dir, tmp_path):
+    from tokenweave.trainers.grpo import SIGNAL_STATE_FILE
+
+    settings = dict(policy_loss="hapo", per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
+    saved = make_trainer(model_dir, tmp_path, max_steps=2, **settings)
+    saved.train()
+    stats = saved.signals["hapo"].temperature_processor.stats
+    assert stats is not None
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / SIGNAL_STATE_FILE).exists()
+
+    resumed = make_trainer(model_dir, tmp_path, max_steps=3, **settings)
+    hapo = resumed.signals["hapo"]
+    assert hapo.temperature_processor.stats is None  # a fresh trainer samples its first generation at T_base
+    sampled_with = []
+    sample = hapo.sample
+
+    def recording_sample(generate, training):
+        sampled_with.append(hapo.temperature_processor.stats)
+        return sample(generate, training)
+
+    hapo.sample = recording_sample
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3 and len(sampled_with) == 1
+    for name in ("pivot", "rms", "scale_pos", "scale_neg"):
+        assert torch.equal(getattr(sampled_with[0], name), getattr(stats, name)), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,6 +372,22 @@ def test_config_defaults_follow_the_policy_loss():
     assert config().policy_loss is None and config(hapo_token_advantage=True).hapo_token_advantage
 
 
+def test_token_signals_follow_the_config():
+    assert config(policy_loss="hapo").token_signals == ["hapo"]  # policy_loss: hapo keeps its meaning
+    assert config(policy_loss="dapo").token_signals == [] and config().token_signals == []
+    # the hapo signal with another loss: HAPO's generation parts (3.1, 3.2) are on, its loss parts are the hapo loss's
+    dapo = config(policy_loss="dapo", token_signals=["hapo"])
+    assert dapo.token_signals == ["hapo"] and dapo.hapo_adaptive_temperature and dapo.hapo_token_advantage
+    assert not (dapo.hapo_adaptive_clip or dapo.hapo_adaptive_advantage)
+    assert config(hapo_token_advantage=True).token_signals == ["hapo"]  # TRL's loss_type path, [B, T] advantages
+    assert config(token_signals=["hapo"]).hapo_token_advantage
+    # a signal with nothing to do is dropped: the released code's ĥ is the loss's own, per micro-batch
+    generation_off = dict(hapo_adaptive_temperature=False, hapo_token_advantage=False)
+    assert config(policy_loss="hapo", hapo_entropy_stats="micro_batch", **generation_off).token_signals == []
+    assert config(policy_loss="hapo", **generation_off).token_signals == ["hapo"]  # ĥ from the generation batch
+    assert config(policy_loss="dapo", token_signals=["hapo"], **generation_off).token_signals == []
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -377,6 +398,7 @@ def test_config_defaults_follow_the_policy_loss():
         (dict(policy_loss="dapo", loss_agg_mode="mean"), "unknown loss_agg_mode"),
         (dict(policy_loss="hapo", dual_clip_c=0.5), "dual_clip_c must be > 1"),
         (dict(policy_loss="hapo", entropy_coef=0.01), "entropy bonus"),
+        (dict(policy_loss="dapo", token_signals=["nope"]), "unknown token signal 'nope'; registered: .*hapo"),
     ],
 )
 def test_config_errors(kwargs, message):
@@ -391,7 +413,7 @@ def test_config_errors(kwargs, message):
     "name, metric",
     [
         ("hapo_tiny", "hapo/redistributed_frac"),
-        ("dapo_tiny", "clip_ratio/high_mean_high_entropy"),
+        ("dapo_tiny", "clip_ratio/high_max"),
         ("cispo_tiny", "cispo_clip_ratio"),
         ("gspo_tiny", "clip_ratio/region_mean"),
     ],
@@ -403,4 +425,5 @@ def test_tiny_config_trains(name, metric, tmp_path, monkeypatch):
     assert info["global_step"] == 2
     logs = [entry for entry in info["log_history"] if "loss" in entry]
     assert len(logs) == 2 and all("entropy/q80" in entry and metric in entry for entry in logs)
+    assert all(("entropy_signal/mean" in entry) == (name == "hapo_tiny") for entry in logs)  # only hapo's signal
     assert (tmp_path / "out" / "config.json").exists()

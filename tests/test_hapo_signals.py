@@ -7,19 +7,10 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from tokenweave.losses.policy import adaptive_clip_bounds
-from tokenweave.tokens.advantage import (
-    redistribute_advantage,
-    token_group_advantage,
-    token_group_advantage_values,
-)
-from tokenweave.tokens.entropy import (
-    AdaptiveTemperatureLogitsProcessor,
-    EntropyStats,
-    adaptive_temperature,
-    entropy_signal,
-    entropy_stats,
-)
+from tokenweave.losses.policy import adaptive_clip_bounds, redistribute_advantage
+from tokenweave.tokens.advantage import token_group_advantage, token_group_advantage_values
+from tokenweave.tokens.entropy import EntropyStats, adaptive_temperature, entropy_signal, entropy_stats
+from tokenweave.trainers.hapo import AdaptiveTemperatureLogitsProcessor
 
 SQRT3 = math.sqrt(3.0)
 

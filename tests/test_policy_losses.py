@@ -1,5 +1,5 @@
-"""Tests of tokenweave.losses.policy: the registry, the aggregation modes and every registered loss on hand-computed
-off-policy batches (ratio ≠ 1), plus gradient checks for gspo and cispo."""
+"""Tests of tokenweave.losses.policy: the registry, the aggregation modes and TRL's normalisers, the clipped surrogate,
+and every registered loss on hand-computed off-policy batches (ratio ≠ 1), plus gradient checks for gspo and cispo."""
 
 import dataclasses
 import math
@@ -13,7 +13,11 @@ from tokenweave.losses.policy import (
     PolicyLossConfig,
     aggregate_loss,
     get_policy_loss,
+    nan_extreme,
+    ppo_clip,
     register_policy_loss,
+    trl_aggregate_loss,
+    trl_token_normalizer,
 )
 from tokenweave.tokens.entropy import entropy_signal
 
@@ -119,6 +123,79 @@ def test_token_mean_with_global_normalizer_is_invariant_to_the_micro_batch_split
         assert abs(sum(local_means) / len(local_means) - full) > 0.04  # the silent bug the normaliser avoids
 
 
+# TRL's normalisers. N_glob = max(N, 1) / P · GA / steps_per_generation: 7 tokens, 2 processes, GA 2, 4 steps per
+# generation → 7/2 · 2/4 = 1.75; eval (GA = steps = 1): 3.5; no tokens: max(0, 1) = 1 → 1/2.
+@pytest.mark.parametrize(
+    "num_items, processes, accumulation, steps, expected",
+    [(7, 2, 2, 4, 1.75), (7, 2, 1, 1, 3.5), (0, 2, 1, 1, 0.5), (7, 1, 1, 1, 7.0)],
+)
+def test_trl_token_normalizer_by_hand(num_items, processes, accumulation, steps, expected):
+    close(trl_token_normalizer(torch.tensor(num_items), processes, accumulation, steps), expected)
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("token-mean", 4.02 / 1.75),  # Σ ℓ·m / N_glob: the GA scaling is inside N_glob
+        ("seq-mean-token-mean", (-2.78 / 3 + 6.8 / 4) / 2 / 2),  # per-micro-batch mean / GA
+        ("seq-mean-token-sum", 2.01 / 2),
+        ("seq-mean-token-sum-norm", 4.02 / (2 * 10) / 2),  # Dr. GRPO: / (B · max_completion_length) / GA
+    ],
+)
+def test_trl_aggregate_loss_by_hand(mode, expected):
+    per_token = torch.tensor(PPO_PER_TOKEN)
+    loss = trl_aggregate_loss(per_token, MASK, mode, torch.tensor(7), num_processes=2, accumulation_steps=2,
+                              steps_per_generation=4, max_completion_length=10)
+    close(loss, expected)
+
+
+def test_trl_token_mean_is_invariant_to_accumulation_and_processes():
+    # 8 rows as one micro-batch on one process (GA 1), as 2 micro-batches (GA 2), and as 2 processes × 2 micro-batches
+    # (GA 2, gradients averaged over processes): Σ over micro-batches (mean over processes) = the global token mean.
+    torch.manual_seed(0)
+    per_token = torch.randn(8, 10) + torch.arange(8.0).unsqueeze(-1)
+    mask = (torch.arange(10) < torch.tensor([1, 10, 3, 7, 2, 9, 5, 4]).unsqueeze(-1)).long()
+    full = aggregate_loss(per_token, mask, "token-mean")
+    n = mask.sum()
+    close(trl_aggregate_loss(per_token, mask, "token-mean", n, 1), full)
+    accumulated = sum(trl_aggregate_loss(p, m, "token-mean", n, 1, accumulation_steps=2, steps_per_generation=2)
+                      for p, m in zip(per_token.split(4), mask.split(4)))
+    close(accumulated, full)
+    processes = [sum(trl_aggregate_loss(p, m, "token-mean", n, 2, accumulation_steps=2, steps_per_generation=2)
+                     for p, m in zip(rows.split(2), rows_mask.split(2)))
+                 for rows, rows_mask in zip(per_token.split(4), mask.split(4))]
+    close(sum(processes) / 2, full)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The clipped surrogate, flag-free: ppo_clip(r, A, ε_lo, ε_hi, δ, c) on the hand batch's ratios (PPO_PER_TOKEN), with
+# per-token bounds, TRL's δ and the dual clip.
+# ---------------------------------------------------------------------------------------------------------------
+def test_ppo_clip_by_hand():
+    advantages = ADVANTAGES.unsqueeze(-1)
+    per_token, dual = ppo_clip(RATIOS, advantages, 0.2, 0.28)
+    close(per_token, PPO_PER_TOKEN)
+    assert dual is None
+    # per-token bounds: ε_hi = 0.6 on row 0's first token → clip(1.5, 0.8, 1.6) = 1.5
+    eps_high = torch.full_like(RATIOS, 0.28)
+    eps_high[0, 0] = 0.6
+    close(ppo_clip(RATIOS, advantages, 0.2, eps_high)[0][0], [-1.5, -0.5, -1.0, -1.2])
+    # δ = 2.5 caps the unclipped ratio (4 → 2.5); c = 3 caps the A < 0 loss at 3 (r = 4 → 3)
+    close(ppo_clip(RATIOS, advantages, 0.2, 0.28, delta=2.5)[0][1], [1.1, 0.8, 2.5, 0.9])
+    per_token, dual = ppo_clip(RATIOS, advantages, 0.2, 0.28, dual_clip_c=3.0)
+    close(per_token[1], [1.1, 0.8, 3.0, 0.9])
+    assert dual.tolist() == [[False] * 4, [False, False, True, False]]
+
+
+def test_nan_extreme():
+    nan = float("nan")
+    close(nan_extreme(torch.tensor([nan, 0.25, 0.5]), largest=False), 0.25)
+    close(nan_extreme(torch.tensor([nan, 0.25, 0.5]), largest=True), 0.5)
+    assert nan_extreme(torch.tensor([nan, nan]), largest=True).isnan()
+    close(nan_extreme(torch.tensor([[nan, 1.0], [0.5, 2.0]]), largest=False, dim=0), [0.5, 1.0])
+    assert nan_extreme(torch.tensor([[nan, 1.0], [nan, 2.0]]), largest=True, dim=0)[0].isnan()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Clipped losses (grpo, dapo): same per-token loss, hand batch
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +206,10 @@ def test_clipped_loss_hand_values(name):
     close(metrics["clip_ratio/low_mean"], 1 / 7)  # r = 0.7 < 0.8 with A < 0
     close(metrics["clip_ratio/high_mean"], 1 / 7)  # r = 1.5 > 1.28 with A > 0 (r = 4 has A < 0)
     close(metrics["clip_ratio/region_mean"], 2 / 7)
+    # TRL's per-sequence extremes: low-clipped fractions [0, 1/4] → min 0; high-clipped [1/3, 0] → max 1/3
+    close(metrics["clip_ratio/low_min"], 0.0)
+    close(metrics["clip_ratio/high_max"], 1 / 3)
+    assert "entropy_signal/mean" not in metrics  # no ĥ given: no entropy statistics
 
 
 def test_grpo_symmetric_clip():
@@ -295,7 +376,12 @@ def test_hapo_takes_a_given_entropy_signal_over_the_micro_batch_statistics():
 def test_dapo_on_the_hapo_batch():
     per_token, metrics = hapo_batch_loss("dapo", HAPO_CONFIG)
     close(per_token[:, :5], [[-1.0, -0.7, -1.28, -1.1, -1.28], [0.8, 0.8, 1.0, 0.85, 1.2]])
-    close(metrics["clip_ratio/low_mean_low_entropy"], 2 / 8)  # entropy given: the split is reported for dapo too
+    assert "clip_ratio/low_mean_low_entropy" not in metrics  # entropies alone: dapo computes no entropy statistics
+    h_hat = entropy_signal(HAPO_ENTROPY, HAPO_MASK, HAPO_CONFIG.entropy_pivot)
+    _, metrics = get_policy_loss("dapo")(
+        HAPO_LOGPS, HAPO_LOGPS - HAPO_RATIOS.log(), ADVANTAGES, HAPO_MASK, HAPO_CONFIG, entropy_signal=h_hat
+    )
+    close(metrics["clip_ratio/low_mean_low_entropy"], 2 / 8)  # ĥ given (a token signal's): the split for dapo too
 
 
 @pytest.mark.parametrize("released_sign", [False, True])

@@ -16,8 +16,11 @@ and looked up with :func:`get_policy_loss`. All share one signature::
     entropy_signal    [B, T]  HAPO's ĥ computed with statistics of a larger batch (the trainer's generation batch);
                               None: ĥ from ``entropy`` with this micro-batch's statistics (HAPO's released code)
 
-The per-token loss is NOT masked; :func:`aggregate_loss` applies the mask. Metrics are detached 0-dim tensors
-(fractions of the local active tokens).
+The per-token loss is NOT masked; :func:`aggregate_loss` applies the mask. Metrics are detached 0-dim tensors: fractions
+of the local active tokens, which a trainer averages over processes, except names ending in ``_min`` / ``_max``
+(TRL's ``clip_ratio/low_min``, ``clip_ratio/high_max``): the local minimum / maximum, NaN ignored, of per-sequence
+fractions, which a trainer reduces with a NaN-ignoring min / max over processes (:func:`nan_extreme`), as TRL's
+``nanmin`` / ``nanmax`` over the gathered sequences.
 
 Mapping to TRL 1.16 ``GRPOTrainer._compute_loss`` (same per-token loss and, with the normaliser below, the same
 number; ``GA`` = ``current_gradient_accumulation_steps`` in training, 1 in eval, ``P`` = ``num_processes``)::
@@ -35,6 +38,8 @@ number; ``GA`` = ``current_gradient_accumulation_steps`` in training, 1 in eval,
 
     N_glob = num_items_in_batch.clamp(min=1) / P · GA / steps_per_generation   (train; eval: .clamp(min=1) / P)
 
+:func:`trl_aggregate_loss` is this table (:func:`trl_token_normalizer` is ``N_glob``).
+
 ``N_glob`` is the generation batch's global active-token count brought to one process and one accumulation
 window: the GA micro-batch losses summed, then averaged over processes by DDP, give Σ loss / (tokens of the window),
 whatever the split into micro-batches, accumulation steps and processes (with steps_per_generation > GA, TRL assumes
@@ -50,7 +55,6 @@ from typing import Literal
 
 import torch
 
-from tokenweave.tokens.advantage import redistribute_advantage
 from tokenweave.tokens import entropy as token_entropy
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -113,7 +117,7 @@ class PolicyLossConfig:
     clip_alpha: float = 1.0
     """HAPO: strength of the adaptive clip bounds."""
     adaptive_advantage: bool = True
-    """HAPO: differential advantage redistribution (``tokens.advantage.redistribute_advantage``)."""
+    """HAPO: differential advantage redistribution (:func:`redistribute_advantage`)."""
     adv_beta: float = 1.0
     """HAPO: strength of the advantage redistribution."""
 
@@ -159,6 +163,89 @@ def aggregate_loss(
     raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {', '.join(LOSS_AGG_MODES)}")
 
 
+def trl_token_normalizer(
+    num_items_in_batch: torch.Tensor, num_processes: int, accumulation_steps: int = 1, steps_per_generation: int = 1
+) -> torch.Tensor:
+    """TRL 1.16's dapo / cispo normaliser ``N_glob`` (``GRPOTrainer._compute_loss``): the generation batch's active
+    tokens (``num_items_in_batch``, counted over all processes) brought to one process and one accumulation window::
+
+        N_glob = max(num_items_in_batch, 1) / num_processes · accumulation_steps / steps_per_generation
+
+    In evaluation pass ``accumulation_steps = steps_per_generation = 1`` (TRL: ``/ num_processes`` only).
+    """
+    normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
+    return normalizer * accumulation_steps / steps_per_generation
+
+
+def trl_aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    num_items_in_batch: torch.Tensor,
+    num_processes: int,
+    accumulation_steps: int = 1,
+    steps_per_generation: int = 1,
+    max_completion_length: int | None = None,
+) -> torch.Tensor:
+    """:func:`aggregate_loss` with TRL's normalisers, scaled for gradient accumulation as TRL's GRPO loss (the table
+    in the module docstring); the result is what one micro-batch contributes (``loss_is_scaled_for_ga``).
+
+    ``token-mean`` divides by :func:`trl_token_normalizer` ``N_glob``, which already covers one accumulation window
+    of one process: Σ over the window's micro-batches, averaged over processes by DDP, is Σ ℓ / (window's tokens)
+    whatever the split. The other modes are per-micro-batch means divided by ``accumulation_steps`` (TRL's grpo,
+    luspo, dr_grpo; ``seq-mean-token-sum-norm`` divides by B · ``max_completion_length``). Evaluation:
+    ``accumulation_steps = steps_per_generation = 1``.
+    """
+    if mode == "token-mean":
+        normalizer = trl_token_normalizer(num_items_in_batch, num_processes, accumulation_steps, steps_per_generation)
+        return aggregate_loss(per_token_loss, mask, mode, normalizer)
+    normalizer = None
+    if mode == "seq-mean-token-sum-norm":  # Dr. GRPO: B · max_completion_length
+        normalizer = per_token_loss.size(0) * max_completion_length
+    return aggregate_loss(per_token_loss, mask, mode, normalizer) / accumulation_steps
+
+
+def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """``[B, T]`` ratio π_θ/π_old per token, or per sequence exp(masked mean log-ratio) broadcast (GSPO); TRL's
+    ``coef_1`` (also the bias correction of its KL term)."""
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    return torch.exp(log_ratio).expand_as(logps)
+
+
+def ppo_clip(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float | torch.Tensor,
+    epsilon_high: float | torch.Tensor,
+    delta: float | None = None,
+    dual_clip_c: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PPO clipped surrogate per token (arXiv 1707.06347), with TRL's two-sided cap and the dual clip:
+    ``(ℓ [B, T], dual-clipped tokens [B, T] or None)``.
+
+    ::
+
+        ℓ = −min(min(r, δ) · A, clip(r, 1 − ε_lo, 1 + ε_hi) · A)        (δ: INTELLECT-2's cap, ∞ when None)
+        ℓ = min(ℓ, −A · c)   where A < 0                                 (dual clip, arXiv 1912.09729, when c is set)
+
+    ``epsilon_low`` / ``epsilon_high`` are floats or per-token ``[B, T]`` bounds (HAPO's adaptive ones);
+    ``advantages`` is ``[B, 1]`` or ``[B, T]``.
+    """
+    low, high = 1 - epsilon_low, 1 + epsilon_high
+    if isinstance(low, torch.Tensor) != isinstance(high, torch.Tensor):  # torch.clamp takes two numbers or two tensors
+        low, high = torch.as_tensor(low, dtype=ratio.dtype), torch.as_tensor(high, dtype=ratio.dtype)
+    clipped_ratio = torch.clamp(ratio, low, high)
+    unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)
+    if dual_clip_c is None:
+        return per_token_loss, None
+    cap = -advantages * dual_clip_c
+    dual_clipped = (advantages < 0) & (per_token_loss > cap)
+    return torch.where(dual_clipped, cap, per_token_loss), dual_clipped
+
+
 def adaptive_clip_bounds(
     h_hat: torch.Tensor, epsilon_low: float, epsilon_high: float, clip_alpha: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,27 +261,69 @@ def adaptive_clip_bounds(
     return eps_low, eps_high
 
 
+@torch.no_grad()
+def redistribute_advantage(
+    advantages: torch.Tensor,
+    h_hat: torch.Tensor,
+    ratio: torch.Tensor,
+    epsilon_low: float | torch.Tensor,
+    epsilon_high: float | torch.Tensor,
+    adv_beta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HAPO differential advantage redistribution (arXiv 2509.16591, Sec. 3.3, ``ada_advantage``):
+    ``(A' [B, T], redistributed)``.
+
+    ::
+
+        neutral = (1 − ε_lo/2 < r < 1 + ε_hi/2)
+        A'      = A · (1 + adv_beta · ĥ)   if (ĥ > 0 and not neutral) or (ĥ ≤ 0 and neutral)
+        A'      = A                        otherwise
+
+    High-entropy tokens whose ratio already moved get a larger advantage; low-entropy tokens still near ratio 1 get
+    a smaller one (with ĥ ≤ 0). On-policy (r ≡ 1) the high-entropy branch never fires.
+
+    Args:
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
+        h_hat: ``[B, T]`` entropy signal.
+        ratio: ``[B, T]`` importance ratio π_θ/π_old (used without gradient).
+        epsilon_low, epsilon_high: clip ranges, floats or per-token ``[B, T]`` (HAPO's adaptive ones when on).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    neutral = (ratio > 1.0 - epsilon_low / 2) & (ratio < 1.0 + epsilon_high / 2)
+    redistributed = torch.where(h_hat > 0, ~neutral, neutral)
+    return torch.where(redistributed, advantages * (1.0 + adv_beta * h_hat), advantages), redistributed
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x * mask).sum() / mask.sum().clamp(min=1.0)).detach()
 
 
-def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """``[B, T]`` ratio π_θ/π_old per token, or per sequence exp(masked mean log-ratio) broadcast (GSPO); TRL's
-    ``coef_1`` (also the bias correction of its KL term)."""
-    log_ratio = logps - old_logps
-    if level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    return torch.exp(log_ratio).expand_as(logps)
+def nan_extreme(values: torch.Tensor, largest: bool, dim: int | None = None) -> torch.Tensor:
+    """``nanmax`` (``largest``) or ``nanmin`` of ``values`` over ``dim`` (all dimensions when None): NaN ignored, and
+    NaN where every value is NaN, as TRL's ``nanmin`` / ``nanmax`` (here without a host sync)."""
+    fill = float("-inf") if largest else float("inf")
+    filled = torch.where(values.isnan(), fill, values)
+    extreme = (filled.amax if largest else filled.amin)(dim=() if dim is None else dim)
+    return torch.where(extreme == fill, float("nan"), extreme)
 
 
 def _clip_metrics(ratio, advantages, eps_low, eps_high, mask, h_hat) -> dict[str, torch.Tensor]:
-    """TRL's clip ratios, and, given ĥ, the same split into high (ĥ > 0) and low (ĥ ≤ 0) entropy tokens."""
+    """TRL's clip ratios, and, given ĥ, the same split into high (ĥ > 0) and low (ĥ ≤ 0) entropy tokens.
+
+    ``clip_ratio/low_min`` and ``clip_ratio/high_max`` are TRL's: the least / greatest per-sequence fraction of
+    clipped tokens (here of this process's sequences; a trainer takes the NaN-ignoring min / max over processes).
+    With one ratio per sequence (GSPO) TRL counts each sequence once, here every one of its tokens (the same
+    per-sequence fractions, but an empty completion is NaN here, 0 in TRL).
+    """
     low = ((ratio < 1 - eps_low) & (advantages < 0)).float()
     high = ((ratio > 1 + eps_high) & (advantages > 0)).float()
     metrics = {
         "clip_ratio/low_mean": _masked_mean(low, mask),
         "clip_ratio/high_mean": _masked_mean(high, mask),
         "clip_ratio/region_mean": _masked_mean(low + high, mask),
+        "clip_ratio/low_min": nan_extreme(((low * mask).sum(-1) / mask.sum(-1)).detach(), largest=False),
+        "clip_ratio/high_max": nan_extreme(((high * mask).sum(-1) / mask.sum(-1)).detach(), largest=True),
     }
     if h_hat is not None:
         for name, side in (("high_entropy", h_hat > 0), ("low_entropy", h_hat <= 0)):
@@ -204,48 +333,30 @@ def _clip_metrics(ratio, advantages, eps_low, eps_high, mask, h_hat) -> dict[str
     return metrics
 
 
-def _entropy_signal(entropy, entropy_signal, mask, config) -> torch.Tensor | None:
-    """ĥ: ``entropy_signal`` when given, else from ``entropy`` with this micro-batch's statistics, else None."""
-    if entropy_signal is not None:
-        return entropy_signal
-    if entropy is None:
-        return None
-    return token_entropy.entropy_signal(entropy, mask, config.entropy_pivot, config.released_sign)
-
-
-def _clipped_loss(
-    logps, old_logps, advantages, mask, config, token_weights, h_hat, *, level, adaptive_clip, adaptive_advantage
-):
-    """PPO clipped surrogate shared by grpo / dapo / gspo / hapo (HAPO's components switched by the flags)."""
+def _clipped_surrogate(logps, old_logps, advantages, mask, config, token_weights, level, h_hat=None):
+    """The clipped losses' common path: ratio at ``level``, :func:`ppo_clip` with the config's bounds, weights,
+    metrics (split by ĥ when given)."""
     mask = mask.to(logps.dtype)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    if h_hat is None and (adaptive_clip or adaptive_advantage):
-        raise ValueError("HAPO's adaptive clip and advantage need the token entropies: pass `entropy` or "
-                         "`entropy_signal`")
     ratio = importance_ratio(logps, old_logps, mask, level)
+    per_token_loss, dual_clipped = ppo_clip(
+        ratio, advantages, config.epsilon_low, config.epsilon_high, config.delta, config.dual_clip_c
+    )
+    return _weighted_with_metrics(
+        per_token_loss, dual_clipped, token_weights, ratio, advantages, config.epsilon_low, config.epsilon_high,
+        mask, h_hat,
+    )
 
-    eps_low, eps_high = config.epsilon_low, config.epsilon_high
-    if adaptive_clip:
-        eps_low, eps_high = adaptive_clip_bounds(h_hat, eps_low, eps_high, config.clip_alpha)
-    metrics = {}
-    if adaptive_advantage:
-        advantages, redistributed = redistribute_advantage(
-            advantages, h_hat, ratio.detach(), eps_low, eps_high, config.adv_beta
-        )
-        metrics["hapo/redistributed_frac"] = _masked_mean(redistributed.float(), mask)
 
-    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    unclipped_ratio = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
-    per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)
-    if config.dual_clip_c is not None:
-        cap = -advantages * config.dual_clip_c
-        dual_clipped = (advantages < 0) & (per_token_loss > cap)
-        per_token_loss = torch.where(dual_clipped, cap, per_token_loss)
+def _weighted_with_metrics(per_token_loss, dual_clipped, token_weights, ratio, advantages, eps_low, eps_high, mask,
+                           h_hat, metrics=None):
+    """``ℓ · token_weights`` and the clip metrics (dual clip included) of a :func:`ppo_clip` result."""
+    metrics = {} if metrics is None else metrics
+    if dual_clipped is not None:
         metrics["clip_ratio/dual_mean"] = _masked_mean(dual_clipped.float(), mask)
     if token_weights is not None:
         per_token_loss = per_token_loss * token_weights
-
     metrics.update(_clip_metrics(ratio, advantages, eps_low, eps_high, mask, h_hat))
     return per_token_loss, metrics
 
@@ -267,19 +378,15 @@ def clipped_policy_loss(
     ::
 
         r = exp(logp − old_logp)                  (per sequence with importance_sampling_level="sequence")
-        ℓ = −min(min(r, δ) · A, clip(r, 1 − ε_lo, 1 + ε_hi) · A)          (δ = config.delta, ∞ when None)
-        ℓ = min(ℓ, −A · c)  where A < 0                                   (dual clip, when dual_clip_c is set)
-        ℓ = ℓ · token_weights
+        ℓ = ppo_clip(r, A, ε_lo, ε_hi, δ, c) · token_weights
 
     = TRL ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo, which share this per-token loss and differ only in
     aggregation (module docstring). ``grpo`` and ``dapo`` are the same function; DAPO is the default epsilons
-    0.2 / 0.28 with token-mean aggregation. ``entropy`` or ``entropy_signal``, when given, only adds entropy-split
-    clip metrics.
+    0.2 / 0.28 with token-mean aggregation. ``entropy`` is unused; an ``entropy_signal`` ĥ (from a token signal
+    such as HAPO's), when given, only adds the clip metrics split by entropy side.
     """
-    return _clipped_loss(
-        logps, old_logps, advantages, mask, config, token_weights,
-        _entropy_signal(entropy, entropy_signal, mask, config),
-        level=config.importance_sampling_level, adaptive_clip=False, adaptive_advantage=False,
+    return _clipped_surrogate(
+        logps, old_logps, advantages, mask, config, token_weights, config.importance_sampling_level, entropy_signal
     )
 
 
@@ -299,16 +406,13 @@ def gspo_policy_loss(
     ::
 
         s_i = exp(Σ_t (logp − old_logp)·m / Σ_t m)      (gradient flows through the mean)
-        ℓ_{i,t} = −min(s_i · A_i, clip(s_i, 1 − ε_lo, 1 + ε_hi) · A_i)   for every t of sequence i
+        ℓ_{i,t} = ppo_clip(s_i, A_i, ε_lo, ε_hi, δ, c) · token_weights   for every t of sequence i
 
     = TRL ``loss_type="grpo", importance_sampling_level="sequence"`` (its recipe: ε = 3e-4 / 4e-4, beta = 0),
     aggregated with ``seq-mean-token-mean``. The clip metrics count tokens (TRL's count sequences here).
+    ``entropy`` and ``entropy_signal`` as for :func:`clipped_policy_loss`.
     """
-    return _clipped_loss(
-        logps, old_logps, advantages, mask, config, token_weights,
-        _entropy_signal(entropy, entropy_signal, mask, config),
-        level="sequence", adaptive_clip=False, adaptive_advantage=False,
-    )
+    return _clipped_surrogate(logps, old_logps, advantages, mask, config, token_weights, "sequence", entropy_signal)
 
 
 @register_policy_loss("cispo")
@@ -357,21 +461,39 @@ def hapo_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HAPO policy loss (arXiv 2509.16591, ``compute_policy_loss`` of the official verl fork).
 
-    ĥ = ``entropy_signal`` when given (the trainer's, with statistics of the whole generation batch), else
-    ``tokens.entropy.entropy_signal(entropy, mask, entropy_pivot, released_sign)`` from this micro-batch (the
+    ĥ = ``entropy_signal`` when given (the trainer's HAPO signal, with statistics of the whole generation batch),
+    else ``tokens.entropy.entropy_signal(entropy, mask, entropy_pivot, released_sign)`` from this micro-batch (the
     released code's), then::
 
         ε_lo(t), ε_hi(t) = adaptive_clip_bounds(ĥ, ε_lo, ε_hi, clip_alpha)          if config.adaptive_clip
         A'               = redistribute_advantage(A, ĥ, sg(r), ε_lo(t), ε_hi(t))     if config.adaptive_advantage
-        ℓ = −min(r · A', clip(r, 1 − ε_lo(t), 1 + ε_hi(t)) · A');   ℓ = min(ℓ, −A' · c) where A' < 0
+        ℓ                = ppo_clip(r, A', ε_lo(t), ε_hi(t), δ, c) · token_weights
 
-    With both components off it is exactly ``dapo``. Paper setup: token-mean aggregation, dual_clip_c = 10, no KL,
-    advantages from ``tokens.advantage.token_group_advantage``. Extra metrics: ``hapo/redistributed_frac``,
-    ``entropy_signal/mean`` and the clip ratios split by entropy side.
+    With both components off it is exactly ``dapo`` (and needs no entropies). Paper setup: token-mean aggregation,
+    dual_clip_c = 10, no KL, advantages from ``tokens.advantage.token_group_advantage``. Extra metrics:
+    ``hapo/redistributed_frac``, ``entropy_signal/mean`` and the clip ratios split by entropy side.
     """
-    return _clipped_loss(
-        logps, old_logps, advantages, mask, config, token_weights,
-        _entropy_signal(entropy, entropy_signal, mask, config),
-        level=config.importance_sampling_level,
-        adaptive_clip=config.adaptive_clip, adaptive_advantage=config.adaptive_advantage,
+    if entropy_signal is None and entropy is not None:
+        entropy_signal = token_entropy.entropy_signal(entropy, mask, config.entropy_pivot, config.released_sign)
+    mask = mask.to(logps.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    h_hat = entropy_signal
+    if h_hat is None and (config.adaptive_clip or config.adaptive_advantage):
+        raise ValueError("HAPO's adaptive clip and advantage need the token entropies: pass `entropy` or "
+                         "`entropy_signal`")
+    ratio = importance_ratio(logps, old_logps, mask, config.importance_sampling_level)
+
+    eps_low, eps_high = config.epsilon_low, config.epsilon_high
+    if config.adaptive_clip:
+        eps_low, eps_high = adaptive_clip_bounds(h_hat, eps_low, eps_high, config.clip_alpha)
+    metrics = {}
+    if config.adaptive_advantage:
+        advantages, redistributed = redistribute_advantage(
+            advantages, h_hat, ratio.detach(), eps_low, eps_high, config.adv_beta
+        )
+        metrics["hapo/redistributed_frac"] = _masked_mean(redistributed.float(), mask)
+    per_token_loss, dual_clipped = ppo_clip(ratio, advantages, eps_low, eps_high, config.delta, config.dual_clip_c)
+    return _weighted_with_metrics(
+        per_token_loss, dual_clipped, token_weights, ratio, advantages, eps_low, eps_high, mask, h_hat, metrics
     )

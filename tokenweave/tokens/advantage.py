@@ -1,6 +1,7 @@
-"""HAPO's advantages: token-level group average and differential redistribution (arXiv 2509.16591).
+"""HAPO's token-level group-average advantage (arXiv 2509.16591, Sec. 3.2).
 
-Official code: ``compute_hapo_outcome_advantage`` and ``ada_advantage`` in ``verl/trainer/ppo/core_algos.py``.
+Official code: ``compute_hapo_outcome_advantage`` in ``verl/trainer/ppo/core_algos.py``. The differential advantage
+redistribution (Sec. 3.3) is loss math, next to its adaptive clip bounds: ``losses.policy.redistribute_advantage``.
 """
 
 import torch
@@ -84,36 +85,3 @@ def token_group_advantage_values(
     grpo_adv = seq_dev / (seq_std[group] + eps)
 
     return torch.where(scored, torch.where(fallback, grpo_adv, token_adv), 0.0)
-
-
-@torch.no_grad()
-def redistribute_advantage(
-    advantages: torch.Tensor,
-    h_hat: torch.Tensor,
-    ratio: torch.Tensor,
-    epsilon_low: float | torch.Tensor,
-    epsilon_high: float | torch.Tensor,
-    adv_beta: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """HAPO differential advantage redistribution (Sec. 3.3, ``ada_advantage``): ``(A' [B, T], redistributed)``.
-
-    ::
-
-        neutral = (1 − ε_lo/2 < r < 1 + ε_hi/2)
-        A'      = A · (1 + adv_beta · ĥ)   if (ĥ > 0 and not neutral) or (ĥ ≤ 0 and neutral)
-        A'      = A                        otherwise
-
-    High-entropy tokens whose ratio already moved get a larger advantage; low-entropy tokens still near ratio 1 get
-    a smaller one (with ĥ ≤ 0). On-policy (r ≡ 1) the high-entropy branch never fires.
-
-    Args:
-        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
-        h_hat: ``[B, T]`` entropy signal.
-        ratio: ``[B, T]`` importance ratio π_θ/π_old (used without gradient).
-        epsilon_low, epsilon_high: clip ranges, floats or per-token ``[B, T]`` (HAPO's adaptive ones when on).
-    """
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)
-    neutral = (ratio > 1.0 - epsilon_low / 2) & (ratio < 1.0 + epsilon_high / 2)
-    redistributed = torch.where(h_hat > 0, ~neutral, neutral)
-    return torch.where(redistributed, advantages * (1.0 + adv_beta * h_hat), advantages), redistributed

@@ -16,14 +16,14 @@ entropies get ĥ ≈ 1 like the highest ones, so every "low entropy" branch of H
 
 The four numbers ``(pivot, rms, scale_pos, scale_neg)`` are an :class:`EntropyStats`: computed on one batch, they
 can be applied to another. HAPO's rollout uses the PREVIOUS step's statistics to pick, at every decoding step, the
-temperature ``T = T_base · (1 + τ · clamp(ĥ, −1, 1))`` (:func:`adaptive_temperature`,
-:class:`AdaptiveTemperatureLogitsProcessor`).
+temperature ``T = T_base · (1 + τ · clamp(ĥ, −1, 1))`` (:func:`adaptive_temperature`; the logits processor that
+applies it in ``generate`` is ``trainers.hapo.AdaptiveTemperatureLogitsProcessor``, since this layer imports no
+transformers).
 """
 
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor
 
 _EPS = 1e-8
 
@@ -100,42 +100,3 @@ def adaptive_temperature(
     if stats is None:
         return torch.full(entropy.shape, base_temperature, dtype=torch.float32, device=entropy.device)
     return base_temperature * (1.0 + tau * stats.signal(entropy).clamp(-1.0, 1.0))
-
-
-class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
-    """Divides each row of logits by its HAPO adaptive temperature (the patched vLLM sampler, for ``generate``).
-
-    At every decoding step: ``H = entropy(softmax(scores / T_base))`` per row (the entropy at the base temperature,
-    as the trainer's statistics are; the released sampler, with T_base = 1, takes it on the raw logits),
-    ``T = adaptive_temperature(H, stats, T_base, τ)``, ``scores / T``. It replaces the temperature warper, so
-    generate with ``temperature=1.0`` and put this processor before top-k / top-p / min-p (``generate`` runs the
-    ``logits_processor`` it is given before its warpers). Update ``stats`` between rollouts (``None``: plain
-    ``base_temperature``). With ``record_temperatures=True``, each call appends its ``[B]`` temperatures to
-    :attr:`temperatures`; :meth:`pop_temperatures` returns them as ``[B, steps]`` and starts a new record.
-    """
-
-    def __init__(
-        self,
-        stats: EntropyStats | None = None,
-        base_temperature: float = 1.0,
-        tau: float = 0.05,
-        record_temperatures: bool = False,
-    ):
-        self.stats = stats
-        self.base_temperature = base_temperature
-        self.tau = tau
-        self.record_temperatures = record_temperatures
-        self.temperatures: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.base_temperature, dim=-1)
-        entropy = torch.special.entr(probs).sum(-1)  # entr(0) = 0 for −inf logits
-        temperature = adaptive_temperature(entropy, self.stats, self.base_temperature, self.tau)
-        if self.record_temperatures:
-            self.temperatures.append(temperature)
-        return scores / temperature.unsqueeze(-1).to(scores.dtype)
-
-    def pop_temperatures(self) -> torch.Tensor:
-        """The recorded temperatures ``[B, steps]`` (one column per decoding step), and clear the record."""
-        temperatures, self.temperatures = self.temperatures, []
-        return torch.stack(temperatures, dim=1)
