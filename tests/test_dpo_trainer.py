@@ -279,8 +279,9 @@ def test_tdpo_chunked_kl_in_trainer_equals_sequential_kl_on_full_logits(tmp_path
 
     chosen_kl, rejected_kl = seq_kl.detach().chunk(2)
     assert chosen_kl.min() > 0 and rejected_kl.min() > 0
-    assert trainer._metrics["train"]["kl/chosen"][-1] == pytest.approx(chosen_kl.mean().item(), rel=1e-5)
-    assert trainer._metrics["train"]["kl/rejected"][-1] == pytest.approx(rejected_kl.mean().item(), rel=1e-5)
+    metrics = logged_metrics(trainer)
+    assert metrics["kl/chosen"] == pytest.approx(chosen_kl.mean().item(), rel=1e-5)
+    assert metrics["kl/rejected"] == pytest.approx(rejected_kl.mean().item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,20 +299,21 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path, models
     )
     assert trainer.ref_model is None
     batch = first_batch(trainer)
-    metrics = trainer._metrics["train"]
 
     loss = trainer.compute_loss(trainer.model, batch)
+    metrics = logged_metrics(trainer)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert metrics["rewards/margins"][-1] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     if loss_type == "tdpo2":
-        assert metrics["kl/chosen"][-1] == pytest.approx(0.0, abs=1e-6)
+        assert metrics["kl/chosen"] == pytest.approx(0.0, abs=1e-6)
 
     trainer.train()
     with torch.no_grad():
         trainer.compute_loss(trainer.model, batch)
-    assert metrics["rewards/margins"][-1] != pytest.approx(0.0, abs=1e-4)
+    metrics = logged_metrics(trainer)
+    assert metrics["rewards/margins"] != pytest.approx(0.0, abs=1e-4)
     if loss_type == "tdpo2":
-        assert metrics["kl/chosen"][-1] > 1e-6
+        assert metrics["kl/chosen"] > 1e-6
 
 
 @pytest.mark.parametrize("loss_type", ["tdpo1", "tdpo2"])
@@ -343,7 +345,7 @@ def test_tdpo_with_peft_under_zero3_gathers_the_frozen_head_once(tmp_path, model
     head_calls = []
     head.register_forward_hook(lambda module, args, output: head_calls.append(args[0].shape[0]))
     expected = loss_and_grads(trainer, batch)
-    expected_kl = trainer._metrics["train"]["kl/chosen"][-1]
+    expected_kl = logged_metrics(trainer)["kl/chosen"]
     assert len(head_calls) > 0 and expected_kl > 1e-4
 
     gathers = []
@@ -362,7 +364,7 @@ def test_tdpo_with_peft_under_zero3_gathers_the_frozen_head_once(tmp_path, model
     assert len(gathers) == 1 and len(gathers[0]) == 1 and gathers[0][0] is head.weight  # once: policy and reference
     assert_same_loss_and_grads(actual, expected)
     assert any("lora_A" in name for name in actual[1]) and not any("lm_head" in name for name in actual[1])
-    assert trainer._metrics["train"]["kl/chosen"][-1] == pytest.approx(expected_kl, rel=1e-6)
+    assert logged_metrics(trainer)["kl/chosen"] == pytest.approx(expected_kl, rel=1e-6)
 
 
 @pytest.mark.parametrize(
