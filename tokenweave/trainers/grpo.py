@@ -113,16 +113,16 @@ class TokenGRPOConfig(HapoConfig, GRPOConfig):
         default=None,
         metadata={
             "help": "Token signals (tokenweave.trainers.signals) to run, in order, by registered name: hapo, or any "
-            "registered with @register_token_signal. A signal implied by other fields is added (policy_loss: hapo, "
-            "or a HAPO switch set to true, implies hapo); one with none of its parts on is dropped."
+            "registered with @register_token_signal, or 'package.module:Class'. A signal implied by other fields is "
+            "added (policy_loss: hapo, or a HAPO switch set to true, implies hapo); one with none of its parts on is "
+            "dropped."
         },
     )
 
     def __post_init__(self):
         super().__post_init__()
-        requested = list(self.token_signals or [])
-        for name in requested:
-            get_token_signal(name)  # a ValueError naming the registered signals
+        # registered names (``package.module:Class`` imports and registers); a ValueError naming them otherwise
+        requested = [get_token_signal(name).name for name in self.token_signals or []]
         if self.policy_loss is None:
             needs_loss = ("loss_agg_mode", "token_weights_column", "dual_clip_c")
             given = [name for name in needs_loss if getattr(self, name) not in (None, False)]

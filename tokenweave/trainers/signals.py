@@ -2,7 +2,8 @@
 
 A method's per-token signal (HAPO's entropy signal, Rank-GRPO's spans, attention-derived credit, critical-token
 weights, ...) is a :class:`TokenSignal` registered by name (``@register_token_signal("name")``) and picked in YAML
-(``token_signals: [name, ...]``; they run in that order, so a later one sees the columns of an earlier one). The
+(``token_signals: [name, ...]``, or ``package.module:Class``; they run in that order, so a later one sees the columns
+of an earlier one). The
 trainer calls every signal that is on at four points and does nothing for a signal that is off::
 
     hook                                 called in (TRL hook)                     a signal returns
@@ -37,6 +38,7 @@ is shaped for, each one more signal:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -190,7 +192,17 @@ def register_token_signal(name: str) -> Callable[[type[TokenSignal]], type[Token
 
 
 def get_token_signal(name: str) -> type[TokenSignal]:
-    """The token signal registered as ``name``; ``ValueError`` listing the registered names otherwise."""
+    """The token signal registered as ``name``, or ``package.module:Class`` (the module is imported, which registers
+    a decorated class; an undecorated one is registered under this name); ``ValueError`` listing the registered
+    names otherwise."""
+    if ":" in name:
+        module, _, attribute = name.partition(":")
+        signal = getattr(importlib.import_module(module), attribute, None)
+        if not (isinstance(signal, type) and issubclass(signal, TokenSignal)):
+            raise ValueError(f"token signal {name!r} is not a TokenSignal subclass")
+        if TOKEN_SIGNALS.get(getattr(signal, "name", None)) is not signal:
+            register_token_signal(name)(signal)
+        return signal
     try:
         return TOKEN_SIGNALS[name]
     except KeyError:
