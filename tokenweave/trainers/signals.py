@@ -29,8 +29,10 @@ is shaped for, each one more signal:
 
 - HAPO (:mod:`.hapo`): entropy statistics after generation, an adaptive-temperature ``sample``, token-level
   advantages, ĥ as the loss's ``entropy_signal``; its sampler statistics are its state.
-- Rank-GRPO: after generation, span ids ``[B, T]`` (rank of each token) and per-rank advantages ``[B, T]``;
-  ``loss_kwargs`` passes the span ids to a ``rank_grpo`` loss (the span-mean importance ratio).
+- Rank-GRPO: after generation, the completions decoded (``trainer.processing_class``) and scored per rank by its
+  own reward functions (TRL's reward functions return one scalar per completion), span ids ``[B, T]`` (rank of each
+  token) and per-rank advantages ``[B, T]`` as ``"advantages"``; ``loss_kwargs`` passes the span ids to a
+  registered ``rank_grpo`` loss (the span-mean importance ratio, ``logps`` and ``old_logps`` at hand).
 - Attention-derived credit: after generation, one extra no-grad forward with attention weights (the policy at
   that point is π_old), then ``"advantages"`` = the current advantages · γ ``[B, T]``.
 - Critical-token weights: after generation, a weight column; ``loss_kwargs`` returns it as ``token_weights``.
