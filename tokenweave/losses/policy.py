@@ -12,9 +12,16 @@ and looked up with :func:`get_policy_loss`. All share one signature::
     config            PolicyLossConfig
     token_weights     [B, T]  multiplies the per-token loss: this is how signals of other methods combine
                               (TRL's entropy mask, off-policy mask, vLLM IS ratios, a critical-token weight ...)
-    entropy           [B, T]  token entropies of π_θ (HAPO; used without gradient)
-    entropy_signal    [B, T]  HAPO's ĥ computed with statistics of a larger batch (the trainer's generation batch);
-                              None: ĥ from ``entropy`` with this micro-batch's statistics (HAPO's released code)
+    entropy           [B, T]  token entropies of π_θ (used without gradient; only hapo reads them, for ĥ when no
+                              ``entropy_signal`` is given: this micro-batch's statistics, HAPO's released code)
+    entropy_signal    [B, T]  HAPO's ĥ from a token signal (trainers.hapo: statistics of the whole generation batch);
+                              hapo uses it, grpo / dapo / gspo only split their clip metrics by its sign
+
+A token signal's other loss inputs (``TokenSignal.loss_kwargs``, e.g. Rank-GRPO's span ids) arrive as further keyword
+arguments, which the loss that needs them names. Contents: the registry, :class:`PolicyLossConfig`,
+:func:`aggregate_loss` and TRL's normalisers (:func:`trl_aggregate_loss`), :func:`importance_ratio`, the clipped
+surrogate :func:`ppo_clip` (no method flags), HAPO's loss math (:func:`adaptive_clip_bounds`, Sec. 3.4, and
+:func:`redistribute_advantage`, Sec. 3.3), and the registered losses.
 
 The per-token loss is NOT masked; :func:`aggregate_loss` applies the mask. Metrics are detached 0-dim tensors: fractions
 of the local active tokens, which a trainer averages over processes, except names ending in ``_min`` / ``_max``
