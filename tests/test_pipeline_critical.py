@@ -289,6 +289,8 @@ def test_a_failed_step_leaves_no_output_and_a_foreign_directory_is_refused(tmp_p
         run_steps(tmp_path, [counting_step("b", {}, [])], "test")
     with pytest.raises(ValueError, match=r"reads \['z'\], which are not earlier steps"):
         run_steps(tmp_path, [counting_step("c", {}, [], inputs=("z",))], "test")
+    with pytest.raises(ValueError, match="'inputs' is the record's key"):
+        run_steps(tmp_path, [counting_step("c", {"inputs": 1}, [])], "test")
 
 
 # -- the quickstart ---------------------------------------------------------------------------------------

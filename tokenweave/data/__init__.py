@@ -1,1 +1,2 @@
-"""Data: the offline tasks, loading any dataset for a run, and preference pairs from sampled trajectories."""
+"""Data: the offline tasks, loading any dataset for a run, preference pairs and SFT sets chosen from labelled
+trajectories, and per-token columns aligned to the completion tokens DPOTrainer sees."""

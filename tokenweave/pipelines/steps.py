@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 STEP_RECORD = "step_config.json"
@@ -30,14 +30,14 @@ STEP_RECORD = "step_config.json"
 class Step:
     """One step: its directory ``name``, the settings its output is made from, the steps it reads, and how to build.
 
-    ``config`` must be JSON data (it is compared with the recorded one after a JSON round trip). ``build(directory)``
-    writes the step's output into ``directory``, which does not exist yet.
+    ``config`` must be JSON data without the key ``inputs`` (it is compared with the recorded one after a JSON round
+    trip). ``build(directory)`` writes the step's output into ``directory``, which does not exist yet.
     """
 
     name: str
     config: dict
     build: Callable[[Path], None]
-    inputs: tuple[str, ...] = field(default=())
+    inputs: tuple[str, ...] = ()
 
 
 class StepConfigChanged(ValueError):
@@ -53,12 +53,12 @@ def run_steps(work_dir: Path, steps: Sequence[Step], log_prefix: str) -> dict[st
     work_dir = Path(work_dir)
     records: dict[str, dict] = {}
     for step in steps:
+        if "inputs" in step.config:
+            raise ValueError(f"Step {step.name!r}: 'inputs' is the record's key for the steps it reads, not a setting.")
         unknown = [name for name in step.inputs if name not in records]
         if unknown:
             raise ValueError(f"Step {step.name!r} reads {unknown}, which are not earlier steps.")
-        records[step.name] = _json_data(
-            {**step.config, "inputs": {name: records[name] for name in step.inputs}}
-        )
+        records[step.name] = _json_data({**step.config, "inputs": {name: records[name] for name in step.inputs}})
     outputs = {step.name: work_dir / step.name for step in steps}
     _check_records(work_dir, outputs, records)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +94,8 @@ def _check_records(work_dir: Path, outputs: dict[str, Path], records: dict[str, 
     if changed:
         raise StepConfigChanged(
             f"{work_dir} holds steps made from another config than this one:\n" + "\n".join(changed) + "\n"
-            "Delete these step directories to recompute them with this config, or set another work_dir to keep them "
-            "(or restore the old values)."
+            "Delete these step directories to recompute them with this config, or run into another work directory "
+            "to keep them (or restore the old values)."
         )
 
 
