@@ -37,7 +37,7 @@ rerunning skips finished steps, and a finished step whose config changed stops t
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datasets import Dataset, load_from_disk
