@@ -250,23 +250,9 @@ def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
     work_dir = Path(config.work_dir)
     runs = training_runs(config)
     samples, sft_data = work_dir / "samples", work_dir / "sft_data"
+    sampling = _sampling_arguments(config)
     steps = [
-        Step(
-            "samples",
-            {
-                "model": config.model,
-                "task": config.task,
-                "num_examples": config.num_examples,
-                "task_difficulty": config.task_difficulty,
-                "task_seed": config.task_seed,
-                "num_samples_per_prompt": config.num_samples_per_prompt,
-                "temperature": config.temperature,
-                "max_new_tokens": config.max_new_tokens,
-                "sample_batch_size": config.sample_batch_size,
-                "seed": config.seed,
-            },
-            lambda staging: _sample(config, staging),
-        ),
+        Step("samples", sampling, lambda staging: _sample(sampling, staging)),
         Step(
             "sft_data",
             {
@@ -299,9 +285,11 @@ def _training_step(name: str, run: TrainingRun, dataset: Path, input_step: str) 
     return Step(name, {"run": run.record}, lambda staging: run.train(dataset, staging), inputs=(input_step,))
 
 
-def _sample(config: CriticalPipelineConfig, staging: Path) -> None:
-    samples = sample_trajectories(
-        config.model,
+def _sampling_arguments(config: CriticalPipelineConfig) -> dict:
+    """The arguments of :func:`~tokenweave.inference.sampling.sample_trajectories` in step (a, b): the samples step's
+    record too."""
+    return dict(
+        model=config.model,
         task=config.task,
         split="train",
         num_examples=config.num_examples,
@@ -313,6 +301,10 @@ def _sample(config: CriticalPipelineConfig, staging: Path) -> None:
         batch_size=config.sample_batch_size,
         seed=config.seed,
     )
+
+
+def _sample(sampling: dict, staging: Path) -> None:
+    samples = sample_trajectories(**sampling)
     print(f"[{LOG_PREFIX}] sampled {len(samples)} trajectories, {sum(samples['correct'])} correct")
     samples.save_to_disk(str(staging))
 
