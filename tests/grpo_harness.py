@@ -60,13 +60,7 @@ def make_trainer(model_dir, output_dir, trainer_class=None, config_class=None, *
 def token_logps_and_entropies(trainer, batch):
     """The policy's per-token log-probs and entropies ``[B, T]`` of a batch's completions, without gradient."""
     with torch.no_grad():
-        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-            batch["completion_ids"].size(1),
-            compute_entropy=True,
-        )
+        logps, entropies, _ = trainer.completion_logps_and_entropies(trainer.model, batch, compute_entropy=True)
     return logps, entropies
 
 
