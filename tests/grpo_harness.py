@@ -1,6 +1,6 @@
 """The GRPO test harness: a TokenGRPOTrainer on the tiny model, a hand-made generation batch, and the loss and
 gradients a batch gives. Used by the trainer tests (``test_grpo_trainer.py``, ``test_hapo_pinned.py``), the
-2-process probe (``grpo_invariance_probe.py``) and its test (``test_grpo_distributed.py``).
+2-process probe (``distributed/grpo_invariance_probe.py``) and its test (``distributed/test_grpo.py``).
 
 The batch: 8 completions (2 prompts × 4) as ``_generate_and_score_completions`` returns them, off-policy (old and
 reference log-probs are the model's shifted by N(0, 0.3²), so ratios leave the clip ranges), with unequal lengths

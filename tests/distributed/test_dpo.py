@@ -1,7 +1,7 @@
 """TokenDPOTrainer over several processes: cDPO, TDPO1 and TDPO2 each train under ``accelerate launch`` with 2 CPU
 processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and ZeRO-3 logs the losses ZeRO-2 logs.
 
-The 6 runs of a ZeRO stage (3 losses × LoRA / no LoRA) share one launch (``tests/distributed_runs.py``).
+The 6 runs of a ZeRO stage (3 losses × LoRA / no LoRA) share one launch (``tests/distributed/runs.py``).
 
 TDPO with LoRA under ZeRO-3 is the case where the frozen LM head is gathered once per step and applied as
 ``F.linear`` (``tokenweave.models.lm_head_functions``): a module call recomputed in the backward finds it released.
@@ -18,9 +18,9 @@ from tokenweave.data.arithmetic import load_arithmetic
 from tokenweave.models import build_tiny_llama
 from tokenweave.train import RUN_INFO_FILE
 
-from .conftest import CONFIGS
-from .distributed_runs import assert_trained, run_name, stage_launcher
-from .test_dpo_trainer import with_columns
+from ..conftest import CONFIGS
+from .runs import assert_trained, run_name, stage_launcher
+from ..test_dpo_trainer import with_columns
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 from tokenweave.models import build_tiny_llama, load_model_and_tokenizer
 from tokenweave.train import RUN_INFO_FILE
 
-from .conftest import CONFIGS, REPO_ROOT
-from .distributed_runs import accelerate_launch
+from ..conftest import CONFIGS, REPO_ROOT
+from .runs import accelerate_launch
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_two_process_deepspeed_run(method, zero_stage, tmp_path):
 def test_lora_dpo_under_zero3_saves_an_adapter_that_reloads_to_the_trained_model(tmp_path):
     accelerate_launch(
         "cpu_zero3.yaml",
-        [str(REPO_ROOT / "tests" / "distributed_probe.py"), "--config", str(CONFIGS / "dpo_tiny.yaml"),
+        [str(REPO_ROOT / "tests" / "distributed" / "saved_model_probe.py"), "--config", str(CONFIGS / "dpo_tiny.yaml"),
          "--output_dir", str(tmp_path), "--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16",
          "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"],
     )

@@ -5,7 +5,7 @@ Several runs in one launch. A 2-process CPU launch spends 20-50 s importing torc
 ranks, and a tiny 2-step run trains in a few seconds, so the runs of a ZeRO stage share ONE launch of this file as a
 script (:func:`launch_runs`)::
 
-    accelerate launch --config_file launch/cpu_zero3.yaml tests/distributed_runs.py RUNS.json
+    accelerate launch --config_file launch/cpu_zero3.yaml tests/distributed/runs.py RUNS.json
 
 ``RUNS.json`` is a list of argument lists, each the command line of ``python -m tokenweave.train``, parsed and run
 one after another by :func:`tokenweave.train.train_from_args`. Each run is a full run (its own trainer,
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "launch"
 
 

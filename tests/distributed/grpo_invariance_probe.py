@@ -1,7 +1,7 @@
-"""Process invariance of every registered policy loss, launched by ``tests/test_grpo_distributed.py``: 2 processes ×
+"""Process invariance of every registered policy loss, launched by ``tests/distributed/test_grpo.py``: 2 processes ×
 batch 4 = batch 8 on one process::
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/grpo_invariance_probe.py --model_dir DIR --output grads.pt
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/grpo_invariance_probe.py --model_dir DIR --output grads.pt
 
 Every rank builds the same tiny model (from ``--model_dir``) and the same generation batch of 8 hand-made, off-policy
 completions (``tests/grpo_harness.py``: ``make_batch``, unequal lengths, so a per-process token mean would differ
@@ -80,5 +80,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenweave and tests from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokenweave and tests from this checkout
     main(sys.argv[1:])

@@ -2,7 +2,7 @@
 processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and 2 processes × batch 4 give the update of one
 process with batch 8 (and of batch 4 with 2 accumulation steps).
 
-The 10 runs of a ZeRO stage (5 losses × LoRA / no LoRA) share one launch (``tests/distributed_runs.py``); 20
+The 10 runs of a ZeRO stage (5 losses × LoRA / no LoRA) share one launch (``tests/distributed/runs.py``); 20
 separate launches would take ~17 min on 2 shared cores.
 """
 
@@ -17,9 +17,9 @@ from tokenweave.losses.policy import POLICY_LOSS_AGG_MODES, POLICY_LOSSES
 from tokenweave.train import RUN_INFO_FILE
 from tokenweave.trainers.grpo import TRL_LOSS_TYPES
 
-from .conftest import CONFIGS, PYTHON, REPO_ROOT
-from .distributed_runs import assert_trained, run_name, run_subprocess, stage_launcher
-from .grpo_harness import (
+from ..conftest import CONFIGS, PYTHON, REPO_ROOT
+from .runs import assert_trained, run_name, run_subprocess, stage_launcher
+from ..grpo_harness import (
     assert_same_update,
     loss_and_grads,
     make_batch,
@@ -31,7 +31,7 @@ from .grpo_invariance_probe import HAPO_OFF
 
 pytestmark = pytest.mark.slow
 
-PROBE = REPO_ROOT / "tests" / "grpo_invariance_probe.py"
+PROBE = REPO_ROOT / "tests" / "distributed" / "grpo_invariance_probe.py"
 LOSSES = sorted(POLICY_LOSSES)  # grpo, dapo, cispo, gspo, hapo, and any loss registered later
 LORA_ARGS = ["--use_peft", "true", "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj"]
 # A metric of this loss (hapo's is its own; the others' are TRL's clip metrics, which the registry losses log too); a
