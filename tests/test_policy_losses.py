@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokenweave.losses.policy import (
-    POLICY_LOSS_AGG_MODES,
+    POLICY_LOSS_DEFAULTS,
     POLICY_LOSSES,
     PolicyLossConfig,
     aggregate_loss,
@@ -55,9 +55,17 @@ def test_builtin_losses_are_registered():
         get_policy_loss("nope")
 
 
-def test_each_loss_registers_its_papers_aggregation():
-    assert POLICY_LOSS_AGG_MODES["grpo"] == POLICY_LOSS_AGG_MODES["gspo"] == "seq-mean-token-mean"
-    assert {POLICY_LOSS_AGG_MODES[name] for name in ("dapo", "cispo", "hapo")} == {"token-mean"}
+def test_each_loss_registers_its_papers_aggregation_clip_and_trl_loss_type():
+    defaults = POLICY_LOSS_DEFAULTS
+    assert defaults["grpo"].loss_agg_mode == defaults["gspo"].loss_agg_mode == "seq-mean-token-mean"
+    assert {defaults[name].loss_agg_mode for name in ("dapo", "cispo", "hapo")} == {"token-mean"}
+    assert {name: defaults[name].epsilon_high for name in ("grpo", "gspo", "dapo", "cispo", "hapo")} == {
+        "grpo": None, "gspo": None, "dapo": 0.28, "cispo": 5.0, "hapo": 0.28
+    }
+    assert {name: defaults[name].trl_loss_type for name in ("grpo", "gspo", "dapo", "cispo", "hapo")} == {
+        "grpo": "grpo", "gspo": "grpo", "dapo": "dapo", "cispo": "cispo", "hapo": "dapo"
+    }
+    assert [name for name, spec in defaults.items() if spec.importance_sampling_level] == ["gspo"]
     with pytest.raises(ValueError, match="unknown loss aggregation mode"):
         register_policy_loss("test_bad_mode", loss_agg_mode="sum")
 
@@ -74,7 +82,7 @@ def test_user_registered_loss_is_found_by_name():
         with pytest.raises(ValueError, match="already registered"):
             register_policy_loss("test_reinforce")(lambda *args: None)
     finally:
-        del POLICY_LOSSES["test_reinforce"], POLICY_LOSS_AGG_MODES["test_reinforce"]
+        del POLICY_LOSSES["test_reinforce"], POLICY_LOSS_DEFAULTS["test_reinforce"]
 
 
 def test_config_is_frozen_and_validated():

@@ -13,9 +13,8 @@ import pytest
 import torch
 from trl.trainer.utils import split_tensor_dict
 
-from tokenweave.losses.policy import POLICY_LOSS_AGG_MODES, POLICY_LOSSES
+from tokenweave.losses.policy import POLICY_LOSS_DEFAULTS, POLICY_LOSSES
 from tokenweave.train import RUN_INFO_FILE
-from tokenweave.trainers.grpo import TRL_LOSS_TYPES
 
 from ..conftest import CONFIGS, PYTHON, REPO_ROOT
 from .runs import assert_trained, run_name, run_subprocess, stage_launcher
@@ -98,8 +97,8 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
 
     # the loss that ran: recorded in the saved config, and a metric only that loss logs, at every step
     args = torch.load(output_dir / "training_args.bin", weights_only=False)
-    assert args.policy_loss == policy_loss and args.loss_type == TRL_LOSS_TYPES[policy_loss]
-    assert args.loss_agg_mode == POLICY_LOSS_AGG_MODES[policy_loss]
+    assert args.policy_loss == policy_loss and args.loss_type == POLICY_LOSS_DEFAULTS[policy_loss].trl_loss_type
+    assert args.loss_agg_mode == POLICY_LOSS_DEFAULTS[policy_loss].loss_agg_mode
     assert args.importance_sampling_level == ("sequence" if policy_loss == "gspo" else "token")
     logs = [entry for entry in info["log_history"] if "loss" in entry]
     assert len(logs) == 2
@@ -162,7 +161,7 @@ def test_process_and_accumulation_invariance(policy_loss, model_dir, two_process
     assert abs(local_losses[0] - local_losses[1]) > 1e-3
     tokens = [int(process_slice(batch, rank)["completion_mask"].sum()) for rank in (0, 1)]
     assert tokens[0] != tokens[1]
-    if POLICY_LOSS_AGG_MODES[policy_loss] == "token-mean":
+    if POLICY_LOSS_DEFAULTS[policy_loss].loss_agg_mode == "token-mean":
         half = sum(tokens) / 2
         per_process_mean = sum(loss * half / count for loss, count in zip(local_losses, tokens, strict=True)) / 2
         assert abs(per_process_mean - expected[0]) > 1e-3

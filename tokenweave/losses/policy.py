@@ -70,21 +70,48 @@ POLICY_LOSSES: dict[str, PolicyLossFn] = {}
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
-POLICY_LOSS_AGG_MODES: dict[str, str] = {}
-"""The aggregation each registered loss's paper uses: the default of ``TokenGRPOConfig.loss_agg_mode``."""
+@dataclass(frozen=True)
+class PolicyLossDefaults:
+    """What a registered loss's paper fixes besides its function: the trainer's settings for it, unless told
+    otherwise (``TokenGRPOConfig`` applies them)."""
+
+    loss_agg_mode: str = "token-mean"
+    """The aggregation its paper uses (:func:`aggregate_loss`): the default of ``loss_agg_mode``."""
+    epsilon_high: float | None = None
+    """The upper clip range when TRL's ``epsilon_high`` is unset (DAPO's clip-higher 0.28, CISPO's ε_max 5.0);
+    None: TRL's ``epsilon`` (symmetric)."""
+    trl_loss_type: str | None = None
+    """The TRL ``loss_type`` that computes the same loss, set as ``loss_type`` so that TRL's own checks of it agree
+    with the loss that runs (HAPO with its parts off is DAPO); None: ``loss_type`` is left as given."""
+    importance_sampling_level: Literal["token", "sequence"] | None = None
+    """A level the loss fixes (GSPO: ``"sequence"``); None: TRL's ``importance_sampling_level``."""
+
+    def __post_init__(self):
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"unknown loss aggregation mode {self.loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
 
 
-def register_policy_loss(name: str, loss_agg_mode: str = "token-mean") -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: register a policy loss under ``name`` (a name can be taken only once), with the aggregation mode
-    its paper uses (:func:`aggregate_loss`; trainers use it unless told otherwise)."""
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"unknown loss aggregation mode {loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
+POLICY_LOSS_DEFAULTS: dict[str, PolicyLossDefaults] = {}
+"""The :class:`PolicyLossDefaults` of each registered loss, by name."""
+
+
+def register_policy_loss(
+    name: str,
+    loss_agg_mode: str = "token-mean",
+    *,
+    epsilon_high: float | None = None,
+    trl_loss_type: str | None = None,
+    importance_sampling_level: Literal["token", "sequence"] | None = None,
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: register a policy loss under ``name`` (a name can be taken only once), with the settings its paper
+    fixes (:class:`PolicyLossDefaults`: aggregation mode, default upper clip, TRL ``loss_type``, ratio level)."""
+    defaults = PolicyLossDefaults(loss_agg_mode, epsilon_high, trl_loss_type, importance_sampling_level)
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         if POLICY_LOSSES.get(name, fn) is not fn:
             raise ValueError(f"a policy loss is already registered as {name!r}")
         POLICY_LOSSES[name] = fn
-        POLICY_LOSS_AGG_MODES[name] = loss_agg_mode
+        POLICY_LOSS_DEFAULTS[name] = defaults
         return fn
 
     return decorator
@@ -368,8 +395,8 @@ def _weighted_with_metrics(per_token_loss, dual_clipped, token_weights, ratio, a
     return per_token_loss, metrics
 
 
-@register_policy_loss("dapo")
-@register_policy_loss("grpo", loss_agg_mode="seq-mean-token-mean")
+@register_policy_loss("dapo", epsilon_high=0.28, trl_loss_type="dapo")
+@register_policy_loss("grpo", loss_agg_mode="seq-mean-token-mean", trl_loss_type="grpo")
 def clipped_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -397,7 +424,7 @@ def clipped_policy_loss(
     )
 
 
-@register_policy_loss("gspo", loss_agg_mode="seq-mean-token-mean")
+@register_policy_loss("gspo", loss_agg_mode="seq-mean-token-mean", trl_loss_type="grpo", importance_sampling_level="sequence")
 def gspo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -422,7 +449,7 @@ def gspo_policy_loss(
     return _clipped_surrogate(logps, old_logps, advantages, mask, config, token_weights, "sequence", entropy_signal)
 
 
-@register_policy_loss("cispo")
+@register_policy_loss("cispo", epsilon_high=5.0, trl_loss_type="cispo")
 def cispo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -455,7 +482,7 @@ def cispo_policy_loss(
     return per_token_loss, {"cispo_clip_ratio": _masked_mean(clipped, mask)}
 
 
-@register_policy_loss("hapo")
+@register_policy_loss("hapo", epsilon_high=0.28, trl_loss_type="dapo")
 def hapo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

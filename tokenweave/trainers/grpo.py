@@ -33,7 +33,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..losses.policy import (
     LOSS_AGG_MODES,
-    POLICY_LOSS_AGG_MODES,
+    POLICY_LOSS_DEFAULTS,
     PolicyLossConfig,
     get_policy_loss,
     importance_ratio,
@@ -43,12 +43,6 @@ from ..losses.policy import (
 from .hapo import HapoConfig
 from .signals import TOKEN_SIGNALS, Generation, LossForward, gather_values, get_token_signal, loss_sees_generation_batch
 
-# Upper clip range of a loss when ``epsilon_high`` is unset: DAPO's clip-higher (HAPO builds on the DAPO recipe;
-# its released scripts use 0.2), and CISPO's absolute cap ε_max on the IS weight (ScaleRL). Others: ``epsilon``.
-EPSILON_HIGH_DEFAULTS = {"dapo": 0.28, "hapo": 0.28, "cispo": 5.0}
-# The TRL ``loss_type`` that computes the same loss (HAPO with its parts off is DAPO); ``loss_type`` is set to it so
-# that TRL's own checks of ``loss_type`` agree with the loss that runs.
-TRL_LOSS_TYPES = {"grpo": "grpo", "gspo": "grpo", "dapo": "dapo", "cispo": "cispo", "hapo": "dapo"}
 # Batch keys that ``_get_per_token_logps_and_entropies`` takes besides the token ids (multimodal inputs).
 _MODEL_INPUT_KEYS = (
     "pixel_values",
@@ -75,7 +69,9 @@ class TokenGRPOConfig(HapoConfig, GRPOConfig):
     ``policy_loss`` unset: TRL's ``loss_type`` path, unchanged (only a signal's advantages, e.g.
     ``hapo_token_advantage``, may be used with it). ``policy_loss`` set: TRL's clip fields are the loss's
     (``epsilon`` → ε_lo, ``epsilon_high`` → ε_hi or, for cispo, ε_max; ``delta``; ``importance_sampling_level``),
-    and ``loss_type`` is set to the TRL loss it extends. ``token_signals`` after ``__post_init__``: the signals that
+    and the loss's registered defaults (``losses.policy.PolicyLossDefaults``) fill ``loss_agg_mode`` and
+    ``epsilon_high`` when unset, fix ``importance_sampling_level`` where the loss does, and set ``loss_type`` to the
+    TRL loss it extends. ``token_signals`` after ``__post_init__``: the signals that
     are on, those listed first, in order, then those implied by other fields (``policy_loss: hapo`` implies hapo).
     """
 
@@ -130,15 +126,15 @@ class TokenGRPOConfig(HapoConfig, GRPOConfig):
                 raise ValueError(f"{given} need a policy_loss (TRL's loss_type path does not read them).")
         else:
             get_policy_loss(self.policy_loss)  # a ValueError naming the registered losses
+            defaults = POLICY_LOSS_DEFAULTS[self.policy_loss]
             if self.loss_agg_mode is None:
-                self.loss_agg_mode = POLICY_LOSS_AGG_MODES[self.policy_loss]
+                self.loss_agg_mode = defaults.loss_agg_mode
             if self.loss_agg_mode not in LOSS_AGG_MODES:
                 raise ValueError(f"unknown loss_agg_mode {self.loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
             if self.epsilon_high is None:
-                self.epsilon_high = EPSILON_HIGH_DEFAULTS.get(self.policy_loss)
-            if self.policy_loss == "gspo":
-                self.importance_sampling_level = "sequence"
-            self.loss_type = TRL_LOSS_TYPES.get(self.policy_loss, self.loss_type)
+                self.epsilon_high = defaults.epsilon_high
+            self.importance_sampling_level = defaults.importance_sampling_level or self.importance_sampling_level
+            self.loss_type = defaults.trl_loss_type or self.loss_type
             if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
                 raise ValueError("TRL's entropy bonus (entropy_coef, use_adaptive_entropy) is not supported with "
                                  "policy_loss.")
@@ -157,12 +153,7 @@ class TokenGRPOConfig(HapoConfig, GRPOConfig):
             delta=self.delta,
             importance_sampling_level=self.importance_sampling_level,
             cispo_epsilon_max=epsilon_high,
-            entropy_pivot=self.entropy_pivot,
-            released_sign=self.hapo_released_sign,
-            adaptive_clip=self.hapo_adaptive_clip,
-            clip_alpha=self.clip_alpha,
-            adaptive_advantage=self.hapo_adaptive_advantage,
-            adv_beta=self.adv_beta,
+            **self.hapo_loss_options(),
         )
 
 

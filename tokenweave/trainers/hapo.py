@@ -112,6 +112,17 @@ class HapoConfig:
         },
     )
 
+    def hapo_loss_options(self) -> dict:
+        """The fields of ``losses.policy.PolicyLossConfig`` that the hapo loss reads, from these fields."""
+        return dict(
+            entropy_pivot=self.entropy_pivot,
+            released_sign=self.hapo_released_sign,
+            adaptive_clip=self.hapo_adaptive_clip,
+            clip_alpha=self.clip_alpha,
+            adaptive_advantage=self.hapo_adaptive_advantage,
+            adv_beta=self.adv_beta,
+        )
+
 
 def entropy_signal_from_generation(args) -> bool:
     """Whether the hapo loss takes ĥ from the batch column ``entropy_signal`` (generation-batch statistics)."""
