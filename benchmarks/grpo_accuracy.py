@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from tokenweave.inference.evaluate import evaluate_model
-from tokenweave.models import SMOLLM2_135M, load_model_and_tokenizer
+from tokenweave.inference.loading import load_model_and_tokenizer
+from tokenweave.models import SMOLLM2_135M
 from tokenweave.train import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -5,6 +5,7 @@ import torch
 
 from peft import LoraConfig, get_peft_model
 
+from tokenweave.inference.loading import load_model_and_tokenizer
 from tokenweave.models import (
     build_tiny_llama,
     build_tiny_tokenizer,
@@ -12,7 +13,6 @@ from tokenweave.models import (
     check_direct_head_calls,
     final_hidden_states,
     lm_head_functions,
-    load_model_and_tokenizer,
     resolve_model,
 )
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tokenweave.models import build_tiny_llama, load_model_and_tokenizer
+from tokenweave.inference.loading import load_model_and_tokenizer
+from tokenweave.models import build_tiny_llama
 from tokenweave.train import RUN_INFO_FILE
 
 from ..conftest import CONFIGS, REPO_ROOT

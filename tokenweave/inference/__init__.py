@@ -5,5 +5,5 @@
 * :mod:`.scoring`: critical-token scores from a positive and a negative model (``score_dataset``);
 * :mod:`.evaluate`: greedy accuracy on a task's test split (``evaluate_model``, ``tokenweave eval``).
 
-Models are loaded for inference by :func:`tokenweave.models.load_model_and_tokenizer`.
+* :mod:`.loading`: models (and LoRA adapters on their base) loaded for all of the above (``load_model_and_tokenizer``).
 """

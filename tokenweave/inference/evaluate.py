@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..data.loading import load_run_dataset
-from ..models import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer
 from ..rewards.math import extract_answer, is_correct
 from .generation import generate_completions
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datasets import Dataset
 
 from ..data.loading import load_run_dataset
-from ..models import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer
 from ..rewards.math import extract_answer, is_correct
 from .generation import generate_completions
 

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.token_columns import token_texts, tokenize_like_dpo
-from ..models import causal_lm, check_direct_head_calls, load_model_and_tokenizer, resolve_model
+from ..models import causal_lm, check_direct_head_calls, resolve_model
+from .loading import load_model_and_tokenizer
 from ..tokens.critical import chunked_contrastive_scores
 
 
@@ -73,8 +74,8 @@ def load_contrastive_models(
 ) -> tuple[ScoringModel, ScoringModel, object]:
     """Load the positive and negative models for scoring; returns ``(positive, negative, tokenizer)``.
 
-    Each is anything :func:`tokenweave.models.load_model_and_tokenizer` loads: a model directory, a built-in
-    name, or a LoRA adapter directory. Two adapters of the same base model (cDPO's set-up) share one base,
+    Each is anything :func:`.loading.load_model_and_tokenizer` loads: a model directory, a built-in name, or a
+    LoRA adapter directory. Two adapters of the same base model (cDPO's set-up) share one base,
     loaded once, as adapters ``"positive"`` and ``"negative"`` of one ``PeftModel``, and the tokenizer is
     that base model's (the one a DPO run of the base model tokenises with); otherwise it is the positive
     model's.

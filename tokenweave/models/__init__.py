@@ -22,7 +22,6 @@ from .registry import (
     build_tiny_llama,
     build_tiny_tokenizer,
     cache_dir,
-    load_model_and_tokenizer,
     resolve_model,
     smollm2_gguf_path,
 )
@@ -43,7 +42,6 @@ __all__ = [
     "final_hidden_states",
     "head_calls_are_collective",
     "lm_head_functions",
-    "load_model_and_tokenizer",
     "resolve_model",
     "smollm2_gguf_path",
 ]

@@ -179,31 +179,3 @@ def _convert_smollm2(directory: Path) -> None:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "tokenweave_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-
-
-def load_model_and_tokenizer(name_or_path: str, adapter: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer for inference (evaluation, sampling, scoring).
-
-    ``name_or_path`` goes through :func:`resolve_model`. A directory holding a PEFT adapter
-    (``adapter_config.json``) is loaded on top of its base model; ``adapter`` adds one explicitly.
-    The tokenizer pads on the left, as batched generation needs.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(name_or_path)
-    adapter_config = Path(path) / "adapter_config.json"
-    if adapter is None and adapter_config.exists():
-        adapter = path
-        path = resolve_model(json.loads(adapter_config.read_text())["base_model_name_or_path"])
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    return model, tokenizer
