@@ -79,6 +79,18 @@ def run_name(loss: str, lora: bool) -> str:
     return f"{loss}-{'lora' if lora else 'full'}"
 
 
+def deepspeed_run_info(output_dir: Path, zero_stage: int, lora: bool, global_step: int) -> dict:
+    """The run's ``run_info.json``, checked to be a 2-process DeepSpeed run of ``zero_stage`` (the model wrapped in a
+    ``DeepSpeedEngine``), with LoRA or not, that took ``global_step`` steps."""
+    from tokenweave.train import RUN_INFO_FILE
+
+    info = json.loads((output_dir / RUN_INFO_FILE).read_text())
+    assert info["model_wrapper"] == "DeepSpeedEngine" and info["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert info["zero_stage"] == zero_stage and info["num_processes"] == 2 and info["global_step"] == global_step
+    assert info["use_peft"] is lora
+    return info
+
+
 def assert_trained(output_dir: Path, lora: bool, initial_weights: dict, num_lora_b: int) -> None:
     """The run saved finite weights that differ from the initial ones; with LoRA, an adapter (only) whose
     ``num_lora_b`` B matrices, zero at initialisation, are not all zero."""

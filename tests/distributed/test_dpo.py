@@ -19,7 +19,7 @@ from tokenweave.models import build_tiny_llama
 from tokenweave.train import RUN_INFO_FILE
 
 from ..conftest import CONFIGS
-from .runs import assert_trained, run_name, stage_launcher
+from .runs import assert_trained, deepspeed_run_info, run_name, stage_launcher
 from ..test_dpo_trainer import with_columns
 
 pytestmark = pytest.mark.slow
@@ -80,10 +80,7 @@ def train_logs(info: dict) -> list[dict]:
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_token_dpo_trains_under_deepspeed(zero_stage, loss_type, lora, stage_runs, initial_weights):
     output_dir = stage_runs(zero_stage) / run_name(loss_type, lora)
-    info = json.loads((output_dir / RUN_INFO_FILE).read_text())
-    assert info["model_wrapper"] == "DeepSpeedEngine" and info["distributed_type"] == "DistributedType.DEEPSPEED"
-    assert info["zero_stage"] == zero_stage and info["num_processes"] == 2 and info["global_step"] == MAX_STEPS
-    assert info["use_peft"] is lora
+    info = deepspeed_run_info(output_dir, zero_stage, lora, global_step=MAX_STEPS)
     args = torch.load(output_dir / "training_args.bin", weights_only=False)
     assert args.loss_type == [loss_type] and args.token_loss_type == loss_type
 

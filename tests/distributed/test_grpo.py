@@ -17,7 +17,7 @@ from tokenweave.losses.policy import POLICY_LOSS_DEFAULTS, POLICY_LOSSES
 from tokenweave.train import RUN_INFO_FILE
 
 from ..conftest import CONFIGS, PYTHON, REPO_ROOT
-from .runs import assert_trained, run_name, run_subprocess, stage_launcher
+from .runs import assert_trained, deepspeed_run_info, run_name, run_subprocess, stage_launcher
 from ..grpo_harness import (
     assert_same_update,
     loss_and_grads,
@@ -90,10 +90,7 @@ def stage_runs(tmp_path_factory):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage_runs, initial_weights):
     output_dir = stage_runs(zero_stage) / run_name(policy_loss, lora)
-    info = json.loads((output_dir / RUN_INFO_FILE).read_text())
-    assert info["model_wrapper"] == "DeepSpeedEngine" and info["distributed_type"] == "DistributedType.DEEPSPEED"
-    assert info["zero_stage"] == zero_stage and info["num_processes"] == 2 and info["global_step"] == 2
-    assert info["use_peft"] is lora
+    info = deepspeed_run_info(output_dir, zero_stage, lora, global_step=2)
 
     # the loss that ran: recorded in the saved config, and a metric only that loss logs, at every step
     args = torch.load(output_dir / "training_args.bin", weights_only=False)
