@@ -503,3 +503,69 @@ def test_cdpo_yaml_config_trains_on_a_dataset_with_scores(tmp_path, tiny_model_c
     argv = ["--config", config, "--dataset_name", str(tmp_path / "pairs"), "--output_dir", str(tmp_path / "out")]
     info = train(argv + ["--max_steps", "2"])
     assert info["global_step"] == 2 and math.isfinite(info["train_metrics"]["train_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The random-signal control: token_weight_control "shuffle"
+
+
+def random_weights(n, index):
+    return torch.rand(n, generator=torch.Generator().manual_seed(100 + index)).tolist()
+
+
+def test_shuffle_control_permutes_each_rows_weights_by_seed(tmp_path, models):
+    """Each prepared row keeps its own weights (the same multiset on the same tokens), in another order, and the
+    order depends on the seed (and only on it: the same seed gives the same rows)."""
+    dataset = with_columns(pairs_dataset(), models[2], random_weights, random_weights)
+    plain = make_trainer(tmp_path, models, dataset, loss_type="cdpo").train_dataset
+    shuffled = {
+        seed: make_trainer(
+            tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle", token_weight_control_seed=seed
+        ).train_dataset
+        for seed in (0, 1)
+    }
+    again = make_trainer(
+        tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle", token_weight_control_seed=0
+    ).train_dataset
+    for column in ("chosen_weights", "rejected_weights"):
+        for row in range(len(plain)):
+            original, permuted = plain[row][column], shuffled[0][row][column]
+            assert sorted(permuted) == sorted(original) and permuted != original
+            assert again[row][column] == permuted
+        assert shuffled[1][column] != shuffled[0][column]
+
+
+def test_shuffle_control_with_equal_weights_gives_the_unshuffled_loss(tmp_path, models):
+    """With every weight of a completion equal, a permutation changes nothing: same loss and gradients."""
+    constant = lambda n, index: [0.25 + 0.1 * index] * n  # noqa: E731
+    dataset = with_columns(pairs_dataset(), models[2], constant, constant)
+    plain = make_trainer(tmp_path, models, dataset, loss_type="cdpo")
+    shuffled = make_trainer(tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle")
+    batch = first_batch(shuffled)
+    assert torch.equal(batch[TOKEN_WEIGHTS_KEY], first_batch(plain)[TOKEN_WEIGHTS_KEY])
+    assert_same_loss_and_grads(loss_and_grads(shuffled, batch), loss_and_grads(plain, first_batch(plain)), atol=0)
+
+
+def test_shuffle_control_changes_the_loss_of_unequal_weights(tmp_path, models):
+    """With unequal weights the shuffled loss differs, and equals the plain loss on the permuted weights (the control
+    is only a permutation of the inputs of the same loss)."""
+    dataset = with_columns(pairs_dataset(), models[2], random_weights, random_weights)
+    shuffled = make_trainer(tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle")
+    permuted = Dataset.from_dict(
+        {
+            **{column: dataset[column] for column in ("prompt", "chosen", "rejected")},
+            **{column: shuffled.train_dataset[column] for column in ("chosen_weights", "rejected_weights")},
+        }
+    )
+    plain = make_trainer(tmp_path, models, dataset, loss_type="cdpo")
+    on_permuted = make_trainer(tmp_path, models, permuted, loss_type="cdpo")
+    loss, _ = loss_and_grads(shuffled, first_batch(shuffled))
+    assert not torch.allclose(loss, loss_and_grads(plain, first_batch(plain))[0])
+    torch.testing.assert_close(loss, loss_and_grads(on_permuted, first_batch(on_permuted))[0], atol=0, rtol=0)
+
+
+def test_shuffle_control_needs_a_weighted_loss():
+    with pytest.raises(ValueError, match="needs a loss that uses them"):
+        TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="sigmoid", token_weight_control="shuffle")
+    with pytest.raises(ValueError, match="'none' or 'shuffle'"):
+        TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="cdpo", token_weight_control="random")

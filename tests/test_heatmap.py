@@ -36,11 +36,11 @@ class SpanCollector(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "div" and attrs.get("class") == "trajectory":
+        if tag == "div" and attrs.get("class", "").split()[:1] == ["trajectory"]:
             self.blocks.append([])
             self.in_block = True
         elif tag == "span" and self.in_block:
-            self.span = {"text": "", "title": attrs["title"], "style": attrs["style"]}
+            self.span = {"text": "", "title": attrs["title"], "style": attrs.get("style", ""), "class": attrs.get("class", "")}
 
     def handle_endtag(self, tag):
         if tag == "span" and self.span is not None:
@@ -80,7 +80,9 @@ def test_html_has_one_span_per_token_with_its_text_and_score(trajectories):
     assert len(blocks) == len(trajectories)
     for block, trajectory in zip(blocks, trajectories, strict=True):
         assert [span["text"] for span in block] == trajectory.tokens  # escaped text round-trips, newlines kept
-        assert [float(span["title"].removeprefix("s = ")) for span in block] == pytest.approx(trajectory.scores)
+        assert [float(re.match(r"s = ([\d.]+)", span["title"]).group(1)) for span in block] == pytest.approx(
+            trajectory.scores
+        )
 
 
 def test_html_shading_follows_the_scores(trajectories):
@@ -98,7 +100,7 @@ def test_html_escapes_text_and_preserves_newlines(trajectories):
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "&lt;|im_end|&gt;" in page and "&quot;yes&quot;" in page
     assert "white-space: pre-wrap" in page
-    assert page.count("<span") == sum(len(t.tokens) for t in trajectories) + 1  # + the legend
+    assert page.count("<span") == sum(len(t.tokens) for t in trajectories) + 3  # + the legend's three
 
 
 def test_terminal_view_without_colours_marks_low_scores(trajectories):
@@ -131,3 +133,84 @@ def test_a_dataset_without_token_columns_is_refused():
     with pytest.raises(ValueError, match="_tokens / <side>_scores"):
         trajectories_from_dataset(Dataset.from_list([{"chosen_scores": [0.5]}]))
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the heatmap says it shows: pairs as the pipeline writes them
+
+INSTRUCTION = "Solve it step by step.\n\n"
+PIPELINE_ROWS = [
+    {
+        "prompt": [{"role": "user", "content": INSTRUCTION + "Ava has 23 apples and gets 45. How many?"}],
+        "chosen": [{"role": "assistant", "content": "23 + 45 = 68"}],
+        "rejected": [{"role": "assistant", "content": "23 + 45 = 67"}],
+        "answer": "68",
+        "solution": "23 + 45 = 68\nThe answer is 68.",
+        "chosen_source": "reference",
+        "chosen_tokens": ["23", " +", " 45", " =", " 68", "<|im_end|>", "\n"],
+        "chosen_scores": [0.9, 0.8, 0.7, 0.9, 0.6, 0.01, 0.5],
+        "rejected_tokens": ["23", " +", " 45", " =", " 6", "7", "<|im_end|>", "\n"],
+        "rejected_scores": [0.9, 0.3, 0.8, 0.9, 0.7, 0.2, 0.001, 0.4],
+    },
+    {
+        "prompt": [{"role": "user", "content": INSTRUCTION + "Ben has 5 pens and gives 2. How many?"}],
+        "chosen": [{"role": "assistant", "content": "5 - 2 = 3"}],
+        "rejected": [{"role": "assistant", "content": "5 + 2 = 7"}],
+        "answer": "3",
+        "solution": "5 - 2 = 3\nThe answer is 3.",
+        "chosen_source": "sample",
+        "chosen_tokens": ["5", " -", " 2", " =", " 3", "<|im_end|>"],
+        "chosen_scores": [0.9, 0.5, 0.9, 0.9, 0.9, 0.2],
+        "rejected_tokens": ["5", " +", " 2", " =", " 7", "<|im_end|>"],
+        "rejected_scores": [0.9, 0.05, 0.9, 0.9, 0.3, 0.01],
+    },
+]
+
+
+@pytest.fixture
+def pipeline_trajectories():
+    return trajectories_from_dataset(Dataset.from_list(PIPELINE_ROWS))
+
+
+def test_eos_and_template_tokens_are_drawn_as_such_and_never_the_most_critical(pipeline_trajectories):
+    rejected = pipeline_trajectories[1]
+    assert rejected.message == (0, 6)  # "<|im_end|>" and "\n" are outside the message text
+    spans = parse(render_html(pipeline_trajectories))[1]
+    assert [span["class"] for span in spans[6:]] == ["template", "template"]
+    assert "EOS: cDPO weight 1" in spans[6]["title"] and "EOS" not in spans[7]["title"]
+    assert all("template" not in span["class"] for span in spans[:6])
+    assert "most critical token '7' (s = 0.200)" in rejected.summary()  # not <|im_end|> at 0.001
+
+
+def test_first_error_is_outlined_with_its_rank(pipeline_trajectories):
+    first, second = pipeline_trajectories[1], pipeline_trajectories[3]
+    assert first.tokens[first.first_error] == "7" and second.tokens[second.first_error] == " +"
+    assert "first error '7': rank 1 of 6" in first.summary()  # 0.2 is the lowest message score
+    assert "first error ' +': rank 1 of 5" in second.summary()
+    spans = parse(render_html(pipeline_trajectories))[1]
+    assert [i for i, span in enumerate(spans) if "first-error" in span["class"]] == [5]
+
+
+def test_summary_lines_give_the_verdict_source_and_mean_weight(pipeline_trajectories):
+    chosen, rejected = pipeline_trajectories[0], pipeline_trajectories[1]
+    assert "correct: 68, the reference solution" in chosen.summary()
+    assert "correct: 3, the model's own" in pipeline_trajectories[2].summary()
+    assert "incorrect: 67, gold 68" in rejected.summary()
+    assert f"mean weight {sum(1 - s for s in PIPELINE_ROWS[0]['rejected_scores'][:6]) / 6:.2f}" in rejected.summary()
+
+
+def test_unused_chosen_scores_are_faded_and_labelled_unless_weight_chosen(pipeline_trajectories):
+    page = render_html(pipeline_trajectories)
+    assert page.count('class="trajectory unused"') == 2 and page.count('class="trajectory"') == 2
+    assert "scores not used by the loss" in pipeline_trajectories[0].summary()
+    used = trajectories_from_dataset(Dataset.from_list(PIPELINE_ROWS), weight_chosen=True)
+    assert "unused" not in render_html(used) .split("</p>", 1)[1].replace("not used", "")
+    assert used[0].weights == PIPELINE_ROWS[0]["chosen_scores"]
+
+
+def test_the_shared_instruction_is_shown_once(pipeline_trajectories):
+    page = render_html(pipeline_trajectories)
+    assert page.count("Solve it step by step.") == 1
+    assert "<h2>Ava has 23 apples and gets 45. How many?</h2>" in page
+    view = render_terminal(pipeline_trajectories, color=False)
+    assert view.count("Solve it step by step.") == 1 and "=== Ben has 5 pens" in view

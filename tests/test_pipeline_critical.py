@@ -198,7 +198,7 @@ def test_pipeline_runs_equal_the_run_configs_with_the_pipeline_keys_on_the_comma
 
 
 def test_compare_dpo_needs_the_cdpo_config():
-    with pytest.raises(ValueError, match="set cdpo_config"):
+    with pytest.raises(ValueError, match="compare_dpo trains a variant of the cdpo_config run"):
         CriticalPipelineConfig(compare_dpo=True)
 
 
@@ -296,11 +296,13 @@ def test_a_failed_step_leaves_no_output_and_a_foreign_directory_is_refused(tmp_p
 # -- the quickstart ---------------------------------------------------------------------------------------
 
 
-def test_quickstart_runs_the_pipeline_and_reports_four_models(tmp_path, monkeypatch, capsys):
-    # The quickstart on the tiny model: its pipeline config with 4 questions, 1 step per training run.
+def test_quickstart_runs_the_pipeline_and_reports_five_models(tmp_path, monkeypatch, capsys):
+    # The quickstart on the tiny model: its pipeline config with a warm start, 4 questions, 1 step per training run.
     sft_config = tiny_sft_config(tmp_path, max_steps=1)
     config = yaml.safe_load((CONFIGS / "critical_tiny.yaml").read_text()) | {
-        "num_examples": 4, "sft_config": str(sft_config),  # cdpo_config stays relative to the repository root
+        "num_examples": 4, "sft_config": str(sft_config),  # the other run configs: relative to the repository root
+        "warm_start_config": "configs/critical_warm_start_tiny.yaml", "rollout_trajectories": 2, "rollout_samples": 2,
+        "max_new_tokens": 16,
     }
     monkeypatch.setattr(quickstart, "CONFIG", write_yaml(tmp_path / "critical.yaml", config))
     returned = []
@@ -308,17 +310,94 @@ def test_quickstart_runs_the_pipeline_and_reports_four_models(tmp_path, monkeypa
     monkeypatch.setattr(quickstart, "run_quickstart", lambda *args, **kwargs: returned.append(
         run_quickstart(*args, **kwargs)) or returned[-1])
     cli_main(["quickstart", "--output_dir", str(tmp_path / "out"), "--num_test_examples", "3"])
-    (rows,) = returned
+    (results,) = returned
+    rows = results["rows"]
 
     assert [row["model"] for row in rows] == [label for label, _ in quickstart.MODELS]
     assert all(row["total"] == 3 and row["correct"] == round(row["accuracy"] * 3) for row in rows)
     work = tmp_path / "out" / "critical"
-    for step in ("positive", "cdpo", "dpo"):
+    for step in ("positive", "cdpo", "dpo", "cdpo_shuffled"):
         assert (work / step / RUN_INFO_FILE).exists()
-    evaluated = [json.loads((tmp_path / "out" / f"eval_{name}.json").read_text()) for name in ("base", "dpo")]
-    assert evaluated[0]["model"] == "tiny-llama" and evaluated[1]["model"] == str(work / "dpo")
-    assert json.loads((tmp_path / "out" / quickstart.RESULTS_FILE).read_text())["rows"] == rows
-    assert quickstart.format_table(rows) in capsys.readouterr().out
+    evaluated = [json.loads((tmp_path / "out" / f"eval_{name}.json").read_text()) for name in ("base", "warm_start", "dpo")]
+    assert evaluated[0]["model"] == "tiny-llama" and evaluated[1]["model"] == str(work / "warm_start")
+    assert evaluated[2]["model"] == str(work / "dpo")
+    assert json.loads((tmp_path / "out" / quickstart.RESULTS_FILE).read_text()) == results
+    assert results["localization"]["num_trajectories"] == len(load_from_disk(str(work / "pairs")))
+    assert results["rollout"]["num_trajectories"] <= 2
+    printed = capsys.readouterr().out
+    assert quickstart.format_summary(results) in printed
+    assert "questions have both correct and incorrect samples" in printed and "Rollout test: " in printed
+    assert "Localization of the first error" in printed and "| cDPO, shuffled weights |" in printed
     page = (tmp_path / "out" / QUICKSTART_HEATMAP_FILE).read_text()
     pairs = load_from_disk(str(work / "pairs"))
     assert page.count('title="s = ') == sum(len(row["chosen_tokens"]) + len(row["rejected_tokens"]) for row in pairs)
+
+
+# -- the warm start, the evidence steps and the shuffled control -----------------------------------------------
+
+
+def test_a_warm_started_pipeline_starts_every_later_step_from_the_warm_start(tmp_path, monkeypatch):
+    cdpo_config = write_yaml(tmp_path / "cdpo.yaml", yaml.safe_load((CONFIGS / "cdpo_tiny.yaml").read_text()) | {"max_steps": 1})
+    config = yaml.safe_load((CONFIGS / "critical_tiny.yaml").read_text()) | dict(
+        work_dir=str(tmp_path / "work"), num_examples=3, num_samples_per_prompt=3, max_new_tokens=12, seed=5,
+        warm_start_config=str(CONFIGS / "critical_warm_start_tiny.yaml"),
+        sft_config=str(tiny_sft_config(tmp_path, max_steps=1)), cdpo_config=str(cdpo_config),
+        compare_dpo=True, compare_shuffled=True, rollout_trajectories=2, rollout_samples=2,
+    )
+    runs, sampled = [], []
+
+    def recording_train(run_args, training_args, model_args):
+        runs.append((run_args, training_args, model_args))
+        return train_from_args(run_args, training_args, model_args)
+
+    def recording_sample(**kwargs):
+        sampled.append(kwargs["model"])
+        return sample_trajectories(**kwargs)
+
+    sample_trajectories = pipeline.sample_trajectories
+    monkeypatch.setattr(pipeline, "train_from_args", recording_train)
+    monkeypatch.setattr(pipeline, "sample_trajectories", recording_sample)
+    cli_main(["critical", "--config", str(write_yaml(tmp_path / "critical.yaml", config))])
+    work = tmp_path / "work"
+
+    # The warm start: its own dataset and seed, from the base model; merged into a plain model directory.
+    warm_run, warm_args, warm_model = runs[0]
+    assert warm_model.model_name_or_path == "tiny-llama" and warm_run.dataset_name == "arithmetic"
+    assert warm_run.task_seed == 1 and warm_args.seed == 0
+    assert (work / "warm_start" / "config.json").exists() and not (work / "warm_start" / "adapter_config.json").exists()
+    adapter = json.loads((work / "warm_start" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [1]
+    # Everything after it starts from it.
+    assert sampled == [str(work / "warm_start")]
+    assert [model.model_name_or_path for _, _, model in runs[1:]] == [str(work / "warm_start")] * 5
+    for side in ("positive", "negative"):
+        assert json.loads((work / side / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+            work / "warm_start"
+        )
+    # The shuffled control: the cDPO run with token_weight_control shuffle, seeded by the pipeline's seed.
+    (_, cdpo_args, _), (_, dpo_args, _), (_, shuffled_args, _) = runs[3:]
+    assert (cdpo_args.token_weight_control, shuffled_args.token_weight_control) == ("none", "shuffle")
+    assert shuffled_args.token_weight_control_seed == 5 and dpo_args.loss_type == ["sigmoid"]
+    differing = {key for key, value in cdpo_args.to_dict().items() if shuffled_args.to_dict()[key] != value}
+    assert differing == {"token_weight_control", "token_weight_control_seed", "output_dir"}
+    # The records: every step after the warm start reads it; the evidence steps read the pairs.
+    records = {step: json.loads((work / step / STEP_RECORD).read_text()) for step in ("warm_start", "samples", "rollout")}
+    assert records["samples"]["inputs"]["warm_start"] == records["warm_start"]
+    assert records["warm_start"]["run"]["dataset_name"] == "arithmetic" and records["warm_start"]["run"]["seed"] == 0
+    assert records["rollout"]["num_rollouts"] == 2 and "pairs" in records["rollout"]["inputs"]
+    # The evidence and the statistics.
+    statistics = json.loads((work / "pairs" / pipeline.STATISTICS_FILE).read_text())
+    assert statistics["samples"]["num_trajectories"] == 9 and 0 <= statistics["samples"]["with_both_share"] <= 1
+    pairs = load_from_disk(str(work / "pairs"))
+    assert statistics["pairs"]["num_pairs"] == len(pairs) and {"solution", "chosen_source"} <= set(pairs.column_names)
+    localization = json.loads((work / "localization" / pipeline.REPORT_FILE).read_text())
+    assert localization["num_trajectories"] == len(pairs)
+    assert localization["num_readable"] + sum(localization["unreadable"].values()) == len(pairs)
+    rollout = json.loads((work / "rollout" / pipeline.REPORT_FILE).read_text())
+    assert rollout["num_trajectories"] == min(2, len(pairs)) and rollout["num_rollouts"] == 2
+    assert all(0 <= entry["critical_correct_share"] <= 1 for entry in rollout["trajectories"])
+
+
+def test_the_shuffled_control_needs_the_cdpo_config():
+    with pytest.raises(ValueError, match="compare_shuffled trains a variant of the cdpo_config run"):
+        CriticalPipelineConfig(compare_shuffled=True, sft_config=str(CONFIGS / "critical_sft_tiny.yaml"))

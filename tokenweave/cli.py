@@ -6,6 +6,7 @@
     tokenweave pairs --samples data/samples --output data/pairs
     tokenweave critical --config configs/critical_tiny.yaml [--key value ...]
     tokenweave heatmap --scores outputs/critical_tokens/pairs --output page.html [--terminal]
+    tokenweave localize --pairs outputs/critical_tokens/pairs [--output report.json]
     tokenweave quickstart
 """
 
@@ -78,28 +79,47 @@ def _heatmap_command(args) -> None:
 
     from .heatmap import render_terminal, trajectories_from_dataset
 
-    trajectories = trajectories_from_dataset(load_from_disk(args.scores), max_examples=args.max_examples)
+    trajectories = trajectories_from_dataset(
+        load_from_disk(args.scores), max_examples=args.max_examples, weight_chosen=args.cdpo_weight_chosen
+    )
     if args.terminal:
-        sys.stdout.write(render_terminal(trajectories, color=sys.stdout.isatty(), threshold=args.threshold))
+        print(render_terminal(trajectories, color=sys.stdout.isatty(), threshold=args.threshold), end="")
     if args.output:
         _write_heatmap_page(args.output, trajectories, title=f"Critical tokens: {args.scores}")
         print(f"wrote {len(trajectories)} scored trajectories to {args.output}")
 
 
-def _quickstart_command(args) -> None:
-    """The quickstart (:mod:`tokenweave.pipelines.quickstart`), its table, and the heatmap page of its pairs."""
+def _localize_command(args) -> None:
     from datasets import load_from_disk
 
+    from .pipelines.localization import format_localization, localization_report
+
+    report = localization_report(load_from_disk(args.pairs))
+    print(format_localization(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote the report to {args.output}")
+
+
+def _quickstart_command(args) -> None:
+    """The quickstart (:mod:`tokenweave.pipelines.quickstart`), its summary, and the heatmap page of its pairs."""
+    from datasets import load_from_disk
+
+    from .config import read_config_file
     from .heatmap import trajectories_from_dataset
-    from .pipelines.quickstart import NUM_TEST_EXAMPLES, PIPELINE_DIR, format_table, run_quickstart
+    from .pipelines.quickstart import NUM_TEST_EXAMPLES, PIPELINE_DIR, format_summary, quickstart_config, run_quickstart
 
     num_test_examples = NUM_TEST_EXAMPLES if args.num_test_examples is None else args.num_test_examples
-    rows = run_quickstart(args.output_dir, seed=args.seed, num_test_examples=num_test_examples)
+    results = run_quickstart(args.output_dir, seed=args.seed, num_test_examples=num_test_examples)
     print("[quickstart 3/3] critical-token heatmap")
-    trajectories = trajectories_from_dataset(load_from_disk(str(Path(args.output_dir) / PIPELINE_DIR / "pairs")))
+    cdpo_config = quickstart_config(args.output_dir, args.seed).cdpo_config
+    trajectories = trajectories_from_dataset(
+        load_from_disk(str(Path(args.output_dir) / PIPELINE_DIR / "pairs")),
+        weight_chosen=bool(read_config_file(cdpo_config).get("cdpo_weight_chosen", False)),
+    )
     heatmap = Path(args.output_dir) / QUICKSTART_HEATMAP_FILE
     _write_heatmap_page(heatmap, trajectories, title="Critical tokens found by the contrastive estimate")
-    print(format_table(rows))
+    print(format_summary(results))
     print(f"Heatmap of {len(trajectories)} scored trajectories: {heatmap}")
 
 
@@ -168,11 +188,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="Terminal without colours: mark tokens scoring below this as [token|score].",
     )
 
+    heatmap.add_argument(
+        "--cdpo_weight_chosen",
+        action="store_true",
+        help="The cDPO run weights chosen tokens by their scores (else they are drawn as unused by the loss).",
+    )
+
+    localize = commands.add_parser(
+        "localize",
+        help="hit@k / MRR of the lowest critical-token scores against each rejected trajectory's first error "
+        "(arithmetic task), next to a random ranking.",
+    )
+    localize.add_argument("--pairs", required=True, help="A scored pairs directory (`tokenweave critical`'s pairs/).")
+    localize.add_argument("--output", default=None, help="Write the report as JSON here.")
+
     quickstart = commands.add_parser(
-        "quickstart", help="Offline demo: the critical-token pipeline on SmolLM2; base, SFT, DPO, cDPO accuracy."
+        "quickstart",
+        help="Offline demo: the critical-token pipeline on SmolLM2 with a warm start; localization and rollout "
+        "evidence; base, warm start, DPO, cDPO and shuffled-cDPO accuracy.",
     )
     quickstart.add_argument("--output_dir", default="quickstart_output")
-    quickstart.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the SFT runs.")
+    quickstart.add_argument(
+        "--seed", type=int, default=0, help="Seed of sampling, of the positive/negative SFT runs and of the shuffle."
+    )
     quickstart.add_argument(
         "--num_test_examples", type=int, default=None, help="Held-out problems each model is evaluated on (50)."
     )
@@ -201,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         _pairs_command(args)
     elif args.command == "heatmap":
         _heatmap_command(args)
+    elif args.command == "localize":
+        _localize_command(args)
     elif args.command == "quickstart":
         _quickstart_command(args)
 

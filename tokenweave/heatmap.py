@@ -9,6 +9,15 @@ scored dataset (the ``pairs/`` output of ``tokenweave critical``, or any dataset
   HTML-escaped and newlines kept;
 * a plain-terminal view (:func:`render_terminal`): ANSI 24-bit background colours of the same scale, or,
   without colours (output not a TTY), tokens scoring below a threshold marked as ``[token|0.12]``.
+
+Both say what they show. A task instruction that opens every question is shown once. Each completion has a summary
+line: its side and verdict (a chosen response that is the model's own or the reference solution), the most
+critical message token, and the mean cDPO weight of its message tokens (rejected: ``1 − s_t``; chosen: ``s_t`` with
+``weight_chosen``, else 1). Tokens outside the message text (EOS, which cDPO weights 1 whatever its score, and the
+template tokens after it) are drawn grey and outlined as such. The chosen side's scores, unused by the loss
+without ``weight_chosen`` (cDPO's default), are drawn faded and labelled so. Where the pairs carry the task's
+reference ``solution``, the ground-truth first error of the rejected trajectory
+(:func:`tokenweave.pipelines.localization.first_error_token`) is outlined, with its rank among the message tokens.
 """
 
 from __future__ import annotations
@@ -26,20 +35,62 @@ _ANSI_RESET = "\x1b[0m"
 
 @dataclass(frozen=True)
 class ScoredTrajectory:
-    """One scored completion: its tokens' texts and scores, the question it answers and its side."""
+    """One scored completion: its tokens' texts and scores, the question it answers and its side.
+
+    ``message`` is the token range ``[first, end)`` of its message text (None: every token); ``first_error`` the
+    token of its ground-truth first error (None: unknown); ``label`` what it is (e.g. "incorrect: 67, gold 68");
+    ``scores_used`` whether the loss weights its tokens by these scores; ``weights`` its cDPO weights.
+    """
 
     question: str
     side: str
     tokens: list[str]
     scores: list[float]
+    message: tuple[int, int] | None = None
+    first_error: int | None = None
+    label: str = ""
+    scores_used: bool = True
+    weights: list[float] | None = None
+
+    def in_message(self, index: int) -> bool:
+        return self.message is None or self.message[0] <= index < self.message[1]
+
+    def message_indices(self) -> list[int]:
+        return [index for index in range(len(self.tokens)) if self.in_message(index)]
+
+    def summary(self) -> str:
+        """One line: the label, the most critical message token, the mean weight, the first error's rank."""
+        indices = self.message_indices()
+        parts = [self.side + (f" ({self.label})" if self.label else "")]
+        if indices:
+            lowest = min(indices, key=self.scores.__getitem__)
+            parts.append(f"most critical token {self.tokens[lowest]!r} (s = {self.scores[lowest]:.3f})")
+            if self.weights is not None:
+                mean = sum(self.weights[index] for index in indices) / len(indices)
+                parts.append(f"mean weight {mean:.2f}")
+        if not self.scores_used:
+            parts.append("scores not used by the loss (weight 1 on every token)")
+        if self.first_error is not None and self.in_message(self.first_error):
+            score = self.scores[self.first_error]
+            rank = 1 + sum(self.scores[index] < score for index in indices)
+            parts.append(f"first error {self.tokens[self.first_error]!r}: rank {rank} of {len(indices)}")
+        return "; ".join(parts)
 
 
-def trajectories_from_dataset(dataset: Dataset, max_examples: int | None = None) -> list[ScoredTrajectory]:
+def trajectories_from_dataset(
+    dataset: Dataset, max_examples: int | None = None, weight_chosen: bool = False
+) -> list[ScoredTrajectory]:
     """Every scored completion of the first ``max_examples`` rows (all by default), row by row.
 
     A side is every ``X`` with both ``X_tokens`` and ``X_scores`` columns (``chosen``, ``rejected``, or
-    ``completion``). The question is the last user message of a conversational ``prompt``.
+    ``completion``). The question is the last user message of a conversational ``prompt``. With the message
+    columns (``X`` itself), the message tokens are found; with ``answer`` and ``parsed``-able messages, the label
+    says the verdict; with ``solution``, the rejected side's first error is located. ``weight_chosen`` is the cDPO
+    run's ``cdpo_weight_chosen``: whether the chosen scores are used by the loss.
     """
+    from .pipelines.localization import first_error_token, message_tokens
+    from .rewards.math import extract_answer
+
     sides = [
         column[: -len("_tokens")]
         for column in dataset.column_names
@@ -57,8 +108,37 @@ def trajectories_from_dataset(dataset: Dataset, max_examples: int | None = None)
             tokens, scores = row[f"{side}_tokens"], row[f"{side}_scores"]
             if len(tokens) != len(scores):
                 raise ValueError(f"A row has {len(tokens)} {side} tokens but {len(scores)} scores.")
-            trajectories.append(ScoredTrajectory(_question(row.get("prompt")), side, tokens, scores))
+            has_message = isinstance(row.get(side), list) and bool(row[side])
+            content = message_tokens(row, side) if has_message else None
+            message = None if content is None else (content.first, content.end)
+            first_error, label = None, ""
+            if side == "rejected" and has_message and row.get("solution"):
+                located = first_error_token(row)
+                first_error = located[0] if isinstance(located, tuple) else None
+            if has_message and row.get("answer") is not None:
+                label = _verdict(side, extract_answer(row[side][-1]["content"]), row["answer"], row.get("chosen_source"))
+            scores_used = side != "chosen" or weight_chosen
+            if side == "rejected":
+                weights = [1 - score for score in scores]
+            else:
+                weights = list(scores) if scores_used else [1.0] * len(scores)
+            trajectories.append(
+                ScoredTrajectory(
+                    _question(row.get("prompt")), side, tokens, scores, message, first_error, label, scores_used,
+                    weights,
+                )
+            )
     return trajectories
+
+
+def _verdict(side: str, parsed: str | None, gold: str, chosen_source: str | None) -> str:
+    """What a completion is: correct or incorrect against ``gold``, and a chosen response's source."""
+    verdict = f"correct: {parsed}" if parsed == gold else f"incorrect: {parsed}, gold {gold}"
+    if side == "chosen" and chosen_source == "reference":
+        return verdict + ", the reference solution"
+    if side == "chosen" and chosen_source == "sample":
+        return verdict + ", the model's own"
+    return verdict
 
 
 def _question(prompt) -> str:
@@ -66,6 +146,17 @@ def _question(prompt) -> str:
         user_messages = [message["content"] for message in prompt if message["role"] == "user"]
         return user_messages[-1] if user_messages else ""
     return prompt or ""
+
+
+def shared_instruction(questions: Sequence[str]) -> str:
+    """The text up to a blank line that opens every question (a task instruction), or ``""``."""
+    if not questions:
+        return ""
+    head, separator, _ = questions[0].partition("\n\n")
+    if not separator:
+        return ""
+    prefix = head + separator
+    return prefix if all(question.startswith(prefix) for question in questions) else ""
 
 
 def score_lightness(score: float) -> float:
@@ -80,13 +171,29 @@ def _rgb(score: float) -> tuple[int, int, int]:
     return round(255 * min(1.0, 2 * lightness)), round(255 * low), round(255 * low)
 
 
-def _token_span(token: str, score: float) -> str:
-    lightness = score_lightness(score)
-    colour = "#fff" if lightness < 55 else "#000"
-    return (
-        f'<span style="background:hsl(0,100%,{lightness:.1f}%);color:{colour}" '
-        f'title="s = {score:.4f}">{html.escape(token)}</span>'
-    )
+def _token_span(trajectory: ScoredTrajectory, index: int) -> str:
+    """One token's ``<span>``: shaded by its score; grey and outlined outside the message text; outlined at the
+    first error."""
+    token, score = trajectory.tokens[index], trajectory.scores[index]
+    title = f"s = {score:.4f}"
+    classes = []
+    if not trajectory.in_message(index):
+        classes.append("template")
+        title += "; outside the message text" + (
+            " (EOS: cDPO weight 1)" if trajectory.message is not None and index == trajectory.message[1] else ""
+        )
+        style = ""
+    else:
+        lightness = score_lightness(score)
+        colour = "#fff" if lightness < 55 else "#000"
+        style = f' style="background:hsl(0,100%,{lightness:.1f}%);color:{colour}"'
+    if index == trajectory.first_error:
+        classes.append("first-error")
+        title += "; the first error (ground truth)"
+    if trajectory.weights is not None and trajectory.in_message(index):
+        title += f"; weight {trajectory.weights[index]:.3f}"
+    class_attribute = f' class="{" ".join(classes)}"' if classes else ""
+    return f'<span{class_attribute}{style} title="{html.escape(title)}">{html.escape(token)}</span>'
 
 
 _PAGE = """<!DOCTYPE html>
@@ -97,8 +204,13 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
 .trajectory {{ font-family: monospace; white-space: pre-wrap; border: 1px solid #ccc; padding: 0.5em; }}
+.trajectory.unused {{ opacity: 0.45; }}
+.template {{ background: #e4e4e4; color: #666; outline: 1px dashed #888; }}
+.first-error {{ outline: 3px solid #1565c0; outline-offset: 1px; }}
 .legend {{ display: inline-block; width: 12em; height: 1em; vertical-align: middle;
   background: linear-gradient(to right, hsl(0,100%,{darkest}%), hsl(0,100%,{lightest}%)); }}
+.summary {{ font-size: 0.9em; color: #333; margin: 0.2em 0; }}
+.instruction {{ white-space: pre-wrap; background: #f6f6f6; padding: 0.5em; }}
 h3 {{ margin-bottom: 0.2em; }}
 </style>
 </head>
@@ -107,7 +219,11 @@ h3 {{ margin-bottom: 0.2em; }}
 <p>Each completion token is shaded by its critical-token score
 s<sub>t</sub> = softmax((1+b)&middot;z<sub>pos</sub> &minus; b&middot;z<sub>neg</sub>)[y<sub>t</sub>]
 (cDPO, arXiv 2411.19943): s = 0 <span class="legend"></span> s = 1. Dark red tokens are likely critical;
-cDPO weights a rejected token by 1 &minus; s<sub>t</sub>. Hover over a token for its score.</p>
+cDPO weights a rejected token by 1 &minus; s<sub>t</sub>. Hover over a token for its score and weight.
+<span class="template">Grey, dashed</span>: outside the message text (EOS, weighted 1 by cDPO whatever its score,
+and the chat template after it). <span class="first-error">Outlined in blue</span>: the ground-truth first error
+of a rejected trajectory. Faded: scores the loss does not use (the chosen side, without
+<code>cdpo_weight_chosen</code>).</p>
 {body}
 </body>
 </html>
@@ -116,27 +232,40 @@ cDPO weights a rejected token by 1 &minus; s<sub>t</sub>. Hover over a token for
 
 def render_html(trajectories: Sequence[ScoredTrajectory], title: str = "Critical tokens") -> str:
     """A self-contained HTML page: each trajectory a block with one ``<span>`` per token (module docstring)."""
+    instruction = shared_instruction([trajectory.question for trajectory in trajectories])
     sections, previous_question = [], None
+    if instruction:
+        sections.append(f'<p>Every prompt opens with:</p>\n<div class="instruction">{html.escape(instruction)}</div>')
     for trajectory in trajectories:
         if trajectory.question != previous_question:
-            sections.append(f"<h2>{html.escape(trajectory.question)}</h2>")
+            sections.append(f"<h2>{html.escape(trajectory.question.removeprefix(instruction))}</h2>")
             previous_question = trajectory.question
-        spans = "".join(_token_span(token, score) for token, score in zip(trajectory.tokens, trajectory.scores))
-        sections.append(f'<h3>{html.escape(trajectory.side)}</h3>\n<div class="trajectory">{spans}</div>')
+        spans = "".join(_token_span(trajectory, index) for index in range(len(trajectory.tokens)))
+        unused = "" if trajectory.scores_used else " unused"
+        sections.append(
+            f"<h3>{html.escape(trajectory.side)}</h3>\n<p class=\"summary\">{html.escape(trajectory.summary())}</p>\n"
+            f'<div class="trajectory{unused}">{spans}</div>'
+        )
     return _PAGE.format(title=html.escape(title), darkest=DARKEST, lightest=LIGHTEST, body="\n".join(sections))
 
 
 def render_terminal(trajectories: Sequence[ScoredTrajectory], *, color: bool, threshold: float = 0.5) -> str:
-    """A plain-text view: ANSI background colours (``color``), or else ``[token|score]`` markers on the tokens
-    scoring below ``threshold``; every other token is printed as it is."""
+    """A plain-text view: ANSI background colours (``color``), or else ``[token|score]`` markers on the message
+    tokens scoring below ``threshold``; every other token is printed as it is. Each completion starts with its
+    summary line; the task instruction shared by every question is printed once."""
+    instruction = shared_instruction([trajectory.question for trajectory in trajectories])
     blocks, previous_question = [], None
+    if instruction:
+        blocks.append(f"Every prompt opens with:\n{instruction.rstrip()}")
     for trajectory in trajectories:
         if trajectory.question != previous_question:
-            blocks.append(f"=== {trajectory.question}")
+            blocks.append(f"=== {trajectory.question.removeprefix(instruction)}")
             previous_question = trajectory.question
         parts = []
-        for token, score in zip(trajectory.tokens, trajectory.scores):
-            if color:
+        for index, (token, score) in enumerate(zip(trajectory.tokens, trajectory.scores)):
+            if not trajectory.in_message(index):
+                parts.append(token)
+            elif color:
                 red, green, blue = _rgb(score)
                 foreground = "97" if score_lightness(score) < 55 else "30"
                 style = f"\x1b[48;2;{red};{green};{blue}m\x1b[{foreground}m"
@@ -146,5 +275,5 @@ def render_terminal(trajectories: Sequence[ScoredTrajectory], *, color: bool, th
                 parts.append(f"[{token}|{score:.2f}]")
             else:
                 parts.append(token)
-        blocks.append(f"--- {trajectory.side}\n" + "".join(parts))
+        blocks.append(f"--- {trajectory.summary()}\n" + "".join(parts))
     return "\n".join(blocks) + "\n"

@@ -60,6 +60,11 @@ def build_trainer(run_args, training_args, model_args):
         eval_dataset = load_run_dataset(
             run_args.dataset_name, run_args.dataset_test_split, num_examples=run_args.num_test_examples, **dataset_kwargs
         )
+    peft_config = get_peft_config(model_args)
+    if run_args.lora_layers is not None:
+        if peft_config is None:
+            raise ValueError("lora_layers puts LoRA adapters on some layers: it needs use_peft: true.")
+        peft_config.layers_to_transform = list(run_args.lora_layers)
     trainer_kwargs = {}
     if run_args.method == "grpo":
         trainer_kwargs["reward_funcs"] = [get_reward_func(name) for name in run_args.reward_funcs]
@@ -68,7 +73,7 @@ def build_trainer(run_args, training_args, model_args):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config,
         **trainer_kwargs,
     )
 

@@ -28,7 +28,9 @@ def build_preference_pairs(samples: Dataset, *, reference_fallback: bool = False
     the most frequent incorrect answer (ties: the answer seen first). A question with no correct
     trajectory is skipped, unless ``reference_fallback`` is set and ``samples`` has a ``solution`` column,
     whose reference solution then becomes ``chosen``. Columns: ``question_id``, ``prompt``, ``chosen``,
-    ``rejected``, ``answer``.
+    ``rejected``, ``answer``, ``chosen_source`` (``"sample"``: the model's own correct trajectory; ``"reference"``:
+    the fallback), and ``solution`` when ``samples`` has it (the reference: the ground truth of
+    :mod:`tokenweave.data.arithmetic_errors`).
     """
     pairs = []
     for question_id, rows in _rows_by_question(samples, reference_fallback).items():
@@ -37,21 +39,51 @@ def build_preference_pairs(samples: Dataset, *, reference_fallback: bool = False
             continue
         chosen = _most_frequent_answer_row([row for row in rows if row["correct"]])
         if chosen is not None:
-            chosen_completion = chosen["completion"]
+            chosen_completion, chosen_source = chosen["completion"], "sample"
         elif reference_fallback:
             chosen_completion = [{"role": "assistant", "content": rows[0]["solution"]}]
+            chosen_source = "reference"
         else:
             continue
-        pairs.append(
-            {
-                "question_id": question_id,
-                "prompt": rows[0]["prompt"],
-                "chosen": chosen_completion,
-                "rejected": rejected["completion"],
-                "answer": rows[0]["answer"],
-            }
-        )
+        pair = {
+            "question_id": question_id,
+            "prompt": rows[0]["prompt"],
+            "chosen": chosen_completion,
+            "rejected": rejected["completion"],
+            "answer": rows[0]["answer"],
+            "chosen_source": chosen_source,
+        }
+        if "solution" in rows[0]:
+            pair["solution"] = rows[0]["solution"]
+        pairs.append(pair)
     return Dataset.from_list(pairs)
+
+
+def sample_statistics(samples: Dataset) -> dict:
+    """How the labelled trajectories split per question: ``num_questions``, ``num_trajectories``, ``correct_share``
+    (of trajectories), and the share of questions with a correct one, an incorrect one, and ``both`` (those give a
+    pair whose chosen is the model's own)."""
+    by_question = _rows_by_question(samples, reference_fallback=False)
+    verdicts = [[row["correct"] for row in rows] for rows in by_question.values()]
+    num_questions = max(len(verdicts), 1)
+    return {
+        "num_questions": len(verdicts),
+        "num_trajectories": len(samples),
+        "correct_share": sum(map(sum, verdicts)) / max(len(samples), 1),
+        "with_correct_share": sum(any(v) for v in verdicts) / num_questions,
+        "with_incorrect_share": sum(not all(v) for v in verdicts) / num_questions,
+        "with_both_share": sum(any(v) and not all(v) for v in verdicts) / num_questions,
+    }
+
+
+def pair_statistics(pairs: Dataset) -> dict:
+    """``num_pairs`` and ``own_chosen_share``: the share of pairs whose chosen is the model's own correct
+    trajectory (``chosen_source == "sample"``), not the reference fallback."""
+    sources = pairs["chosen_source"] if "chosen_source" in pairs.column_names else []
+    return {
+        "num_pairs": len(pairs),
+        "own_chosen_share": sum(source == "sample" for source in sources) / max(len(sources), 1),
+    }
 
 
 def build_sft_sets(

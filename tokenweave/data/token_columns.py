@@ -9,14 +9,18 @@ Contents, top to bottom:
 
 * :func:`tokenize_like_dpo`: TRL's tokenisation of a conversational example (prompt and completion ids).
 * :func:`token_texts`: the text each token adds to the decoded sequence (for the heatmap).
+* :func:`content_tokens`: which of a completion's tokens carry its message text (not the template, not EOS), and
+  which token holds a given character of that text.
 * :func:`completion_token_weights`: a ``dataset.map`` function that checks cDPO's per-token weights (or
   scores, turned into weights) against the tokenised completions.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
@@ -74,6 +78,37 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     return texts
 
 
+
+@dataclass(frozen=True)
+class ContentTokens:
+    """Where a completion's message text lies in its tokens (:func:`content_tokens`).
+
+    ``start`` is the text's character offset in the concatenated token texts; tokens ``first .. end - 1`` overlap
+    it (the candidates a token signal ranks: not the template tokens around the text, not EOS).
+    """
+
+    start: int
+    first: int
+    end: int
+    token_ends: tuple[int, ...]  # the character offset where each token's text ends
+
+    def token_at(self, offset: int) -> int:
+        """The token holding character ``offset`` of the message text."""
+        position = self.start + offset
+        return next(index for index, end in enumerate(self.token_ends) if end > position)
+
+
+def content_tokens(tokens: Sequence[str], content: str) -> ContentTokens | None:
+    """The tokens (texts, as :func:`token_texts` gives them) that carry the message text ``content``; None when
+    ``content`` is empty or not found in their concatenation."""
+    joined = "".join(tokens)
+    start = joined.find(content) if content else -1
+    if start < 0:
+        return None
+    ends = tuple(itertools.accumulate(len(token) for token in tokens))
+    first = next(index for index, end in enumerate(ends) if end > start)
+    end = next(index for index, token_end in enumerate(ends) if token_end >= start + len(content)) + 1
+    return ContentTokens(start, first, end, ends)
 
 
 # (chosen_values, rejected_values, chosen_ids, rejected_ids) -> (chosen_weights, rejected_weights), lists.

@@ -1,9 +1,41 @@
-"""Batched generation from chat prompts, shared by evaluation and trajectory sampling."""
+"""Batched generation from chat prompts, shared by evaluation, trajectory sampling and the rollout test."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+
+@torch.no_grad()
+def generate_with_shared_prefix(model, input_ids, attention_mask, num_samples: int, **generate_kwargs):
+    """``model.generate`` of ``num_samples`` continuations per row of a left-padded batch, the prompt read once.
+
+    ``generate(num_return_sequences=K)`` repeats every prompt K times before its first forward, so the prompt is
+    computed K times. Here all prompt tokens but the last go through one forward per row (positions from the
+    attention mask, as ``generate`` derives them for left padding); the cache is repeated K times and ``generate``
+    continues from it. The rows come out in ``generate``'s order (row ``i``'s samples at ``i·K .. i·K + K − 1``).
+    """
+    if num_samples == 1 or input_ids.shape[1] < 2:
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=num_samples, **generate_kwargs
+        )
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        cache=DynamicCache(),
+        use_cache=True,
+        logits_to_keep=1,
+    ).cache
+    cache.batch_repeat_interleave(num_samples)
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(num_samples, 0),
+        attention_mask=attention_mask.repeat_interleave(num_samples, 0),
+        cache=cache,
+        **generate_kwargs,
+    )
 
 
 @torch.no_grad()
@@ -43,10 +75,12 @@ def generate_completions(
         for start in range(0, len(order), prompts_per_batch):
             indices = order[start : start + prompts_per_batch]
             batch = tokenizer.pad({"input_ids": [encoded[index] for index in indices]}, return_tensors="pt").to(device)
-            output = model.generate(
-                **batch,
+            output = generate_with_shared_prefix(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                num_samples,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
             )

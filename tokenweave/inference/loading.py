@@ -37,3 +37,16 @@ def load_model_and_tokenizer(name_or_path: str, adapter: str | None = None, dtyp
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def save_merged_model(adapter: str, output_dir: str) -> None:
+    """Merge the LoRA adapter directory ``adapter`` into its base model and save the result, with the base model's
+    tokenizer as it is on disk (its own padding side), to ``output_dir``: a plain model directory."""
+    from transformers import AutoTokenizer
+
+    model, _ = load_model_and_tokenizer(adapter)
+    base = resolve_model(json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"])
+    model.merge_and_unload().save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base).save_pretrained(
+        output_dir
+    )

@@ -2,26 +2,38 @@
 
 ``tokenweave critical --config configs/critical_tiny.yaml [--key value ...]`` runs, into one work dir:
 
-=========  ================  ==================================================================================
-step       output            what
-=========  ================  ==================================================================================
-samples    ``samples/``      (a) K trajectories per question from the base model, (b) each labelled ``correct``
+============  ================  ===============================================================================
+step          output            what
+============  ================  ===============================================================================
+warm_start    ``warm_start/``   only with ``warm_start_config``: that SFT run of the base model on the task's
+                                worked solutions (a LoRA adapter is merged: a plain model directory). Every later
+                                step starts from it instead of the base model (the *policy*), as in cDPO, whose
+                                policy already solves a fair share of the problems
+samples       ``samples/``      (a) K trajectories per question from the policy, (b) each labelled ``correct``
                              by the answer reward (:func:`~tokenweave.inference.sampling.sample_trajectories`)
-sft_data   ``sft_data/``     ``positive/``: correct trajectories, ``positive_per_question`` per question with
-                             the most frequent correct answer (with ``reference_fallback``, plus every question's
-                             reference solution); ``negative/``: the incorrect ones whose answers cover
-                             ``negative_top_p`` of a question's incorrect answers (prompt/completion;
-                             :func:`~tokenweave.data.preferences.build_sft_sets`)
-positive   ``positive/``     (c) the ``sft_config`` run (LoRA SFT) of the base model on ``sft_data/positive``
-negative   ``negative/``     (c) the same run on ``sft_data/negative``
-pairs      ``pairs/``        (d, e) preference pairs (:func:`~tokenweave.data.preferences.build_preference_pairs`)
-                             with ``chosen_scores``/``rejected_scores`` (one critical-token score per completion
-                             token, :func:`~tokenweave.inference.scoring.score_dataset`) and
-                             ``chosen_tokens``/``rejected_tokens``
-cdpo       ``cdpo/``         (f) only with ``cdpo_config``: that run on ``pairs/``
-dpo        ``dpo/``          only with ``compare_dpo``: the same run with ``loss_type: sigmoid`` (plain DPO on the
-                             same pairs and budget: the baseline of cDPO)
-=========  ================  ==================================================================================
+sft_data      ``sft_data/``     ``positive/``: correct trajectories, ``positive_per_question`` per question with
+                                the most frequent correct answer (with ``reference_fallback``, plus every
+                                question's reference solution); ``negative/``: the incorrect ones whose answers
+                                cover ``negative_top_p`` of a question's incorrect answers (prompt/completion;
+                                :func:`~tokenweave.data.preferences.build_sft_sets`)
+positive      ``positive/``     (c) the ``sft_config`` run (LoRA SFT) of the policy on ``sft_data/positive``
+negative      ``negative/``     (c) the same run on ``sft_data/negative``
+pairs         ``pairs/``        (d, e) preference pairs (:func:`~tokenweave.data.preferences.build_preference_pairs`)
+                                with ``chosen_scores``/``rejected_scores`` (one critical-token score per completion
+                                token, :func:`~tokenweave.inference.scoring.score_dataset`) and
+                                ``chosen_tokens``/``rejected_tokens``; ``statistics.json``: how the samples split
+                                per question and how many chosen responses are the model's own
+localization  ``localization/`` with ``measure_localization``: ``report.json``, hit@k / MRR of the lowest scores
+                                against the first error of each rejected trajectory, and of a random ranking
+                                (:mod:`tokenweave.pipelines.localization`)
+rollout       ``rollout/``      with ``rollout_trajectories > 0``: ``report.json``, cDPO's rollout test of the
+                                lowest-scored token against a random one (:mod:`tokenweave.pipelines.localization`)
+cdpo          ``cdpo/``         (f) only with ``cdpo_config``: that run of the policy on ``pairs/``
+dpo           ``dpo/``          only with ``compare_dpo``: the same run with ``loss_type: sigmoid`` (plain DPO on
+                                the same pairs and budget: the baseline of cDPO)
+cdpo_shuffled ``cdpo_shuffled/`` only with ``compare_shuffled``: the cDPO run with ``token_weight_control:
+                                shuffle`` (each completion's weights on random tokens: the random-signal control)
+============  ================  ===============================================================================
 
 Scoring and pairing are one step because the completion tokens of a pair depend on both of its responses
 (DPOTrainer starts the completion after the shortest common prefix of prompt and prompt+chosen /
@@ -29,13 +41,15 @@ prompt+rejected), so only the pair fixes which tokens get scores.
 
 The training runs are run configs (``sft_config``, ``cdpo_config``: YAML files of ``tokenweave train``), parsed
 before any step runs and trained with :func:`tokenweave.train.train_from_args`; the pipeline replaces their
-``model_name_or_path`` (with ``model``), ``dataset_name`` and ``output_dir``, and the SFT runs' ``seed`` (with
-``seed``). Every step is resumable and records the config it was made from (:mod:`tokenweave.pipelines.steps`):
+``model_name_or_path`` (with the policy), ``dataset_name`` and ``output_dir``, and the positive/negative SFT runs'
+``seed`` (with ``seed``); the warm start keeps its own dataset and seed (it does not depend on ``seed``, so one warm
+start serves every seed). Every step is resumable and records the config it was made from (:mod:`tokenweave.pipelines.steps`):
 rerunning skips finished steps, and a finished step whose config changed stops the pipeline with what changed.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,13 +59,17 @@ from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
 from ..config import RunArguments, config_file_of, config_keys, load_run_config, read_config_file
-from ..data.preferences import build_preference_pairs, build_sft_sets
+from ..data.preferences import build_preference_pairs, build_sft_sets, pair_statistics, sample_statistics
+from ..inference.loading import load_model_and_tokenizer, save_merged_model
 from ..inference.sampling import sample_trajectories
 from ..inference.scoring import load_contrastive_models, score_dataset
 from ..train import train_from_args
+from .localization import format_localization, format_rollout, localization_report, rollout_report
 from .steps import Step, run_steps
 
 LOG_PREFIX = "critical"
+STATISTICS_FILE = "statistics.json"  # in pairs/: sample_statistics and pair_statistics
+REPORT_FILE = "report.json"  # in localization/ and rollout/
 # Run-config keys the pipeline sets itself (the SFT runs' seed too: ``seed``); left out of a step's record.
 _PIPELINE_RUN_KEYS = ("model_name_or_path", "dataset_name", "output_dir")
 
@@ -72,6 +90,14 @@ class CriticalPipelineConfig:
     )
     work_dir: str = field(
         default="outputs/critical_tokens", metadata={"help": "Directory that receives every step's output."}
+    )
+    warm_start_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "A `tokenweave train` config (method: sft) run first, on its own dataset (the task's worked "
+            "solutions), from `model`; model_name_or_path and output_dir are set by the pipeline. Sampling, the "
+            "positive/negative models and the cDPO/DPO policies then start from it. None: from `model` itself."
+        },
     )
     # (a, b) sampling and labelling
     task: str = field(
@@ -127,6 +153,29 @@ class CriticalPipelineConfig:
     score_chunk_size: int = field(
         default=256, metadata={"help": "Positions per chunk of [chunk, vocab] logits when scoring."}
     )
+    # the evidence that the scores find critical tokens
+    measure_localization: bool = field(
+        default=True,
+        metadata={
+            "help": "Measure hit@k / MRR of the lowest scores against each rejected trajectory's first error (the "
+            "built-in arithmetic task's format; pairs need a 'solution' column), and of a random ranking."
+        },
+    )
+    rollout_trajectories: int = field(
+        default=0,
+        metadata={
+            "help": "cDPO's rollout test on this many rejected trajectories (the first pairs): resample from just "
+            "before the lowest-scored token with that token forbidden, and from a random token of the same "
+            "trajectory; 0: off."
+        },
+    )
+    rollout_samples: int = field(default=8, metadata={"help": "Continuations per tested position."})
+    rollout_temperature: float | None = field(
+        default=None, metadata={"help": "Temperature of the rollouts (None: `temperature`)."}
+    )
+    rollout_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Maximum new tokens per rollout (None: `max_new_tokens`)."}
+    )
     # (f) cDPO
     cdpo_config: str | None = field(
         default=None,
@@ -143,9 +192,20 @@ class CriticalPipelineConfig:
         },
     )
 
+    compare_shuffled: bool = field(
+        default=False,
+        metadata={
+            "help": "With cdpo_config: also train cDPO with token_weight_control 'shuffle' (each completion's own "
+            "weights on random tokens, seeded by `seed`), into cdpo_shuffled/: the random-signal control."
+        },
+    )
+
     def __post_init__(self):
-        if self.compare_dpo and self.cdpo_config is None:
-            raise ValueError("compare_dpo trains the cdpo_config run with loss_type sigmoid: set cdpo_config.")
+        for option in ("compare_dpo", "compare_shuffled"):
+            if getattr(self, option) and self.cdpo_config is None:
+                raise ValueError(f"{option} trains a variant of the cdpo_config run: set cdpo_config.")
+        if self.rollout_trajectories < 0 or self.rollout_samples < 1:
+            raise ValueError("rollout_trajectories must be at least 0 and rollout_samples at least 1.")
         if self.positive_per_question is not None and self.positive_per_question < 1:
             raise ValueError(f"positive_per_question must be at least 1 (or None), got {self.positive_per_question}")
         if not 0.0 < self.negative_top_p <= 1.0:
@@ -157,7 +217,7 @@ class CriticalPipelineConfig:
                 "sft_config is required: the run config (method: sft) of the positive and negative models, e.g. "
                 "configs/critical_sft_tiny.yaml."
             )
-        for name in ("sft_config", "cdpo_config"):
+        for name in ("warm_start_config", "sft_config", "cdpo_config"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{name} {path!r} does not exist.")
@@ -194,9 +254,9 @@ def _check_keys(values: dict) -> None:
 class TrainingRun:
     """One training run of the pipeline: its three config dataclasses and the run config it records.
 
-    Its dataset and output directory are set per step with ``dataclasses.replace``, which reruns the dataclasses'
-    ``__post_init__``: for SFT and DPO configs that equals parsing the same keys on the command line (a test
-    checks it); TRL's ``GRPOConfig`` refuses it (its ``__post_init__`` derives ``generation_batch_size``).
+    Its model, dataset and output directory are set per step with ``dataclasses.replace``, which reruns the
+    dataclasses' ``__post_init__``: for SFT and DPO configs that equals parsing the same keys on the command line (a
+    test checks it); TRL's ``GRPOConfig`` refuses it (its ``__post_init__`` derives ``generation_batch_size``).
     """
 
     run_args: RunArguments
@@ -204,55 +264,78 @@ class TrainingRun:
     model_args: ModelConfig
     record: dict
 
-    def train(self, dataset: Path, output_dir: Path) -> None:
-        """Train this run on ``dataset`` into ``output_dir`` (:func:`tokenweave.train.train_from_args`)."""
+    def train(self, model: str, dataset: Path | None, output_dir: Path) -> None:
+        """Train this run from ``model`` on ``dataset`` (None: the run config's own) into ``output_dir``
+        (:func:`tokenweave.train.train_from_args`)."""
+        run_args = self.run_args if dataset is None else replace(self.run_args, dataset_name=str(dataset))
         train_from_args(
-            replace(self.run_args, dataset_name=str(dataset)),
+            run_args,
             replace(self.training_args, output_dir=str(output_dir)),
+            replace(self.model_args, model_name_or_path=model),
+        )
+
+    def variant(self, **training_overrides) -> TrainingRun:
+        """This run with ``training_overrides`` on its TRL config (recorded too): a compared variant."""
+        return TrainingRun(
+            self.run_args,
+            replace(self.training_args, **training_overrides),
             self.model_args,
+            {**self.record, **training_overrides},
         )
 
 
 def training_runs(config: CriticalPipelineConfig) -> dict[str, TrainingRun]:
-    """The pipeline's training runs (``sft``, and ``cdpo`` / ``dpo`` when configured) from their run configs.
+    """The pipeline's training runs (``sft``; ``warm_start``, ``cdpo``, ``dpo``, ``cdpo_shuffled`` when configured)
+    from their run configs.
 
     Each run config is parsed and checked here, so a bad one fails before any step runs.
     """
-    runs = {"sft": _training_run(config, config.sft_config, "sft", seed=config.seed)}
+    runs = {"sft": _training_run(config.sft_config, "sft", seed=config.seed)}
+    if config.warm_start_config is not None:
+        runs["warm_start"] = _training_run(config.warm_start_config, "sft", own_dataset=True)
     if config.cdpo_config is not None:
-        runs["cdpo"] = _training_run(config, config.cdpo_config, "dpo")
+        runs["cdpo"] = _training_run(config.cdpo_config, "dpo")
     if config.compare_dpo:
-        cdpo = runs["cdpo"]
-        runs["dpo"] = TrainingRun(
-            cdpo.run_args,
-            replace(cdpo.training_args, loss_type="sigmoid"),
-            cdpo.model_args,
-            {**cdpo.record, "loss_type": "sigmoid"},
-        )
+        runs["dpo"] = runs["cdpo"].variant(loss_type="sigmoid")
+    if config.compare_shuffled:
+        runs["cdpo_shuffled"] = runs["cdpo"].variant(token_weight_control="shuffle", token_weight_control_seed=config.seed)
     return runs
 
 
-def _training_run(config: CriticalPipelineConfig, path: str, method: str, seed: int | None = None) -> TrainingRun:
-    """The run config at ``path`` on the pipeline's model (and ``seed``), checked to be a ``method`` run."""
+def _training_run(path: str, method: str, seed: int | None = None, own_dataset: bool = False) -> TrainingRun:
+    """The run config at ``path`` (with ``seed``), checked to be a ``method`` run; its record leaves out what the
+    pipeline sets (the model, output directory and, unless ``own_dataset``, the dataset)."""
     run_args, training_args, model_args = load_run_config(path)
     if run_args.method != method:
         raise ValueError(f"{path} is a {run_args.method!r} run; the pipeline needs a {method!r} run config there.")
-    record = {key: value for key, value in read_config_file(path).items() if key not in _PIPELINE_RUN_KEYS}
-    record["model_name_or_path"] = config.model
+    pipeline_keys = [key for key in _PIPELINE_RUN_KEYS if not (own_dataset and key == "dataset_name")]
+    record = {key: value for key, value in read_config_file(path).items() if key not in pipeline_keys}
     if seed is not None:
         training_args = replace(training_args, seed=seed)
         record["seed"] = seed
-    return TrainingRun(run_args, training_args, replace(model_args, model_name_or_path=config.model), record)
+    return TrainingRun(run_args, training_args, model_args, record)
 
 
 def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
     """Run every step not done yet (module docstring); returns each step's output directory."""
     work_dir = Path(config.work_dir)
     runs = training_runs(config)
-    samples, sft_data = work_dir / "samples", work_dir / "sft_data"
+    samples, sft_data, pairs = work_dir / "samples", work_dir / "sft_data", work_dir / "pairs"
+    # The model every later step starts from, and the step that makes it (the record names the base model).
+    policy = str(work_dir / "warm_start") if "warm_start" in runs else config.model
+    warm = ("warm_start",) if "warm_start" in runs else ()
     sampling = _sampling_arguments(config)
-    steps = [
-        Step("samples", sampling, lambda staging: _sample(sampling, staging)),
+    steps = []
+    if warm:
+        steps.append(
+            Step(
+                "warm_start",
+                {"model": config.model, "run": runs["warm_start"].record},
+                lambda staging: _warm_start(runs["warm_start"], config.model, staging),
+            )
+        )
+    steps += [
+        Step("samples", sampling, lambda staging: _sample({**sampling, "model": policy}, staging), inputs=warm),
         Step(
             "sft_data",
             {
@@ -263,7 +346,7 @@ def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
             lambda staging: _sft_data(config, samples, staging),
             inputs=("samples",),
         ),
-        *(_training_step(side, runs["sft"], sft_data / side, "sft_data") for side in ("positive", "negative")),
+        *(_training_step(side, runs["sft"], policy, sft_data / side, "sft_data") for side in ("positive", "negative")),
         Step(
             "pairs",
             {
@@ -275,19 +358,41 @@ def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
             lambda staging: _pairs(config, work_dir, staging),
             inputs=("samples", "positive", "negative"),
         ),
-        *(_training_step(name, runs[name], work_dir / "pairs", "pairs") for name in ("cdpo", "dpo") if name in runs),
+    ]
+    if config.measure_localization:
+        steps.append(Step("localization", {}, lambda staging: _localization(pairs, staging), inputs=("pairs",)))
+    if config.rollout_trajectories > 0:
+        rollout = _rollout_arguments(config)
+        steps.append(
+            Step("rollout", rollout, lambda staging: _rollout(policy, pairs, rollout, staging), inputs=("pairs",))
+        )
+    steps += [
+        _training_step(name, runs[name], policy, pairs, "pairs")
+        for name in ("cdpo", "dpo", "cdpo_shuffled")
+        if name in runs
     ]
     return run_steps(work_dir, steps, LOG_PREFIX)
 
 
-def _training_step(name: str, run: TrainingRun, dataset: Path, input_step: str) -> Step:
-    """The step ``name`` that trains ``run`` on ``dataset``, the output of the step ``input_step``."""
-    return Step(name, {"run": run.record}, lambda staging: run.train(dataset, staging), inputs=(input_step,))
+def _training_step(name: str, run: TrainingRun, model: str, dataset: Path, input_step: str) -> Step:
+    """The step ``name`` that trains ``run`` from ``model`` on ``dataset``, the output of the step ``input_step``."""
+    return Step(name, {"run": run.record}, lambda staging: run.train(model, dataset, staging), inputs=(input_step,))
+
+
+def _warm_start(run: TrainingRun, model: str, staging: Path) -> None:
+    """The warm-start SFT of ``model``; a LoRA adapter is merged, so the step's output is a plain model directory
+    (the adapter is kept in ``adapter/``)."""
+    if not run.model_args.use_peft:
+        run.train(model, None, staging)
+        return
+    run.train(model, None, staging / "adapter")
+    save_merged_model(str(staging / "adapter"), str(staging))
+    print(f"[{LOG_PREFIX}] warm start: LoRA adapter merged into {model}")
 
 
 def _sampling_arguments(config: CriticalPipelineConfig) -> dict:
     """The arguments of :func:`~tokenweave.inference.sampling.sample_trajectories` in step (a, b): the samples step's
-    record too."""
+    record too (``model`` is the base model's name; with a warm start the call samples from ``warm_start/``)."""
     return dict(
         model=config.model,
         task=config.task,
@@ -349,4 +454,39 @@ def _pairs(config: CriticalPipelineConfig, work_dir: Path, staging: Path) -> Non
         chunk_size=config.score_chunk_size,
     )
     scored.save_to_disk(str(staging))
-    print(f"[{LOG_PREFIX}] scored {len(scored)} preference pairs")
+    statistics = {"samples": sample_statistics(load_from_disk(str(samples_dir))), "pairs": pair_statistics(scored)}
+    (staging / STATISTICS_FILE).write_text(json.dumps(statistics, indent=2) + "\n")
+    print(
+        f"[{LOG_PREFIX}] scored {len(scored)} preference pairs; "
+        f"{statistics['samples']['with_both_share']:.0%} of questions have correct and incorrect samples, "
+        f"{statistics['pairs']['own_chosen_share']:.0%} of the chosen responses are the model's own"
+    )
+
+
+def _localization(pairs: Path, staging: Path) -> None:
+    """hit@k / MRR of the lowest scores against the first errors (:func:`.localization.localization_report`)."""
+    report = localization_report(load_from_disk(str(pairs)))
+    staging.mkdir(parents=True)
+    (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[{LOG_PREFIX}] localization: {format_localization(report)}")
+
+
+def _rollout_arguments(config: CriticalPipelineConfig) -> dict:
+    """The rollout step's settings (its record too)."""
+    return dict(
+        num_trajectories=config.rollout_trajectories,
+        num_rollouts=config.rollout_samples,
+        temperature=config.temperature if config.rollout_temperature is None else config.rollout_temperature,
+        max_new_tokens=config.max_new_tokens if config.rollout_max_new_tokens is None else config.rollout_max_new_tokens,
+        batch_size=config.sample_batch_size,
+        seed=config.seed,
+    )
+
+
+def _rollout(policy: str, pairs: Path, arguments: dict, staging: Path) -> None:
+    """cDPO's rollout test from the policy (:func:`.localization.rollout_report`)."""
+    model, tokenizer = load_model_and_tokenizer(policy)
+    report = rollout_report(load_from_disk(str(pairs)), model, tokenizer, **arguments)
+    staging.mkdir(parents=True)
+    (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[{LOG_PREFIX}] rollout test: {format_rollout(report)}")

@@ -19,7 +19,9 @@ loss names in its ``needs``:
   head (``model(..., labels=..., fused_lm_head=True).log_probs``), exactly as TRL computes them, as
   ``TokenPairs``;
 * ``token_weights`` (cDPO): one weight per completion token, from dataset columns aligned to the completion
-  tokens (:func:`tokenweave.data.token_columns.completion_token_weights`), carried through the collator;
+  tokens (:func:`tokenweave.data.token_columns.completion_token_weights`), carried through the collator; with
+  ``token_weight_control: shuffle`` (the random-signal control) each row's weights are permuted over its completion
+  tokens first (:func:`tokenweave.tokens.controls.shuffle_within_mask`);
 * ``sequential_kl`` (TDPO): the final hidden states of both models, captured during the same forwards
   (:func:`tokenweave.models.final_hidden_states`), turned into full-vocabulary KL chunk by chunk
   (``chunked_sequential_kl``) by the LM heads (:func:`tokenweave.models.lm_head_functions`: under DeepSpeed
@@ -67,6 +69,7 @@ from ..models import (
     head_calls_are_collective,
     lm_head_functions,
 )
+from ..tokens.controls import row_generator, shuffle_within_mask
 
 # The batch key of the collated cDPO weights, [2B, L] like input_ids.
 TOKEN_WEIGHTS_KEY = "token_weights"
@@ -148,8 +151,30 @@ class TokenDPOConfig(DPOConfig):
         },
     )
 
+    token_weight_control: str = field(
+        default="none",
+        metadata={
+            "help": "cDPO: 'shuffle' is the random-signal control: each completion keeps its own weights, assigned "
+            "to a random permutation of its tokens (seeded per row by token_weight_control_seed), so the loss sees "
+            "the same weight mass on tokens chosen by chance. 'none': the weights as they are.",
+            "choices": ["none", "shuffle"],
+        },
+    )
+    token_weight_control_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the 'shuffle' control's permutations (None: `seed`)."}
+    )
+
     def __post_init__(self):
         super().__post_init__()  # turns a single loss_type string into a list
+        if self.token_weight_control not in ("none", "shuffle"):
+            raise ValueError(f"token_weight_control must be 'none' or 'shuffle', got {self.token_weight_control!r}.")
+        if self.token_weight_control != "none" and not (
+            self.token_loss_type and "token_weights" in get_preference_loss(self.token_loss_type).needs
+        ):
+            raise ValueError(
+                f"token_weight_control {self.token_weight_control!r} shuffles per-token weights: it needs a loss "
+                f"that uses them (loss_type 'cdpo'), not {self.loss_type}."
+            )
         token_losses = [name for name in self.loss_type if name in PREFERENCE_LOSSES]
         if token_losses:
             if len(self.loss_type) != 1 or self.loss_weights is not None:
@@ -265,16 +290,25 @@ class TokenDPOTrainer(DPOTrainer):
             weight_chosen=args.cdpo_weight_chosen,
             eos_token_id=getattr(processing_class, "tokenizer", processing_class).eos_token_id,
         )
-        return dataset.map(
+        weights_columns = (args.chosen_weights_column, args.rejected_weights_column)
+        dataset = dataset.map(
             completion_token_weights,
             fn_kwargs={
-                "weights_columns": (args.chosen_weights_column, args.rejected_weights_column),
+                "weights_columns": weights_columns,
                 "scores_columns": (args.chosen_scores_column, args.rejected_scores_column),
                 "scores_to_weights": scores_to_weights,
                 "dataset_name": dataset_name,
             },
             **map_kwargs,
         )
+        if args.token_weight_control == "shuffle":
+            seed = args.seed if args.token_weight_control_seed is None else args.token_weight_control_seed
+            if isinstance(dataset, Dataset):
+                map_kwargs["desc"] = f"Shuffling token weights of {dataset_name} (random-signal control)"
+            dataset = dataset.map(
+                _shuffled_weights, fn_kwargs={"columns": weights_columns, "seed": seed}, **map_kwargs
+            )
+        return dataset
 
     def _set_signature_columns_if_needed(self):
         """Keep the cDPO weights columns when ``remove_unused_columns`` drops the others."""
@@ -506,3 +540,14 @@ def _critical_weights(
         *scores, *masks, weight_chosen=weight_chosen, chosen_eos=eos[0], rejected_eos=eos[1]
     )
     return tuple(side.squeeze(0).tolist() for side in weights)
+
+
+def _shuffled_weights(example: dict, index: int, *, columns: tuple[str, str], seed: int) -> dict[str, list[float]]:
+    """The random-signal control of one example: each side's weights permuted over its completion tokens
+    (:func:`~tokenweave.tokens.controls.shuffle_within_mask`), seeded by ``(seed, row, side)``."""
+    shuffled = {}
+    for side, column in enumerate(columns):
+        weights = torch.tensor(example[column], dtype=torch.float32).unsqueeze(0)
+        generator = row_generator(seed, index, side)
+        shuffled[column] = shuffle_within_mask(weights, torch.ones_like(weights), generator).squeeze(0).tolist()
+    return shuffled
