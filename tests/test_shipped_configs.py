@@ -43,12 +43,15 @@ def test_tiny_configs_parse_to_the_method_config(name, config_class):
 def test_pipeline_config_parses_with_its_training_runs(path):
     config = parse_pipeline_config(["--config", str(path)])
     assert config.work_dir
-    runs = training_runs(config)  # parses its sft_config and cdpo_config, on the pipeline's model
+    runs = training_runs(config)  # parses its run configs: on the pipeline's model, each the method it is there for
     sft = runs["sft"].model_args
     assert sft.use_peft and (sft.lora_r, sft.lora_alpha) == (8, 16)  # cDPO's positive/negative LoRA
     assert all(run.model_args.model_name_or_path == config.model for run in runs.values())
-    assert ("dpo" in runs) == config.compare_dpo
+    assert ("dpo" in runs) == config.compare_dpo and ("cdpo_shuffled" in runs) == config.compare_shuffled
+    assert ("warm_start" in runs) == (config.warm_start_config is not None)
+    if "warm_start" in runs:  # on other questions than the pipeline samples on
+        assert runs["warm_start"].run_args.task_seed != config.task_seed
 
 
 def test_every_config_is_checked():
-    assert len(TRAIN_CONFIGS) >= 15 and len(PIPELINE_CONFIGS) == 2
+    assert len(TRAIN_CONFIGS) >= 15 and len(PIPELINE_CONFIGS) == 3

@@ -122,3 +122,26 @@ def test_local_jsonl_dataset_trains(tmp_path):
          "--max_steps", "2"]
     )
     assert info["global_step"] == 2
+
+
+def test_lora_layers_put_adapters_on_those_layers_only(tmp_path):
+    """``lora_layers: [1]``: adapters in the tiny model's layer 1 only (PEFT's layers_to_transform); the layer-0
+    projections keep no LoRA weights, and only the layer-1 adapters are saved."""
+    output_dir = tmp_path / "out"
+    train(
+        ["--config", str(CONFIGS / "sft_tiny.yaml"), "--output_dir", str(output_dir), "--max_steps", "1",
+         "--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj", "--lora_layers", "1"]
+    )
+    adapter = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [1]
+    from safetensors.torch import load_file
+
+    names = load_file(str(output_dir / "adapter_model.safetensors")).keys()
+    assert names and all(".layers.1." in name for name in names)
+    assert {name.split(".layers.1.")[1].split(".")[1] for name in names} == {"q_proj", "v_proj"}
+
+
+def test_lora_layers_need_use_peft(tmp_path):
+    with pytest.raises(ValueError, match="lora_layers .* needs use_peft: true"):
+        train(["--config", str(CONFIGS / "sft_tiny.yaml"), "--output_dir", str(tmp_path / "o"), "--lora_layers", "1"])
+    assert not (tmp_path / "o").exists()

@@ -34,9 +34,9 @@ from .critical import (
 from .localization import format_localization, format_rollout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG = REPO_ROOT / "configs" / "critical_smollm2.yaml"  # its sft_config and cdpo_config: relative to REPO_ROOT
-NUM_TEST_EXAMPLES = 50
-MAX_NEW_TOKENS = 64
+CONFIG = REPO_ROOT / "configs" / "critical_smollm2.yaml"  # its run configs: relative to REPO_ROOT
+NUM_TEST_EXAMPLES = 30
+MAX_NEW_TOKENS = 40
 RESULTS_FILE = "quickstart_results.json"
 PIPELINE_DIR = "critical"  # the pipeline's work dir under the quickstart's output_dir
 # (row label, pipeline output evaluated; None: the base model)
@@ -49,20 +49,21 @@ MODELS = (
 )
 
 
-def quickstart_config(output_dir: str, seed: int = 0) -> CriticalPipelineConfig:
-    """The pipeline config of the quickstart: :data:`CONFIG` with its run configs found under :data:`REPO_ROOT`,
-    ``compare_dpo`` and ``compare_shuffled``, its work dir under ``output_dir`` and ``seed`` (of sampling, of the
-    positive/negative SFT runs and of the shuffle)."""
-    if not CONFIG.exists():
-        raise FileNotFoundError(f"The quickstart reads {CONFIG}: run it from a clone of the tokenweave repository.")
-    written = read_config_file(CONFIG)
+def quickstart_config(output_dir: str, seed: int = 0, config_file: Path | None = None) -> CriticalPipelineConfig:
+    """The pipeline config of the quickstart: ``config_file`` (None: :data:`CONFIG`) with its run configs found under
+    :data:`REPO_ROOT`, ``compare_dpo`` and ``compare_shuffled``, its work dir under ``output_dir`` and ``seed`` (of
+    sampling, of the positive/negative SFT runs and of the shuffle)."""
+    config_file = CONFIG if config_file is None else config_file
+    if not config_file.exists():
+        raise FileNotFoundError(f"The quickstart reads {config_file}: run it from a clone of the tokenweave repository.")
+    written = read_config_file(config_file)
     run_configs = {
         name: str(REPO_ROOT / written[name])
         for name in ("warm_start_config", "sft_config", "cdpo_config")
         if written.get(name) is not None
     }
     return load_pipeline_config(
-        CONFIG,
+        config_file,
         **run_configs,
         compare_dpo=True,
         compare_shuffled=True,
