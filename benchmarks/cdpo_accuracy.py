@@ -1,13 +1,14 @@
 """Critical tokens on SmolLM2-135M-Instruct over several seeds: localization, the rollout test, and held-out accuracy
 of base / warm start / DPO / cDPO / cDPO with shuffled weights, with a paired bootstrap interval of cDPO − DPO.
 
-Each seed is one run of the quickstart's pipeline (``configs/critical_smollm2.yaml``, as ``tokenweave quickstart
---seed N`` runs it: sampling, the positive/negative models and the shuffle seeded with N; the warm start and the DPO
-runs keep their config's seed). The warm start does not depend on the seed: it is trained once, in the first seed's
+Each seed is one run of the benchmark's pipeline (``--config``: ``configs/critical_smollm2_full.yaml``, the
+quickstart's with the full warm start, twice the questions and 8 DPO steps; run as ``tokenweave quickstart --seed N``
+runs its own: sampling, the positive/negative models and the shuffle seeded with N; the warm start and the DPO runs
+keep their config's seed). The warm start does not depend on the seed: it is trained once, in the first seed's
 work dir, and copied into the others (same record, so their pipelines skip it). Evaluation is greedy on the same
 held-out problems; base and warm start are evaluated once::
 
-    python benchmarks/cdpo_accuracy.py --seeds 0 1 2 --num_test_examples 200 --output benchmarks/cdpo_accuracy.md
+    python benchmarks/cdpo_accuracy.py --seeds 0 1 2 --num_test_examples 200 --output cdpo_accuracy.md
 
 A seed's finished steps are reused when its work directory exists and was made from the same configs (otherwise
 the pipeline stops and says what changed); evaluations are reused when their JSON file exists.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from tokenweave.inference.evaluate import evaluate_model
 from tokenweave.pipelines.critical import REPORT_FILE, STATISTICS_FILE, run_critical_pipeline
-from tokenweave.pipelines.quickstart import MAX_NEW_TOKENS, MODELS, quickstart_config
+from tokenweave.pipelines.quickstart import MAX_NEW_TOKENS, MODELS, REPO_ROOT, quickstart_config
 
 SHARED = ("base", "warm_start")  # evaluated once: they do not depend on the seed
 PER_SEED = ("dpo", "cdpo", "cdpo_shuffled")
@@ -63,12 +64,12 @@ def evaluate(model_dir: str, output: Path, num_test_examples: int, difficulty: s
     )
 
 
-def run(seeds: list[int], num_test_examples: int, work_dir: Path) -> dict:
+def run(seeds: list[int], num_test_examples: int, work_dir: Path, config_file: Path) -> dict:
     """Every seed's pipeline and evaluations; returns the per-seed reports and the per-problem verdicts."""
     results = {"seeds": seeds, "num_test_examples": num_test_examples, "per_seed": {}, "verdicts": {}}
     first_warm_start = None
     for seed in seeds:
-        config = quickstart_config(str(work_dir / f"seed{seed}"), seed)
+        config = quickstart_config(str(work_dir / f"seed{seed}"), seed, config_file)
         warm_start = Path(config.work_dir) / "warm_start"
         if first_warm_start is not None and not warm_start.exists():
             shutil.copytree(first_warm_start, warm_start)
@@ -141,13 +142,14 @@ def report(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "critical_smollm2_full.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num_test_examples", type=int, default=200)
     parser.add_argument("--work_dir", default="outputs/cdpo_accuracy")
     parser.add_argument("--output", default=None, help="Markdown file to write the tables to.")
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
-    results = run(args.seeds, args.num_test_examples, work_dir)
+    results = run(args.seeds, args.num_test_examples, work_dir, Path(args.config))
     (work_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = report(results)
     print(table)
