@@ -3,5 +3,7 @@ dataclasses, never with argv lists or YAML files written to talk to ourselves.
 
 * :mod:`.steps`: run a step atomically into its directory and record the config it was made from;
 * :mod:`.critical`: the critical-token pipeline of cDPO (``tokenweave critical``);
-* :mod:`.quickstart`: that pipeline on SmolLM2, then four accuracies (``tokenweave quickstart``).
+* :mod:`.localization`: its evidence: localization against the task's first errors (``tokenweave localize``) and
+  cDPO's rollout test, each against chance;
+* :mod:`.quickstart`: that pipeline on SmolLM2 with its evidence, then five accuracies (``tokenweave quickstart``).
 """

@@ -191,7 +191,6 @@ class CriticalPipelineConfig:
             "and budget), into dpo/, as the baseline of cDPO."
         },
     )
-
     compare_shuffled: bool = field(
         default=False,
         metadata={

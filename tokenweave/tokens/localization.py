@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 
 def _expected_metrics(low: int, high: int, ks: Sequence[int]) -> dict[str, float]:
     """Expected ``hit@k`` and ``1/r`` for a rank ``r`` uniform on ``{low..high}``."""
@@ -33,10 +35,9 @@ def rank_metrics(
     docstring; ties broken at random, in expectation)."""
     if not 0 <= target < len(scores):
         raise IndexError(f"target {target} is not one of the {len(scores)} candidates.")
-    sign = 1.0 if lowest_first else -1.0
-    target_score = sign * scores[target]
-    better = sum(1 for score in scores if sign * score < target_score)
-    tied = sum(1 for score in scores if sign * score == target_score) - 1
+    ranked = torch.as_tensor(scores, dtype=torch.float64) * (1.0 if lowest_first else -1.0)
+    better = int((ranked < ranked[target]).sum())
+    tied = int((ranked == ranked[target]).sum()) - 1
     return _expected_metrics(better + 1, better + tied + 1, ks)
 
 
