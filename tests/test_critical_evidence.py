@@ -2,15 +2,18 @@
 random ranking, the localization report of a pairs dataset, the random-signal shuffle, and the rollout test's
 forbidden token."""
 
+import json
 import random
 
 import pytest
 import torch
 from datasets import Dataset
 
+from tokenweave.cli import main as cli_main
 from tokenweave.data.arithmetic import generate_problems
 from tokenweave.data.arithmetic_errors import FirstError, Unreadable, first_error
 from tokenweave.data.token_columns import content_tokens, token_texts, tokenize_like_dpo
+from tokenweave.inference.generation import generate_with_shared_prefix
 from tokenweave.inference.rollout import ForbidFirstToken, rollout_correct_share
 from tokenweave.models import build_tiny_llama
 from tokenweave.pipelines.localization import first_error_token, localization_report
@@ -262,8 +265,6 @@ def test_rollouts_never_start_with_the_forbidden_token(monkeypatch):
 def test_shared_prefix_generation_equals_generate_with_num_return_sequences():
     """Reading each prompt once and repeating its cache gives generate's own samples, token for token (same seed),
     on a left-padded batch."""
-    from tokenweave.inference.generation import generate_with_shared_prefix
-
     model, tokenizer = build_tiny_llama()
     tokenizer.padding_side = "left"
     batch = tokenizer.pad(
@@ -276,3 +277,12 @@ def test_shared_prefix_generation_equals_generate_with_num_return_sequences():
     torch.manual_seed(0)
     got = generate_with_shared_prefix(model, batch["input_ids"], batch["attention_mask"], 3, **options)
     assert torch.equal(got, expected)
+
+
+def test_localize_command_prints_and_writes_the_report(tmp_path, tiny_tokenizer, capsys):
+    rows = [scored_pair(tiny_tokenizer, "23 + 45 = 67\nThe answer is 67."), scored_pair(tiny_tokenizer, "No idea.")]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "pairs"))
+    cli_main(["localize", "--pairs", str(tmp_path / "pairs"), "--output", str(tmp_path / "report.json")])
+    printed = capsys.readouterr().out
+    assert "over 1 of 2 rejected trajectories" in printed and "unreadable: {'other format': 1}" in printed
+    assert json.loads((tmp_path / "report.json").read_text()) == localization_report(Dataset.from_list(rows))
