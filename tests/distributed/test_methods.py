@@ -49,11 +49,11 @@ def test_lora_dpo_under_zero3_saves_an_adapter_that_reloads_to_the_trained_model
     assert any(tensor.abs().sum() > 0 for tensor in lora_b), "LoRA B is still zero: the adapter was not trained"
 
     probe = torch.load(tmp_path / "probe_logits.pt")
-    model, _ = load_model_and_tokenizer(str(tmp_path))
+    model, _ = load_model_and_tokenizer(str(tmp_path))  # the adapter, merged into its base model
+    base_path = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base, _ = load_model_and_tokenizer(base_path)
     with torch.no_grad():
         reloaded = model(input_ids=probe["input_ids"]).logits
-        base = model.get_base_model()
-        with model.disable_adapter():
-            untouched = base(input_ids=probe["input_ids"]).logits
+        untouched = base(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(reloaded, probe["logits"], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(untouched, probe["logits"], atol=1e-5), "the adapter changes nothing"
