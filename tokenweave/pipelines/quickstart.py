@@ -35,7 +35,7 @@ from .localization import format_localization, format_rollout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "configs" / "critical_smollm2.yaml"  # its run configs: relative to REPO_ROOT
-NUM_TEST_EXAMPLES = 24
+NUM_TEST_EXAMPLES = 16
 MAX_NEW_TOKENS = 40
 RESULTS_FILE = "quickstart_results.json"
 PIPELINE_DIR = "critical"  # the pipeline's work dir under the quickstart's output_dir
