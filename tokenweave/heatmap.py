@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from .pipelines.localization import first_error_token, message_tokens
+from .rewards.math import extract_answer
+
 # Lightness (HSL, per cent) of a token's red background at score 0 (critical) and at score 1.
 DARKEST, LIGHTEST = 27.0, 97.0
 _ANSI_RESET = "\x1b[0m"
@@ -88,9 +91,6 @@ def trajectories_from_dataset(
     says the verdict; with ``solution``, the rejected side's first error is located. ``weight_chosen`` is the cDPO
     run's ``cdpo_weight_chosen``: whether the chosen scores are used by the loss.
     """
-    from .pipelines.localization import first_error_token, message_tokens
-    from .rewards.math import extract_answer
-
     sides = [
         column[: -len("_tokens")]
         for column in dataset.column_names
