@@ -2,38 +2,39 @@
 
 ``tokenweave critical --config configs/critical_tiny.yaml [--key value ...]`` runs, into one work dir:
 
-============  ================  ===============================================================================
-step          output            what
-============  ================  ===============================================================================
-warm_start    ``warm_start/``   only with ``warm_start_config``: that SFT run of the base model on the task's
-                                worked solutions (a LoRA adapter is merged: a plain model directory). Every later
-                                step starts from it instead of the base model (the *policy*), as in cDPO, whose
-                                policy already solves a fair share of the problems
-samples       ``samples/``      (a) K trajectories per question from the policy, (b) each labelled ``correct``
-                             by the answer reward (:func:`~tokenweave.inference.sampling.sample_trajectories`)
-sft_data      ``sft_data/``     ``positive/``: correct trajectories, ``positive_per_question`` per question with
-                                the most frequent correct answer (with ``reference_fallback``, plus every
-                                question's reference solution); ``negative/``: the incorrect ones whose answers
-                                cover ``negative_top_p`` of a question's incorrect answers (prompt/completion;
-                                :func:`~tokenweave.data.preferences.build_sft_sets`)
-positive      ``positive/``     (c) the ``sft_config`` run (LoRA SFT) of the policy on ``sft_data/positive``
-negative      ``negative/``     (c) the same run on ``sft_data/negative``
-pairs         ``pairs/``        (d, e) preference pairs (:func:`~tokenweave.data.preferences.build_preference_pairs`)
-                                with ``chosen_scores``/``rejected_scores`` (one critical-token score per completion
-                                token, :func:`~tokenweave.inference.scoring.score_dataset`) and
-                                ``chosen_tokens``/``rejected_tokens``; ``statistics.json``: how the samples split
-                                per question and how many chosen responses are the model's own
-localization  ``localization/`` with ``measure_localization``: ``report.json``, hit@k / MRR of the lowest scores
-                                against the first error of each rejected trajectory, and of a random ranking
-                                (:mod:`tokenweave.pipelines.localization`)
-rollout       ``rollout/``      with ``rollout_trajectories > 0``: ``report.json``, cDPO's rollout test of the
-                                lowest-scored token against a random one (:mod:`tokenweave.pipelines.localization`)
-cdpo          ``cdpo/``         (f) only with ``cdpo_config``: that run of the policy on ``pairs/``
-dpo           ``dpo/``          only with ``compare_dpo``: the same run with ``loss_type: sigmoid`` (plain DPO on
-                                the same pairs and budget: the baseline of cDPO)
-cdpo_shuffled ``cdpo_shuffled/`` only with ``compare_shuffled``: the cDPO run with ``token_weight_control:
-                                shuffle`` (each completion's weights on random tokens: the random-signal control)
-============  ================  ===============================================================================
+=============  ===================  ====================================================================================
+step           output               what
+=============  ===================  ====================================================================================
+warm_start     ``warm_start/``      only with ``warm_start_config``: that SFT run of the base model on the task's worked
+                                    solutions (a LoRA adapter is merged: a plain model directory). Every later step
+                                    starts from it instead of the base model (the *policy*), as in cDPO, whose policy
+                                    already solves a fair share of the problems
+samples        ``samples/``         (a) K trajectories per question from the policy, (b) each labelled ``correct`` by
+                                    the answer reward (:func:`~tokenweave.inference.sampling.sample_trajectories`)
+sft_data       ``sft_data/``        ``positive/``: correct trajectories, ``positive_per_question`` per question with the
+                                    most frequent correct answer (with ``reference_fallback``, plus every question's
+                                    reference solution); ``negative/``: the incorrect ones whose answers cover
+                                    ``negative_top_p`` of a question's incorrect answers (prompt/completion;
+                                    :func:`~tokenweave.data.preferences.build_sft_sets`)
+positive       ``positive/``        (c) the ``sft_config`` run (LoRA SFT) of the policy on ``sft_data/positive``
+negative       ``negative/``        (c) the same run on ``sft_data/negative``
+pairs          ``pairs/``           (d, e) preference pairs
+                                    (:func:`~tokenweave.data.preferences.build_preference_pairs`) with
+                                    ``chosen_scores``/``rejected_scores`` (one critical-token score per completion
+                                    token, :func:`~tokenweave.inference.scoring.score_dataset`) and
+                                    ``chosen_tokens``/``rejected_tokens``; ``statistics.json``: how the samples split
+                                    per question and how many chosen responses are the model's own
+localization   ``localization/``    with ``measure_localization``: ``report.json``, hit@k / MRR of the lowest scores
+                                    against the first error of each rejected trajectory, and of a random ranking
+                                    (:mod:`tokenweave.pipelines.localization`)
+rollout        ``rollout/``         with ``rollout_trajectories > 0``: ``report.json``, cDPO's rollout test of the
+                                    lowest-scored token against a random one (:mod:`tokenweave.pipelines.localization`)
+cdpo           ``cdpo/``            (f) only with ``cdpo_config``: that run of the policy on ``pairs/``
+dpo            ``dpo/``             only with ``compare_dpo``: the same run with ``loss_type: sigmoid`` (plain DPO on
+                                    the same pairs and budget: the baseline of cDPO)
+cdpo_shuffled  ``cdpo_shuffled/``   only with ``compare_shuffled``: the cDPO run with ``token_weight_control: shuffle``
+                                    (each completion's weights on random tokens: the random-signal control)
+=============  ===================  ====================================================================================
 
 Scoring and pairing are one step because the completion tokens of a pair depend on both of its responses
 (DPOTrainer starts the completion after the shortest common prefix of prompt and prompt+chosen /
@@ -43,8 +44,9 @@ The training runs are run configs (``sft_config``, ``cdpo_config``: YAML files o
 before any step runs and trained with :func:`tokenweave.train.train_from_args`; the pipeline replaces their
 ``model_name_or_path`` (with the policy), ``dataset_name`` and ``output_dir``, and the positive/negative SFT runs'
 ``seed`` (with ``seed``); the warm start keeps its own dataset and seed (it does not depend on ``seed``, so one warm
-start serves every seed). Every step is resumable and records the config it was made from (:mod:`tokenweave.pipelines.steps`):
-rerunning skips finished steps, and a finished step whose config changed stops the pipeline with what changed.
+start serves every seed). Every step is resumable and records the config it was made from
+(:mod:`tokenweave.pipelines.steps`): rerunning skips finished steps, and a finished step whose config changed stops
+the pipeline with what changed.
 """
 
 from __future__ import annotations
@@ -297,7 +299,9 @@ def training_runs(config: CriticalPipelineConfig) -> dict[str, TrainingRun]:
     if config.compare_dpo:
         runs["dpo"] = runs["cdpo"].variant(loss_type="sigmoid")
     if config.compare_shuffled:
-        runs["cdpo_shuffled"] = runs["cdpo"].variant(token_weight_control="shuffle", token_weight_control_seed=config.seed)
+        runs["cdpo_shuffled"] = runs["cdpo"].variant(
+            token_weight_control="shuffle", token_weight_control_seed=config.seed
+        )
     return runs
 
 
@@ -476,7 +480,9 @@ def _rollout_arguments(config: CriticalPipelineConfig) -> dict:
         num_trajectories=config.rollout_trajectories,
         num_rollouts=config.rollout_samples,
         temperature=config.temperature if config.rollout_temperature is None else config.rollout_temperature,
-        max_new_tokens=config.max_new_tokens if config.rollout_max_new_tokens is None else config.rollout_max_new_tokens,
+        max_new_tokens=(
+            config.max_new_tokens if config.rollout_max_new_tokens is None else config.rollout_max_new_tokens
+        ),
         batch_size=config.sample_batch_size,
         seed=config.seed,
     )
