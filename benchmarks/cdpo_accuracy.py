@@ -100,13 +100,14 @@ def _accuracy(verdicts: list[bool]) -> float:
 def report(results: dict) -> str:
     """Markdown: the evidence per seed, the accuracy table, and the bootstrap intervals."""
     seeds, verdicts, total = results["seeds"], results["verdicts"], results["num_test_examples"]
+    per_seed = {int(seed): report_ for seed, report_ in results["per_seed"].items()}  # JSON keys are strings
     lines = [
         "| seed | correct samples | questions with both | own chosen | hit@1 (random) | hit@3 (random) | MRR (random) "
         "| readable | rollout: critical | rollout: random |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for seed in seeds:
-        report_ = results["per_seed"][seed]
+        report_ = per_seed[seed]
         samples, pairs = report_["statistics"]["samples"], report_["statistics"]["pairs"]
         local, rollout = report_["localization"], report_["rollout"]
         scores, chance = local["scores"], local["random"]
@@ -135,7 +136,7 @@ def report(results: dict) -> str:
             [float(a) - float(b) for a, b in zip(verdicts[f"{first}/seed{seed}"], verdicts[f"{second}/seed{seed}"])]
             for seed in seeds
         ]
-        mean, low, high = paired_bootstrap(differences)
+        mean, low, high = (round(value, 9) + 0.0 for value in paired_bootstrap(differences))  # no "-0.0%"
         lines.append(f"| {first} − {second} | {mean:+.1%} | [{low:+.1%}, {high:+.1%}] |")
     return "\n".join(lines)
 
