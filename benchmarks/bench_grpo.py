@@ -1,18 +1,26 @@
-"""Step time of TokenGRPOTrainer with HAPO (every part on) against TRL's GRPOTrainer with ``loss_type: dapo``.
+"""Step time of TokenGRPOTrainer with HAPO (every part on) or Rank-GRPO against TRL's GRPOTrainer.
 
 ::
 
     python benchmarks/bench_grpo.py      # tiny-llama, 2 x (5 + 50) steps: ~1.5 min on 2 shared CPU cores
     python benchmarks/bench_grpo.py --model smollm2-135m --steps 6 --warmup 1 --batch_size 4 \
         --max_completion_length 16       # SmolLM2-135M-Instruct: ~16 s a step there, ~5 min in all
+    python benchmarks/bench_grpo.py --method rank_grpo     # Rank-GRPO on the recommendation task
 
-One process, one run: the two trainers get the same model, the same prompts (the arithmetic task, same sampler
-seed), the same rewards and the same generation / batch settings, and differ only in the loss:
+One process, one run: the two trainers get the same model, the same prompts (same sampler seed), the same rewards
+and the same generation / batch settings, and differ only in the method:
 
-- ``hapo``: ``TokenGRPOTrainer`` with ``policy_loss: hapo``: adaptive-temperature sampling (a logits processor in
-  ``generate``), token-level group advantages, advantage redistribution, adaptive clip bounds, dual clip 10, plus
-  tokenweave's entropy quantile metrics;
-- ``trl-dapo``: TRL's ``GRPOTrainer`` with ``loss_type: dapo`` (ε 0.2 / 0.28).
+- ``--method hapo`` (the arithmetic task, rewards correctness, format, closeness):
+  - ``hapo``: ``TokenGRPOTrainer`` with ``policy_loss: hapo``: adaptive-temperature sampling (a logits processor in
+    ``generate``), token-level group advantages, advantage redistribution, adaptive clip bounds, dual clip 10, plus
+    tokenweave's entropy quantile metrics;
+  - ``trl-dapo``: TRL's ``GRPOTrainer`` with ``loss_type: dapo`` (ε 0.2 / 0.28).
+- ``--method rank_grpo`` (the recommendation task, reward ndcg, lists of 5):
+  - ``rank_grpo``: ``TokenGRPOTrainer`` with ``policy_loss: rank_grpo``: after generation the completions' rank
+    spans (decoding, bisection over prefixes), per-rank gains, rewards and group advantages with length shaping;
+    the rank-level ratio in the loss (ε 0.06 / 0.08);
+  - ``trl-sequence``: TRL's ``GRPOTrainer`` with ``loss_type: dapo``, ``importance_sampling_level: sequence``
+    (ε 0.06 / 0.08): the same loss with one span per completion.
 
 Each trainer runs its own ``train()`` in a thread; a baton passed in callbacks lets exactly one of them run at a
 time and alternates them step by step (A, B, A, B, ...), so both see the same machine load. A step is timed from
@@ -45,6 +53,7 @@ from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from tokenweave.data.arithmetic import load_arithmetic  # noqa: E402
+from tokenweave.data.recommendation import load_recommendation  # noqa: E402
 from tokenweave.models import resolve_model  # noqa: E402
 from tokenweave.rewards import get_reward_func  # noqa: E402
 from tokenweave.trainers import TokenGRPOConfig, TokenGRPOTrainer  # noqa: E402
@@ -109,8 +118,6 @@ def build_trainers(args, model_path, output_root):
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
         learning_rate=args.learning_rate,
-        epsilon=0.2,
-        epsilon_high=0.28,
         beta=0.0,
         temperature=1.0,
         max_steps=args.warmup + args.steps,
@@ -123,17 +130,31 @@ def build_trainers(args, model_path, output_root):
     )
     if not args.natural_lengths:
         common["generation_kwargs"] = {"min_new_tokens": args.max_completion_length}
-    dataset = load_arithmetic("train", "prompt", args.num_prompts)
-    rewards = [get_reward_func(name) for name in REWARDS]
-    configs = {
-        "hapo": (TokenGRPOTrainer, TokenGRPOConfig(
-            output_dir=os.path.join(output_root, "hapo"), policy_loss="hapo", dual_clip_c=10.0, **common)),
-        "trl-dapo": (GRPOTrainer, GRPOConfig(
-            output_dir=os.path.join(output_root, "trl-dapo"), loss_type="dapo", **common)),
-    }
-    hapo_args = configs["hapo"][1]
-    assert hapo_args.hapo_adaptive_temperature and hapo_args.hapo_token_advantage
-    assert hapo_args.hapo_adaptive_advantage and hapo_args.hapo_adaptive_clip
+    if args.method == "hapo":
+        common.update(epsilon=0.2, epsilon_high=0.28)
+        dataset = load_arithmetic("train", "prompt", args.num_prompts)
+        rewards = [get_reward_func(name) for name in REWARDS]
+        configs = {
+            "hapo": (TokenGRPOTrainer, TokenGRPOConfig(
+                output_dir=os.path.join(output_root, "hapo"), policy_loss="hapo", dual_clip_c=10.0, **common)),
+            "trl-dapo": (GRPOTrainer, GRPOConfig(
+                output_dir=os.path.join(output_root, "trl-dapo"), loss_type="dapo", **common)),
+        }
+        hapo_args = configs["hapo"][1]
+        assert hapo_args.hapo_adaptive_temperature and hapo_args.hapo_token_advantage
+        assert hapo_args.hapo_adaptive_advantage and hapo_args.hapo_adaptive_clip
+    else:
+        common.update(epsilon=0.06, epsilon_high=0.08)
+        dataset = load_recommendation("train", num_examples=args.num_prompts)
+        rewards = [get_reward_func("ndcg")]
+        configs = {
+            "rank_grpo": (TokenGRPOTrainer, TokenGRPOConfig(
+                output_dir=os.path.join(output_root, "rank_grpo"), policy_loss="rank_grpo", rank_list_length=5,
+                rank_catalog="recommendation", **common)),
+            "trl-sequence": (GRPOTrainer, GRPOConfig(
+                output_dir=os.path.join(output_root, "trl-sequence"), loss_type="dapo",
+                importance_sampling_level="sequence", **common)),
+        }
     trainers = {}
     for name, (trainer_class, config) in configs.items():
         torch.manual_seed(args.seed)
@@ -185,10 +206,10 @@ def run(args) -> dict:
             "mean_completion_length": statistics.fmean(entry["completions/mean_length"] for entry in logs),
             "trl_step_time_median_s": statistics.median(entry["step_time"] for entry in logs),
         }
-    hapo, trl = result["trainers"]["hapo"], result["trainers"]["trl-dapo"]
-    result["ratio_of_medians"] = hapo["median_s"] / trl["median_s"]
+    ours, trl = result["trainers"].values()  # tokenweave's first, as built
+    result["ratio_of_medians"] = ours["median_s"] / trl["median_s"]
     result["median_paired_ratio"] = statistics.median(
-        h / t for h, t in zip(hapo["step_times_s"], trl["step_times_s"], strict=True)
+        h / t for h, t in zip(ours["step_times_s"], trl["step_times_s"], strict=True)
     )
     return result
 
@@ -214,7 +235,7 @@ def markdown(args, result) -> str:
         )
     lines += [
         "",
-        f"ratio hapo / trl-dapo: **{result['ratio_of_medians']:.3f}x** (ratio of medians), "
+        f"ratio {' / '.join(result['trainers'])}: **{result['ratio_of_medians']:.3f}x** (ratio of medians), "
         f"{result['median_paired_ratio']:.3f}x (median of paired step ratios)",
     ]
     return "\n".join(lines)
@@ -222,6 +243,7 @@ def markdown(args, result) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="hapo", choices=["hapo", "rank_grpo"], help="the method timed (above)")
     parser.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2-135m or a local model directory")
     parser.add_argument("--steps", type=int, default=50, help="measured steps per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="steps per trainer dropped before measuring")

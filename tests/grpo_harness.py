@@ -88,14 +88,24 @@ def make_batch(trainer, lengths=LENGTHS, seed: int = 0, log_ratio_std: float = 0
 def with_generation_signals(trainer, batch: dict) -> dict:
     """``batch`` with the per-token columns the trainer's token signals add after generation that a hand-made batch
     can carry (HAPO: ``entropy_signal``, ĥ under the statistics of the whole generation batch, gathered over
-    processes), as ``_generate_and_score_completions`` adds them. A collective under several processes."""
+    processes; Rank-GRPO: ``rank_ids``, :func:`hand_made_rank_ids`), as ``_generate_and_score_completions`` adds
+    them. A collective under several processes (HAPO)."""
     from tokenweave.trainers.signals import Generation
 
+    if "rank_grpo" in trainer.signals:
+        batch = batch | {"rank_ids": hand_made_rank_ids(batch, trainer.args.rank_list_length)}
     hapo = trainer.signals.get("hapo")
     if hapo is None or not hapo.entropy_signal_from_generation:
         return batch
-    entropies = Generation(trainer, batch, training=True, captured=[]).old_policy_entropies()
+    entropies = Generation(trainer, batch, training=True, captured=[], inputs=[]).old_policy_entropies()
     return batch | {"entropy_signal": hapo.entropy_statistics(entropies, batch)[1]}
+
+
+def hand_made_rank_ids(batch: dict, num_ranks: int) -> torch.Tensor:
+    """Rank-GRPO's span ids for a hand-made batch: items of 2 tokens (token t has rank t // 2, overflow from rank
+    ``num_ranks`` on), the same for every row, so any process slice gets the rows' own ids."""
+    positions = torch.arange(batch["completion_ids"].size(1)).expand_as(batch["completion_ids"])
+    return (positions // 2).clamp(max=num_ranks)
 
 
 def process_slice(batch: dict, rank: int, num_processes: int = 2) -> dict:
@@ -127,3 +137,46 @@ def assert_same_update(actual, expected, atol=1e-5):
     assert actual[0] == pytest.approx(expected[0], abs=atol)
     for grad, expected_grad in zip(actual[1], expected[1], strict=True):
         torch.testing.assert_close(grad, expected_grad, atol=atol, rtol=0)
+
+
+def rank_answers(request: dict) -> list[str]:
+    """8 hand-written answers to one recommendation request (one group of 8), of unequal lengths: hits at different
+    ranks, a history item, a malformed line, a repeat, an overflowing list."""
+    relevant, history = request["relevant_items"], request["history_items"]
+    others = [item for item in request["candidate_items"] if item not in relevant and item not in history]
+    return [
+        "\n".join([relevant[0], others[0], relevant[1]]),
+        "\n".join([others[0], relevant[0]]),
+        "\n".join([history[0], "Not a movie", relevant[1], relevant[0]]),
+        relevant[1],
+        "\n".join([relevant[0], relevant[0], others[1], others[2], others[3], relevant[1]]),  # 6 items: overflow
+        "\n".join(others[:3]),
+        "\n".join([relevant[1], relevant[0], others[1]]) + "\n",
+        "\n".join([others[2], others[1], relevant[0], relevant[1], others[0]]),
+    ]
+
+
+def rank_generation(trainer, rows: slice = slice(None)) -> tuple[dict, list[dict]]:
+    """``(output, inputs)`` as TRL's ``_generate_and_score_completions`` gives the rank_grpo signal for ``rows`` of the
+    8 :func:`rank_answers` to the first training request (EOS on all but answer 3, padded to the rows' longest)."""
+    from tokenweave.data.recommendation import load_recommendation
+
+    request = load_recommendation("train", num_examples=1)[0]
+    tokenizer = trainer.processing_class
+    answers = rank_answers(request)
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + ([] if i == 3 else [tokenizer.eos_token_id])
+           for i, text in enumerate(answers)][rows]
+    width = max(map(len, ids))
+    completion_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
+    completion_mask = (torch.arange(width) < torch.tensor([len(row) for row in ids]).unsqueeze(1)).long()
+    output = {"completion_ids": completion_ids, "completion_mask": completion_mask}
+    return output, [dict(request) for _ in ids]
+
+
+def rank_advantages(trainer, rows: slice = slice(None)) -> torch.Tensor:
+    """The rank_grpo signal's token advantages ``[rows, T]`` of :func:`rank_generation` (a collective: the rewards are
+    gathered over processes)."""
+    from tokenweave.trainers.signals import Generation
+
+    output, inputs = rank_generation(trainer, rows)
+    return trainer.signals["rank_grpo"].after_generation(Generation(trainer, output, True, [], inputs))["advantages"]

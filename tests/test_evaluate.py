@@ -170,3 +170,30 @@ def test_sampling_labels_every_trajectory_with_the_reward():
         "tiny-llama", split="train", num_examples=2, num_samples_per_prompt=3, max_new_tokens=4, seed=0
     )
     assert samples["completion"] == again["completion"]  # deterministic for a seed
+
+
+def test_ranking_evaluation_scores_each_list_by_hand():
+    import math
+
+    from tokenweave.data.recommendation import load_recommendation
+    from tokenweave.inference.evaluate import evaluate_ranking
+    from tokenweave.rewards.ranking import load_catalog
+
+    dataset = load_recommendation("test", num_examples=2, list_length=3)
+    first, second = dataset[0], dataset[1]
+    other = next(item for item in first["candidate_items"] if item not in first["relevant_items"])
+    replies = {  # keyed by the history, which tells the two prompts apart
+        first["history_items"][0]: f"1. {other}\n2. {first['relevant_items'][0]}\n3. {first['relevant_items'][1]}",
+        second["history_items"][0]: f"{second['history_items'][0]}\nNot a movie",  # owned, then malformed
+    }
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    result = evaluate_ranking(ScriptedModel(tokenizer, replies), tokenizer, dataset, catalog=load_catalog("recommendation"),
+                              max_new_tokens=200)
+    assert [sample["hits"] for sample in result["samples"]] == [[0.0, 1.0, 1.0], [0.0, 0.0]]
+    r = len(first["relevant_items"])
+    ideal = sum(1 / math.log2(j + 2) for j in range(min(r, 3)))
+    assert result["recall@1"] == 0.0
+    assert result["recall@3"] == pytest.approx(2 / r / 2)  # the mean over the two requests
+    assert result["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / ideal / 2)
+    assert result["well_formed"] == 0.5 and result["num_examples"] == 2

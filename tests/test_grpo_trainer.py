@@ -195,10 +195,9 @@ def test_gradient_accumulation_invariance(model_dir, tmp_path, policy_loss):
         model_dir, tmp_path, policy_loss=policy_loss, hapo_adaptive_temperature=False,
         per_device_train_batch_size=4, gradient_accumulation_steps=2,
     )
-    batch = make_batch(one_step)
+    batch = with_generation_signals(one_step, make_batch(one_step))
     assert batch["completion_mask"][:4].sum() != batch["completion_mask"][4:].sum()
     if policy_loss == "hapo":
-        batch = with_generation_signals(one_step, batch)
         _, entropies = token_logps_and_entropies(one_step, batch)
         halves = [entropy_stats(entropies[rows], batch["completion_mask"][rows]) for rows in (slice(0, 4), slice(4, 8))]
         assert not torch.allclose(halves[0].pivot, halves[1].pivot)
@@ -430,7 +429,12 @@ def test_token_signals_follow_the_config():
         (dict(policy_loss="nope"), "unknown policy loss 'nope'"),
         (dict(hapo_adaptive_temperature=True), "need a policy_loss"),
         (dict(token_weights_column="w"), "need a policy_loss"),
-        (dict(policy_loss="dapo", hapo_adaptive_clip=True), "parts of the hapo policy loss"),
+        (dict(policy_loss="dapo", hapo_adaptive_clip=True), "a part of the hapo and rank_grpo policy losses"),
+        (dict(policy_loss="dapo", hapo_adaptive_advantage=True), "a part of the hapo policy loss"),
+        (dict(policy_loss="rank_grpo", rank_list_length=0), "rank_list_length must be a positive integer"),
+        (dict(policy_loss="rank_grpo", rank_credit="dcg"), "rank_credit must be one of"),
+        (dict(policy_loss="rank_grpo", hapo_adaptive_clip=True, hapo_entropy_stats="micro_batch"),
+         "hapo_entropy_stats must be .generation_batch."),
         (dict(policy_loss="dapo", loss_agg_mode="mean"), "unknown loss_agg_mode"),
         (dict(policy_loss="hapo", dual_clip_c=0.5), "dual_clip_c must be > 1"),
         (dict(policy_loss="hapo", entropy_coef=0.01), "entropy bonus"),

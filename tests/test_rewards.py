@@ -154,7 +154,10 @@ def test_rewards_on_arithmetic_pairs(difficulty):
 
 
 def test_registry():
-    assert REWARD_FUNCS == {"correctness": correctness_reward, "format": format_reward, "closeness": closeness_reward}
+    from tokenweave.rewards import ndcg_reward, recall_reward
+
+    assert REWARD_FUNCS == {"correctness": correctness_reward, "format": format_reward, "closeness": closeness_reward,
+                            "ndcg": ndcg_reward, "recall": recall_reward}
     assert get_reward_func("correctness") is correctness_reward
     assert get_reward_func("format") is format_reward
     assert get_reward_func("tokenweave.rewards.math:format_reward") is format_reward

@@ -132,7 +132,10 @@ def _write_heatmap_page(path, trajectories, title: str) -> None:
 def _add_task_arguments(parser: argparse.ArgumentParser, default_num_examples: int | None) -> None:
     parser.add_argument("--model", required=True, help="Built-in model name, local directory or hub id.")
     parser.add_argument("--adapter", default=None, help="A LoRA adapter directory to load on the model.")
-    parser.add_argument("--task", default="arithmetic", help="Built-in task or dataset with prompt/answer columns.")
+    parser.add_argument(
+        "--task", default="arithmetic",
+        help="Built-in task (arithmetic, recommendation) or a dataset with prompt/answer columns.",
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--num_examples", type=int, default=default_num_examples)
     parser.add_argument("--difficulty", default="easy")
@@ -148,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="Train from a YAML config (all further arguments go to the config parser).", add_help=False
     )
 
-    evaluate = commands.add_parser("eval", help="Greedy accuracy of a model on a task's test split.")
+    evaluate = commands.add_parser(
+        "eval", help="Greedy accuracy (arithmetic) or Recall@k / NDCG@k (recommendation) on a task's test split."
+    )
     _add_task_arguments(evaluate, default_num_examples=200)
     evaluate.add_argument("--output", default=None, help="Write the result (with every sample) as JSON here.")
 

@@ -33,7 +33,7 @@ class RunArguments:
     dataset_name: str = field(
         default="arithmetic",
         metadata={
-            "help": "A built-in task ('arithmetic'), a local dataset (a save_to_disk directory, or a "
+            "help": "A built-in task ('arithmetic', 'recommendation'), a local dataset (a save_to_disk directory, or a "
             ".json/.jsonl/.csv/.parquet file or directory of them) or a hub dataset id."
         },
     )
@@ -52,6 +52,12 @@ class RunArguments:
         default="easy", metadata={"help": "Built-in arithmetic task difficulty: easy, medium or hard."}
     )
     task_seed: int = field(default=0, metadata={"help": "Seed of the built-in task's problem generator."})
+    task_list_length: int = field(
+        default=5, metadata={"help": "Built-in recommendation task: the items each answer lists (Rank-GRPO's N)."}
+    )
+    task_num_candidates: int = field(
+        default=12, metadata={"help": "Built-in recommendation task: the candidate items shown in each prompt."}
+    )
     lora_layers: list[int] | None = field(
         default=None,
         metadata={

@@ -51,7 +51,14 @@ def build_trainer(run_args, training_args, model_args):
         dataset_config=run_args.dataset_config,
         difficulty=run_args.task_difficulty,
         seed=run_args.task_seed,
+        list_length=run_args.task_list_length,
+        num_candidates=run_args.task_num_candidates,
     )
+    rank_signal = "rank_grpo" in (getattr(training_args, "token_signals", None) or [])
+    if rank_signal and run_args.dataset_name == "recommendation":
+        if training_args.rank_list_length != run_args.task_list_length:
+            raise ValueError(f"rank_list_length ({training_args.rank_list_length}) must equal the recommendation "
+                             f"task's task_list_length ({run_args.task_list_length}).")
     train_dataset = load_run_dataset(
         run_args.dataset_name, run_args.dataset_train_split, num_examples=run_args.num_train_examples, **dataset_kwargs
     )

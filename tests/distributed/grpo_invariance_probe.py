@@ -15,6 +15,10 @@ with the harness's ``loss_and_grads`` on the same batch and compares.
 For hapo, each rank adds the batch column ``entropy_signal`` to its half as ``_generate_and_score_completions`` does
 (``with_generation_signals``: the HAPO signal's statistics of both ranks' entropies); the single-process side
 computes it on the whole batch.
+
+And Rank-GRPO's per-rank advantages when a prompt's group spans the processes: 8 hand-written answers to one request
+(``rank_generation``), 4 on each rank, through the rank_grpo signal's ``after_generation`` (its rewards gathered over
+processes); rank 0 writes both ranks' advantages under :data:`RANK_ADVANTAGES`.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 NUM_PROCESSES = 2
 HAPO_OFF = dict(hapo_adaptive_temperature=False)  # sampling is not exercised: the batch is made by hand
+RANK_ADVANTAGES = "rank_grpo advantages"  # the results' entry of the Rank-GRPO group split over the processes
 
 
 def invariance(args) -> None:
     import torch.distributed as dist
 
     from tokenweave.losses.policy import POLICY_LOSSES
-    from tests.grpo_harness import loss_and_grads, make_batch, make_trainer, process_slice, with_generation_signals
+    from tests.grpo_harness import (
+        loss_and_grads, make_batch, make_trainer, process_slice, rank_advantages, with_generation_signals,
+    )
 
     results = {}
     for policy_loss in sorted(POLICY_LOSSES):
@@ -63,6 +70,14 @@ def invariance(args) -> None:
         }
         del trainer
         gc.collect()
+    # Rank-GRPO: one group of 8 completions split over the 2 processes (4 each); the per-rank advantages of each
+    # process's rows, gathered to rank 0 (the test compares them with one process holding the whole group)
+    trainer = make_trainer(args.model_dir, args.output_dir, policy_loss="rank_grpo", per_device_train_batch_size=4,
+                           num_generations=8, rank_list_length=3, rank_catalog="recommendation")
+    local = rank_advantages(trainer, slice(4 * rank, 4 * rank + 4))
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    results[RANK_ADVANTAGES] = gathered
     if rank == 0:
         torch.save(results, args.output)
     dist.barrier()

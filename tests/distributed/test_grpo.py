@@ -24,9 +24,10 @@ from ..grpo_harness import (
     make_batch,
     make_trainer,
     process_slice,
+    rank_advantages,
     with_generation_signals,
 )
-from .grpo_invariance_probe import HAPO_OFF
+from .grpo_invariance_probe import HAPO_OFF, RANK_ADVANTAGES
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,10 @@ LOSS_METRICS = {
     "gspo": "clip_ratio/high_max",
     "cispo": "cispo_clip_ratio",
     "hapo": "hapo/redistributed_frac",
+    "rank_grpo": "clip_ratio/high_max",
 }
+# A metric of the token signal a loss turns on, logged at each generation (steps_per_generation 2: every other step).
+GENERATION_METRICS = {"hapo": "hapo/sampling_temperature", "rank_grpo": "rank/ndcg@5"}
 
 
 def test_the_issue_losses_are_registered():
@@ -103,9 +107,10 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
     metric = LOSS_METRICS.get(policy_loss, "entropy/q80")  # entropy/q80: TokenGRPOTrainer's metric
     assert all(metric in entry and "entropy/q80" in entry for entry in logs)
     assert all(("entropy_signal/mean" in entry) == (policy_loss == "hapo") for entry in logs)  # only hapo's signal
+    if policy_loss in GENERATION_METRICS:
+        assert any(GENERATION_METRICS[policy_loss] in entry for entry in logs)
     if policy_loss == "hapo":  # every part on, adaptive-temperature sampling included
         assert args.hapo_adaptive_temperature and args.hapo_token_advantage and args.hapo_adaptive_clip
-        assert any("hapo/sampling_temperature" in entry for entry in logs)
 
     assert_trained(output_dir, lora, initial_weights, num_lora_b=2 * 2)  # 2 layers x (q_proj, v_proj)
 
@@ -162,3 +167,15 @@ def test_process_and_accumulation_invariance(policy_loss, model_dir, two_process
         half = sum(tokens) / 2
         per_process_mean = sum(loss * half / count for loss, count in zip(local_losses, tokens, strict=True)) / 2
         assert abs(per_process_mean - expected[0]) > 1e-3
+
+
+def test_rank_advantages_of_a_group_split_over_processes(model_dir, two_process_results, tmp_path):
+    """One group of 8 over 2 processes × 4 gives each process the rows of one process holding all 8."""
+    whole = make_trainer(model_dir, tmp_path, policy_loss="rank_grpo", num_generations=8, rank_list_length=3,
+                         rank_catalog="recommendation")
+    expected = rank_advantages(whole)
+    assert expected.abs().sum() > 0
+    for rank, local in enumerate(two_process_results[RANK_ADVANTAGES]):
+        rows = expected[4 * rank : 4 * rank + 4]
+        torch.testing.assert_close(local, rows[:, : local.size(1)], atol=1e-6, rtol=0)
+        assert rows[:, local.size(1):].abs().sum() == 0  # past the process's own longest completion: padding

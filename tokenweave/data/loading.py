@@ -1,7 +1,9 @@
 """Load a run's train and test data: a built-in task or any Hugging Face dataset, checked before training.
 
 The built-in ``arithmetic`` task is formatted for the method (SFT: prompt/completion; DPO: prompt/chosen/
-rejected; GRPO: prompt/answer). Any other dataset must already have the columns the method needs.
+rejected; GRPO: prompt/answer). The built-in ``recommendation`` task (ranked-list answers, for Rank-GRPO) has
+SFT (prompt/completion) and GRPO (prompt/relevant_items/...) formats, and no preference format. Any other dataset
+must already have the columns the method needs.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .arithmetic import load_arithmetic
+from .recommendation import load_recommendation
 
-BUILTIN_TASKS = ("arithmetic",)
+BUILTIN_TASKS = ("arithmetic", "recommendation")
 DEFAULT_NUM_TRAIN_EXAMPLES = 1000
 DEFAULT_NUM_TEST_EXAMPLES = 200
 
 # The built-in task's format for each method.
 _ARITHMETIC_FORMAT = {"sft": "sft", "dpo": "preference", "grpo": "prompt"}
+_RECOMMENDATION_FORMAT = {"sft": "sft", "grpo": "prompt"}
 # Column sets a method accepts (any one of them), as TRL's trainers read them.
 REQUIRED_COLUMNS = {
     "sft": (("messages",), ("prompt", "completion"), ("text",)),
@@ -36,13 +40,32 @@ def load_run_dataset(
     num_examples: int | None = None,
     difficulty: str = "easy",
     seed: int = 0,
+    list_length: int = 5,
+    num_candidates: int = 12,
 ) -> Dataset:
     """Load one split for ``method`` and check it has the columns that method needs.
 
-    ``num_examples`` caps the split (built-in tasks generate exactly that many). Raises ``ValueError``
-    naming the dataset, the split and the missing columns.
+    ``num_examples`` caps the split (built-in tasks generate exactly that many). ``difficulty`` applies to the
+    arithmetic task only, ``list_length`` and ``num_candidates`` to the recommendation task only; the
+    recommendation task ignores ``difficulty`` (and has no DPO format: ``method="dpo"`` raises
+    ``ValueError``). Raises ``ValueError`` naming the dataset, the split and the missing columns.
     """
-    if dataset_name in BUILTIN_TASKS:
+    if dataset_name == "recommendation":
+        if method not in _RECOMMENDATION_FORMAT:
+            raise ValueError(
+                f"The built-in recommendation task has no format for method {method!r} (it has no preference "
+                f"pairs); it supports {', '.join(map(repr, _RECOMMENDATION_FORMAT))}."
+            )
+        default_size = DEFAULT_NUM_TRAIN_EXAMPLES if split == "train" else DEFAULT_NUM_TEST_EXAMPLES
+        dataset = load_recommendation(
+            split=split,
+            num_examples=num_examples or default_size,
+            seed=seed,
+            num_candidates=num_candidates,
+            list_length=list_length,
+            fmt=_RECOMMENDATION_FORMAT[method],
+        )
+    elif dataset_name == "arithmetic":
         default_size = DEFAULT_NUM_TRAIN_EXAMPLES if split == "train" else DEFAULT_NUM_TEST_EXAMPLES
         dataset = load_arithmetic(
             split=split,

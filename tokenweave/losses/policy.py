@@ -17,11 +17,11 @@ and looked up with :func:`get_policy_loss`. All share one signature::
     entropy_signal    [B, T]  HAPO's ĥ from a token signal (trainers.hapo: statistics of the whole generation batch);
                               hapo uses it, grpo / dapo / gspo only split their clip metrics by its sign
 
-A token signal's other loss inputs (``TokenSignal.loss_kwargs``, e.g. Rank-GRPO's span ids) arrive as further keyword
-arguments, which the loss that needs them names. Contents: the registry, :class:`PolicyLossConfig`,
+A token signal's other loss inputs (``TokenSignal.loss_kwargs``, e.g. Rank-GRPO's ``rank_ids`` and ``num_ranks``)
+arrive as further keyword arguments, which the loss that needs them names (``rank_grpo``). Contents: the registry, :class:`PolicyLossConfig`,
 :func:`aggregate_loss` and TRL's normalisers (:func:`trl_aggregate_loss`), :func:`importance_ratio`, the clipped
 surrogate :func:`ppo_clip` (no method flags), HAPO's loss math (:func:`adaptive_clip_bounds`, Sec. 3.4, and
-:func:`redistribute_advantage`, Sec. 3.3), and the registered losses.
+:func:`redistribute_advantage`, Sec. 3.3), and the registered losses (grpo, dapo, gspo, cispo, hapo, rank_grpo).
 
 The per-token loss is NOT masked; :func:`aggregate_loss` applies the mask. Metrics are detached 0-dim tensors: fractions
 of the local active tokens, which a trainer averages over processes, except names ending in ``_min`` / ``_max``
@@ -63,6 +63,7 @@ from typing import Literal
 import torch
 
 from tokenweave.tokens import entropy as token_entropy
+from tokenweave.tokens.ranks import rank_log_ratio
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -530,4 +531,48 @@ def hapo_policy_loss(
     per_token_loss, dual_clipped = ppo_clip(ratio, advantages, eps_low, eps_high, config.delta, config.dual_clip_c)
     return _weighted_with_metrics(
         per_token_loss, dual_clipped, token_weights, ratio, advantages, eps_low, eps_high, mask, h_hat, metrics
+    )
+
+
+@register_policy_loss("rank_grpo", epsilon_high=0.08, trl_loss_type="dapo")
+def rank_grpo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    token_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_signal: torch.Tensor | None = None,
+    rank_ids: torch.Tensor | None = None,
+    num_ranks: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rank-GRPO (Zhu et al. 2025, arXiv 2510.20150): the clipped surrogate with one importance ratio per rank.
+
+    ::
+
+        w_{i,k}  = exp(mean_{t ∈ span(i,k)} (logp_t − old_logp_t))     tokens.ranks.rank_log_ratio (gradient
+                                                                        through the mean; overflow: one more span)
+        ℓ_{i,t}  = ppo_clip(w_{i,rank(t)}, A_{i,t}, ε_lo, ε_hi, δ, c) · token_weights
+
+    ``rank_ids`` ``[B, T]`` (0..N−1, N for overflow) and ``num_ranks`` N come from the rank_grpo token signal
+    (``trainers.rank``), as do the per-rank advantages ``A [B, T]``. The paper's clip is ε_lo = 0.06, ε_hi = 0.08
+    (TRL ``epsilon`` / ``epsilon_high``), aggregated with token-mean (the released code's bnpo is a micro-batch token
+    mean; token-mean here divides by the generation batch's tokens, so the update does not depend on the split).
+    Given an ``entropy_signal`` ĥ (the hapo signal, ``hapo_adaptive_clip``) and ``config.adaptive_clip``, the bounds
+    are HAPO's entropy-adaptive ones (:func:`adaptive_clip_bounds`). With one span per completion (N = 1) this is
+    GSPO's sequence-level ratio: TRL ``importance_sampling_level="sequence"``.
+    """
+    if rank_ids is None or num_ranks is None:
+        raise ValueError("rank_grpo needs `rank_ids` and `num_ranks` (the rank_grpo token signal gives them)")
+    mask = mask.to(logps.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    ratio = torch.exp(rank_log_ratio(logps, old_logps, mask, rank_ids, num_ranks))
+    eps_low, eps_high = config.epsilon_low, config.epsilon_high
+    if entropy_signal is not None and config.adaptive_clip:
+        eps_low, eps_high = adaptive_clip_bounds(entropy_signal, eps_low, eps_high, config.clip_alpha)
+    per_token_loss, dual_clipped = ppo_clip(ratio, advantages, eps_low, eps_high, config.delta, config.dual_clip_c)
+    return _weighted_with_metrics(
+        per_token_loss, dual_clipped, token_weights, ratio, advantages, eps_low, eps_high, mask, entropy_signal
     )

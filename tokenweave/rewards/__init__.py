@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 
 from .math import closeness_reward, completion_to_text, correctness_reward, extract_answer, format_reward, is_correct
+from .ranking import ndcg_reward, recall_reward
 
 __all__ = [
     "REWARD_FUNCS",
@@ -20,12 +21,16 @@ __all__ = [
     "format_reward",
     "get_reward_func",
     "is_correct",
+    "ndcg_reward",
+    "recall_reward",
 ]
 
 REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
     "correctness": correctness_reward,
     "format": format_reward,
     "closeness": closeness_reward,
+    "ndcg": ndcg_reward,  # ranked-list answers (rewards.ranking): NDCG@N and Recall@N of the whole list
+    "recall": recall_reward,
 }
 
 

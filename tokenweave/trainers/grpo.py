@@ -41,6 +41,7 @@ from ..losses.policy import (
     trl_aggregate_loss,
 )
 from .hapo import HapoConfig
+from .rank import RankGrpoConfig
 from .signals import TOKEN_SIGNALS, Generation, LossForward, gather_values, get_token_signal, loss_sees_generation_batch
 
 # Batch keys that ``_get_per_token_logps_and_entropies`` takes besides the token ids (multimodal inputs).
@@ -62,9 +63,9 @@ SIGNAL_STATE_FILE = "token_signals.pt"
 
 
 @dataclass
-class TokenGRPOConfig(HapoConfig, GRPOConfig):
+class TokenGRPOConfig(RankGrpoConfig, HapoConfig, GRPOConfig):
     """TRL's ``GRPOConfig`` plus a policy-loss registry and token signals (each signal's fields come from its config
-    mixin, e.g. :class:`~tokenweave.trainers.hapo.HapoConfig`).
+    mixin: :class:`~tokenweave.trainers.hapo.HapoConfig`, :class:`~tokenweave.trainers.rank.RankGrpoConfig`).
 
     ``policy_loss`` unset: TRL's ``loss_type`` path, unchanged (only a signal's advantages, e.g.
     ``hapo_token_advantage``, may be used with it). ``policy_loss`` set: TRL's clip fields are the loss's
@@ -78,7 +79,7 @@ class TokenGRPOConfig(HapoConfig, GRPOConfig):
     policy_loss: str | None = field(
         default=None,
         metadata={
-            "help": "A policy loss registered in tokenweave.losses.policy: grpo, dapo, cispo, gspo, hapo, or any "
+            "help": "A policy loss registered in tokenweave.losses.policy: grpo, dapo, cispo, gspo, hapo, rank_grpo, or any "
             "registered with @register_policy_loss. None: TRL's `loss_type`, unchanged."
         },
     )
@@ -206,7 +207,7 @@ class TokenGRPOTrainer(GRPOTrainer):
         finally:
             self._captured_entropies = None
         for signal in self.signals.values():
-            output.update(signal.after_generation(Generation(self, output, training, captured)))
+            output.update(signal.after_generation(Generation(self, output, training, captured, inputs)))
         return output
 
     def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):

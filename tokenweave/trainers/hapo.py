@@ -88,7 +88,8 @@ class HapoConfig:
     adv_beta: float = field(default=1.0, metadata={"help": "HAPO: strength of the advantage redistribution."})
     hapo_adaptive_clip: bool | None = field(
         default=None,
-        metadata={"help": "HAPO 3.4: entropy-adaptive asymmetric clip bounds (hapo loss only). None: on for hapo."},
+        metadata={"help": "HAPO 3.4: entropy-adaptive asymmetric clip bounds (the hapo and rank_grpo losses). None: "
+                  "on for hapo, off for rank_grpo."},
     )
     clip_alpha: float = field(default=1.0, metadata={"help": "HAPO: strength of the adaptive clip bounds."})
     entropy_pivot: float = field(
@@ -125,11 +126,12 @@ class HapoConfig:
 
 
 def entropy_signal_from_generation(args) -> bool:
-    """Whether the hapo loss takes ĥ from the batch column ``entropy_signal`` (generation-batch statistics)."""
-    return bool(
-        args.policy_loss == "hapo" and (args.hapo_adaptive_clip or args.hapo_adaptive_advantage)
-        and args.hapo_entropy_stats == "generation_batch"
+    """Whether the loss takes ĥ from the batch column ``entropy_signal`` (generation-batch statistics): the hapo
+    loss with one of its parts on, or the rank_grpo loss with ``hapo_adaptive_clip``."""
+    uses_signal = (args.policy_loss == "hapo" and (args.hapo_adaptive_clip or args.hapo_adaptive_advantage)) or (
+        args.policy_loss == "rank_grpo" and args.hapo_adaptive_clip
     )
+    return bool(uses_signal and args.hapo_entropy_stats == "generation_batch")
 
 
 class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
@@ -181,6 +183,8 @@ class HapoSignal(TokenSignal):
         """Resolve the unset switches (:class:`HapoConfig`), check them; on when some part acts here."""
         switched_on = any(getattr(args, name) for name in GENERATION_SWITCHES)
         requested = requested or args.policy_loss == "hapo" or switched_on
+        # rank_grpo with HAPO's adaptive clip needs only ĥ: the generation parts stay off unless asked for
+        clip_for_rank_grpo = args.policy_loss == "rank_grpo" and bool(args.hapo_adaptive_clip)
         if args.policy_loss is None:  # TRL's loss_type path: only the token-level advantage ([B, T] is accepted)
             given = [name for name in ("hapo_adaptive_temperature", *LOSS_SWITCHES) if getattr(args, name)]
             if given:
@@ -195,8 +199,13 @@ class HapoSignal(TokenSignal):
             for name in names:
                 if getattr(args, name) is None:
                     setattr(args, name, default)
-        if not is_hapo_loss and (args.hapo_adaptive_advantage or args.hapo_adaptive_clip):
-            raise ValueError("hapo_adaptive_advantage and hapo_adaptive_clip are parts of the hapo policy loss.")
+        if not is_hapo_loss and args.hapo_adaptive_advantage:
+            raise ValueError("hapo_adaptive_advantage is a part of the hapo policy loss.")
+        if not (is_hapo_loss or clip_for_rank_grpo) and args.hapo_adaptive_clip:
+            raise ValueError("hapo_adaptive_clip is a part of the hapo and rank_grpo policy losses.")
+        if clip_for_rank_grpo and args.hapo_entropy_stats != "generation_batch":
+            raise ValueError("rank_grpo takes HAPO's ĥ from the generation batch: hapo_entropy_stats must be "
+                             "'generation_batch' with hapo_adaptive_clip.")
         if args.hapo_token_advantage and args.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("hapo_token_advantage uses the weighted reward sum: multi_objective_aggregation must be "
                              "'sum_then_normalize'.")

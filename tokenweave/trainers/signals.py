@@ -29,10 +29,10 @@ is shaped for, each one more signal:
 
 - HAPO (:mod:`.hapo`): entropy statistics after generation, an adaptive-temperature ``sample``, token-level
   advantages, ĥ as the loss's ``entropy_signal``; its sampler statistics are its state.
-- Rank-GRPO: after generation, the completions decoded (``trainer.processing_class``) and scored per rank by its
-  own reward functions (TRL's reward functions return one scalar per completion), span ids ``[B, T]`` (rank of each
-  token) and per-rank advantages ``[B, T]`` as ``"advantages"``; ``loss_kwargs`` passes the span ids to a
-  registered ``rank_grpo`` loss (the span-mean importance ratio, ``logps`` and ``old_logps`` at hand).
+- Rank-GRPO (:mod:`.rank`): after generation, the completions decoded and scored per rank by its own gain
+  functions (TRL's reward functions return one scalar per completion; ``Generation.inputs`` gives the rows'
+  columns), span ids ``[B, T]`` (rank of each token) and per-rank advantages ``[B, T]`` as ``"advantages"``;
+  ``loss_kwargs`` passes the span ids to the registered ``rank_grpo`` loss (the span-mean importance ratio).
 - Attention-derived credit: after generation, one extra no-grad forward with attention weights (the policy at
   that point is π_old), then ``"advantages"`` = the current advantages · γ ``[B, T]``.
 - Critical-token weights: after generation, a weight column; ``loss_kwargs`` returns it as ``token_weights``.
@@ -81,6 +81,8 @@ class Generation:
     training: bool
     captured: list[tuple[torch.Tensor, torch.Tensor]]
     """(log-probs, entropies) of the policy's forwards during TRL's generation step (when some signal asked)."""
+    inputs: list[dict]
+    """TRL's inputs of this process's generation batch: one dataset row (its columns) per completion."""
 
     @property
     def completion_mask(self) -> torch.Tensor:
