@@ -295,3 +295,42 @@ def test_tiny_config_trains(tmp_path, monkeypatch):
     logs = [entry for entry in info["log_history"] if "loss" in entry]
     assert all("rank/ndcg@5" in entry and math.isfinite(entry["grad_norm"]) for entry in logs)
     assert any(entry["grad_norm"] > 0 for entry in logs)
+
+
+def test_token_weights_multiply_the_rank_grpo_loss():
+    config = PolicyLossConfig(epsilon_low=0.06, epsilon_high=0.08)
+    generator = torch.Generator().manual_seed(0)
+    logps, old = torch.randn(2, 5, generator=generator), torch.randn(2, 5, generator=generator)
+    args = (logps, old, torch.tensor([1.0, -0.5]), torch.ones(2, 5), config)
+    ranks = dict(rank_ids=torch.tensor([[0, 0, 1, 1, 2]] * 2), num_ranks=2)
+    weights = torch.rand(2, 5, generator=generator)
+    plain, _ = rank_grpo_policy_loss(*args, **ranks)
+    weighted, _ = rank_grpo_policy_loss(*args, token_weights=weights, **ranks)
+    torch.testing.assert_close(weighted, plain * weights)
+
+
+def semicolon_items(text):
+    """A user's item parser (named as 'tests.test_rank_grpo:semicolon_items'): items separated by '; '."""
+    from tokenweave.rewards.ranking import RankedItem
+
+    items, offset = [], 0
+    for part in text.split("; "):
+        if part.strip():
+            items.append(RankedItem(offset, part))
+        offset += len(part) + 2
+    return items
+
+
+def test_a_user_item_parser_gives_the_spans():
+    from tokenweave.rewards.ranking import get_item_parser
+
+    parser = get_item_parser("tests.test_rank_grpo:semicolon_items")
+    pieces = ["A (1990)", ";", " B", " (1991); C", " (1992)", "<eos>"]
+    tokenizer, ids = PieceTokenizer(pieces), list(range(len(pieces)))
+    items = parser(tokenizer.decode(ids))
+    assert [item.text for item in items] == ["A (1990)", "B (1991)", "C (1992)"]
+    # a token is the item's in which its first character lies: " B" starts with the separator's space (item 0's, as
+    # "\nThe" is the previous line's), " (1991); C" in item 1, " (1992)" in item 2
+    assert token_ranks(tokenizer, ids, [item.start for item in items], num_ranks=5) == [0, 0, 0, 1, 2, 2]
+    with pytest.raises(ValueError, match="item parser"):
+        get_item_parser("tests.test_rank_grpo:nothing_here")

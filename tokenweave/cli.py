@@ -38,7 +38,10 @@ def _task_arguments(args) -> dict:
 def _eval_command(args) -> None:
     from .inference.evaluate import evaluate_model
 
-    result = evaluate_model(args.model, **_task_arguments(args), output=args.output)
+    result = evaluate_model(
+        args.model, **_task_arguments(args), list_length=args.task_list_length,
+        num_candidates=args.task_num_candidates, output=args.output,
+    )
     print(json.dumps({key: value for key, value in result.items() if key != "samples"}, indent=2))
 
 
@@ -155,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="Greedy accuracy (arithmetic) or Recall@k / NDCG@k (recommendation) on a task's test split."
     )
     _add_task_arguments(evaluate, default_num_examples=200)
+    evaluate.add_argument("--task_list_length", type=int, default=5,
+                          help="Recommendation task: the items each answer lists (N of Recall@N / NDCG@N).")
+    evaluate.add_argument("--task_num_candidates", type=int, default=12,
+                          help="Recommendation task: the candidate items in each prompt.")
     evaluate.add_argument("--output", default=None, help="Write the result (with every sample) as JSON here.")
 
     sample = commands.add_parser("sample", help="Sample trajectories per question and label them with a reward.")

@@ -91,15 +91,19 @@ def evaluate_model(
     num_examples: int | None = 200,
     difficulty: str = "easy",
     task_seed: int = 0,
+    list_length: int = 5,
+    num_candidates: int = 12,
     batch_size: int = 32,
     max_new_tokens: int = 96,
     output: str | None = None,
 ) -> dict:
     """Load ``model`` (and ``adapter``), score it on ``task``'s ``split``, optionally write JSON to ``output``.
 
-    ``difficulty`` and ``task_seed`` pick a built-in task's problems, as in a run config.
+    ``difficulty`` and ``task_seed`` pick a built-in task's problems, ``list_length`` and ``num_candidates`` the
+    recommendation task's requests, as in a run config (``task_*``).
     """
-    dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed)
+    dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed,
+                               list_length=list_length, num_candidates=num_candidates)
     ranking = {"relevant_items", "history_items", "list_length"} <= set(dataset.column_names)
     if not ranking and "answer" not in dataset.column_names:
         raise ValueError(f"Dataset {task!r} has no 'answer' column (nor relevant_items, history_items and "
