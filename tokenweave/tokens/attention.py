@@ -37,21 +37,21 @@ import torch
 CREDIT_RULES = ("local_chunk", "global_anchor", "coupled")
 
 
-def attention_band(probs: torch.Tensor, width: int) -> torch.Tensor:
-    """``[..., N, width]`` band of causal attention maps ``[..., N, N]``: ``band[..., t, d] = probs[..., t, t − d]``
-    (0 where ``t − d < 0``)."""
-    n = probs.size(-1)
-    rows = torch.arange(n, device=probs.device).unsqueeze(1)
+def attention_band(probs: torch.Tensor, width: int, first_row: int = 0) -> torch.Tensor:
+    """``[..., rows, width]`` band of causal attention rows ``[..., rows, N]`` (row i is query position
+    ``first_row + i``; a full map: ``first_row = 0``): ``band[..., t, d] = probs[..., t, t − d]``, 0 where
+    ``t − d < 0``."""
+    rows = torch.arange(first_row, first_row + probs.size(-2), device=probs.device).unsqueeze(1)
     columns = rows - torch.arange(width, device=probs.device)
     band = probs.gather(-1, columns.clamp(min=0).expand(*probs.shape[:-1], width))
     return band * (columns >= 0)
 
 
-def span_rows(probs: torch.Tensor) -> torch.Tensor:
-    """``[..., N]`` the mean attention distance of each row of causal maps ``[..., N, N]``:
-    ``Σ_{s ≤ t} A[t, s] · (t − s)`` (what the attention forward reduces each row to)."""
-    n = probs.size(-1)
-    distance = (torch.arange(n, device=probs.device).unsqueeze(1) - torch.arange(n, device=probs.device)).clamp(min=0)
+def span_rows(probs: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """``[..., rows]`` the mean attention distance of causal attention rows ``[..., rows, N]`` (row i is query
+    position ``first_row + i``): ``Σ_{s ≤ t} A[t, s] · (t − s)`` (what the attention forward reduces each row to)."""
+    rows = torch.arange(first_row, first_row + probs.size(-2), device=probs.device).unsqueeze(1)
+    distance = (rows - torch.arange(probs.size(-1), device=probs.device)).clamp(min=0)
     return (probs * distance).sum(-1)
 
 
