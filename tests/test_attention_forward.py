@@ -49,3 +49,48 @@ def test_middle_layers():
     assert middle_layers(30) == [10, 12, 15, 18, 20]
     assert middle_layers(24, 3) == [8, 12, 16]
     assert middle_layers(2, 1) == [0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention_credit token signal on a generated batch: γ recomputed from eager attention, and its control.
+# ---------------------------------------------------------------------------------------------------------------
+def test_attention_credit_multiplies_the_advantages(model_dir, tmp_path):
+    from tokenweave.tokens.attention import credit_multipliers, fai, group_heads, head_spans, waad
+
+    from .grpo_harness import make_trainer, train_dataset
+
+    options = dict(token_signals=["attention_credit"], attention_credit_layers=[0, 1], attention_credit_window=4,
+                   attention_credit_horizon=[2, 6], attention_credit_head_fraction=0.25, max_completion_length=12)
+    trainer = make_trainer(model_dir, tmp_path, policy_loss="dapo", **options)
+    plain = make_trainer(model_dir, tmp_path, policy_loss="dapo", max_completion_length=12)
+    dataset = train_dataset()
+    rows = [dataset[0]] * 4 + [dataset[1]] * 4
+    torch.manual_seed(0)
+    output = trainer._generate_and_score_completions(rows)
+    torch.manual_seed(0)
+    reference = plain._generate_and_score_completions(rows)
+    assert torch.equal(output["completion_ids"], reference["completion_ids"])
+    # γ from eager attention's full maps of layers 0 and 1, as the signal computes it from the bands
+    eager = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
+    mask = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)
+    with torch.no_grad():
+        maps = torch.cat(eager(ids, attention_mask=mask, output_attentions=True).attentions[:2], 1).float()
+    response = torch.cat([torch.zeros_like(output["prompt_mask"]), output["completion_mask"]], 1)
+    local, glob = group_heads(head_spans(span_rows(maps), response), 0.25)
+    band = attention_band(maps, 7)
+    gamma = credit_multipliers("coupled", response, waad(band[:, local].mean(1), 4),
+                               fai(band[:, glob].mean(1), response, (2, 6)))[:, output["prompt_ids"].size(1):]
+    expected = reference["advantages"].unsqueeze(1) * gamma * output["completion_mask"]
+    torch.testing.assert_close(output["advantages"], expected, atol=1e-5, rtol=0)
+    assert (gamma != 1).any() and trainer._metrics["train"]["attention_credit/credited_frac"][-1] > 0
+
+    # the control: the same γ values per completion, on other tokens
+    control = make_trainer(model_dir, tmp_path, policy_loss="dapo", attention_credit_control="random", **options)
+    torch.manual_seed(0)
+    shuffled = control._generate_and_score_completions(rows)["advantages"]
+    for row in range(8):
+        valid = output["completion_mask"][row].bool()
+        a, b = output["advantages"][row][valid], shuffled[row][valid]
+        torch.testing.assert_close(torch.sort(a).values, torch.sort(b).values)
+    assert not torch.allclose(output["advantages"], shuffled)

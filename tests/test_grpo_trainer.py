@@ -456,6 +456,7 @@ def test_config_errors(kwargs, message):
         ("dapo_tiny", "clip_ratio/high_max"),
         ("cispo_tiny", "cispo_clip_ratio"),
         ("gspo_tiny", "clip_ratio/region_mean"),
+        ("attention_credit_tiny", "attention_credit/credited_frac"),
     ],
 )
 def test_tiny_config_trains(name, metric, tmp_path, monkeypatch):

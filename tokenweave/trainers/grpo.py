@@ -40,6 +40,7 @@ from ..losses.policy import (
     nan_extreme,
     trl_aggregate_loss,
 )
+from .attention import AttentionCreditConfig
 from .hapo import HapoConfig
 from .rank import RankGrpoConfig
 from .signals import TOKEN_SIGNALS, Generation, LossForward, gather_values, get_token_signal, loss_sees_generation_batch
@@ -63,9 +64,10 @@ SIGNAL_STATE_FILE = "token_signals.pt"
 
 
 @dataclass
-class TokenGRPOConfig(RankGrpoConfig, HapoConfig, GRPOConfig):
+class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOConfig):
     """TRL's ``GRPOConfig`` plus a policy-loss registry and token signals (each signal's fields come from its config
-    mixin: :class:`~tokenweave.trainers.hapo.HapoConfig`, :class:`~tokenweave.trainers.rank.RankGrpoConfig`).
+    mixin: :class:`~tokenweave.trainers.hapo.HapoConfig`, :class:`~tokenweave.trainers.rank.RankGrpoConfig`,
+    :class:`~tokenweave.trainers.attention.AttentionCreditConfig`).
 
     ``policy_loss`` unset: TRL's ``loss_type`` path, unchanged (only a signal's advantages, e.g.
     ``hapo_token_advantage``, may be used with it). ``policy_loss`` set: TRL's clip fields are the loss's
@@ -73,7 +75,8 @@ class TokenGRPOConfig(RankGrpoConfig, HapoConfig, GRPOConfig):
     and the loss's registered defaults (``losses.policy.PolicyLossDefaults``) fill ``loss_agg_mode`` and
     ``epsilon_high`` when unset, fix ``importance_sampling_level`` where the loss does, and set ``loss_type`` to the
     TRL loss it extends. ``token_signals`` after ``__post_init__``: the signals that
-    are on, those listed first, in order, then those implied by other fields (``policy_loss: hapo`` implies hapo).
+    are on, in the order they run: first those implied by other fields (``policy_loss: hapo`` implies hapo,
+    ``policy_loss: rank_grpo`` rank_grpo: the signals that set the advantages), then those listed, in order.
     """
 
     policy_loss: str | None = field(
@@ -140,7 +143,8 @@ class TokenGRPOConfig(RankGrpoConfig, HapoConfig, GRPOConfig):
                 raise ValueError("TRL's entropy bonus (entropy_coef, use_adaptive_entropy) is not supported with "
                                  "policy_loss.")
         on = [name for name, signal in TOKEN_SIGNALS.items() if signal.configure(self, name in requested)]
-        self.token_signals = [name for name in requested if name in on] + [name for name in on if name not in requested]
+        implied = [name for name in on if name not in requested]
+        self.token_signals = implied + [name for name in requested if name in on]
         if self.policy_loss is not None:
             self.policy_loss_config()  # validates the loss's fields
 

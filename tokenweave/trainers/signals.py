@@ -3,8 +3,7 @@
 A method's per-token signal (HAPO's entropy signal, Rank-GRPO's spans, attention-derived credit, critical-token
 weights, ...) is a :class:`TokenSignal` registered by name (``@register_token_signal("name")``) and picked in YAML
 (``token_signals: [name, ...]``, or ``package.module:Class``; they run in that order, so a later one sees the columns
-of an earlier one). The
-trainer calls every signal that is on at four points and does nothing for a signal that is off::
+of an earlier one, after the signals implied by other fields, e.g. ``policy_loss: rank_grpo``). The trainer calls every signal that is on at four points and does nothing for a signal that is off::
 
     hook                                 called in (TRL hook)                     a signal returns
     configure(args, requested)           TokenGRPOConfig.__post_init__            whether it is on (it resolves and
