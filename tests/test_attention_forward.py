@@ -94,3 +94,23 @@ def test_attention_credit_multiplies_the_advantages(model_dir, tmp_path):
         a, b = output["advantages"][row][valid], shuffled[row][valid]
         torch.testing.assert_close(torch.sort(a).values, torch.sort(b).values)
     assert not torch.allclose(output["advantages"], shuffled)
+
+
+def test_the_banded_forward_never_holds_a_full_map(models, monkeypatch):
+    # the probabilities exist only a chunk of query rows at a time (chunk · N per head), and what is kept is the band
+    # (N · width per head): with N = 200, chunk 16, width 12 that is 16·200 and 200·12 entries, not 200·200
+    _, sdpa = models
+    sizes = []
+    softmax = torch.softmax
+
+    def recording_softmax(scores, *args, **kwargs):
+        sizes.append(scores.shape)
+        return softmax(scores, *args, **kwargs)
+
+    ids = torch.randint(4, 90, (2, 200), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(torch, "softmax", recording_softmax)
+    with torch.no_grad(), attention_bands(sdpa, layers=[0], width=12, chunk_size=16) as bands:
+        sdpa(ids)
+    monkeypatch.undo()
+    assert sizes and all(shape[-2] <= 16 and shape[-1] == 200 for shape in sizes) and len(sizes) == 13  # ⌈200/16⌉
+    assert bands.band[0].shape == (2, 4, 200, 12) and bands.span[0].shape == (2, 4, 200)
