@@ -2,8 +2,8 @@
 processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and 2 processes × batch 4 give the update of one
 process with batch 8 (and of batch 4 with 2 accumulation steps).
 
-The 10 runs of a ZeRO stage (5 losses × LoRA / no LoRA) share one launch (``tests/distributed/runs.py``); 20
-separate launches would take ~17 min on 2 shared cores.
+The runs of a ZeRO stage (every loss and each token signal no loss implies, × LoRA / no LoRA) share one launch
+(``tests/distributed/runs.py``); as many separate launches would take several times longer on 2 shared cores.
 """
 
 import json
@@ -65,6 +65,16 @@ def run_argv(policy_loss: str, lora: bool, output_dir) -> list[str]:
     return argv + (LORA_ARGS if lora else [])
 
 
+# Token signals that no loss implies, each trained from its tiny config (dapo) as the losses above.
+SIGNAL_RUNS = {"attention_credit": "attention_credit/credited_frac"}
+
+
+def signal_run_argv(signal: str, lora: bool, output_dir) -> list[str]:
+    argv = ["--config", str(CONFIGS / f"{signal}_tiny.yaml"), "--output_dir", str(output_dir), "--max_steps", "2",
+            "--steps_per_generation", "2"]
+    return argv + (LORA_ARGS if lora else [])
+
+
 # HAPO's entropy statistics come from TRL's old-log-prob forward in the runs above (steps_per_generation 2 > GA 1);
 # under ZeRO-3 two more runs take the other two paths: the loss's own forward (on-policy, one micro-batch per
 # generation) and one extra forward at generation (on-policy, two accumulated micro-batches per generation).
@@ -82,6 +92,7 @@ def stage_runs(tmp_path_factory):
 
     def stage_spec(zero_stage: int, root) -> list[list[str]]:
         spec = [run_argv(loss, lora, root / run_name(loss, lora)) for loss in LOSSES for lora in (False, True)]
+        spec += [signal_run_argv(name, lora, root / run_name(name, lora)) for name in SIGNAL_RUNS for lora in (False, True)]
         if zero_stage == 3:  # later flags override earlier ones
             spec += [run_argv("hapo", False, root / name) + extra for name, extra in HAPO_STATISTICS_RUNS.items()]
         return spec
@@ -113,6 +124,20 @@ def test_policy_loss_trains_under_deepspeed(zero_stage, policy_loss, lora, stage
         assert args.hapo_adaptive_temperature and args.hapo_token_advantage and args.hapo_adaptive_clip
 
     assert_trained(output_dir, lora, initial_weights, num_lora_b=2 * 2)  # 2 layers x (q_proj, v_proj)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("signal", sorted(SIGNAL_RUNS))
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_token_signal_trains_under_deepspeed(zero_stage, signal, lora, stage_runs, initial_weights):
+    output_dir = stage_runs(zero_stage) / run_name(signal, lora)
+    info = deepspeed_run_info(output_dir, zero_stage, lora, global_step=2)
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert signal in args.token_signals
+    logs = [entry for entry in info["log_history"] if "loss" in entry]
+    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]) for entry in logs)
+    assert any(SIGNAL_RUNS[signal] in entry for entry in logs)  # at the generation step
+    assert_trained(output_dir, lora, initial_weights, num_lora_b=2 * 2)
 
 
 @pytest.mark.parametrize("name", sorted(HAPO_STATISTICS_RUNS))

@@ -5,7 +5,7 @@ that the credit reads (``tokens.attention``), never the N × N maps.
 The signal ``attention_credit`` (:class:`AttentionCreditSignal`), after each generation: the policy that sampled
 (π_old, with its adapter) runs once over prompt + completion inside :func:`attention_bands` (the chosen layers: 5
 evenly spaced in the middle third by default); the heads of those layers are grouped by span (30 % local, 30 %
-global, over the batch's response rows), WAAD comes from the local group's mean band, FAI from the global group's,
+global, over the response rows of the whole generation batch, all processes), WAAD comes from the local group's mean band, FAI from the global group's,
 and the credit rule gives γ per completion token (row t of the forward = the state at completion token t). The
 advantages become ``A · γ`` (``[B, T]``), for both signs by default (v2), so every registered policy loss (and TRL's
 ``loss_type`` path) takes them. ``attention_credit_control: random`` puts each row's γ on random completion tokens
@@ -43,7 +43,6 @@ from ..tokens.attention import (
     credit_multipliers,
     fai,
     group_heads,
-    head_spans,
     span_rows,
     waad,
 )
@@ -208,12 +207,12 @@ class AttentionCreditSignal(TokenSignal):
         self.width = max(args.attention_credit_window, args.attention_credit_horizon[1] + 1)
 
     def after_generation(self, generation: Generation) -> dict[str, torch.Tensor]:
-        trainer, args, output = self.trainer, self.trainer.args, generation.output
+        args, output = self.trainer.args, generation.output
         mask = generation.completion_mask
         prompt_length = output["prompt_ids"].size(1)
         full_mask = torch.cat([torch.zeros_like(output["prompt_mask"]), mask], dim=1)
         bands, spans = self._attention(output)
-        local, glob = group_heads(head_spans(spans, full_mask), args.attention_credit_head_fraction)
+        local, glob = group_heads(self._head_spans(spans, full_mask), args.attention_credit_head_fraction)
         waad_values = waad(bands[:, local].mean(1), args.attention_credit_window)
         fai_values = fai(bands[:, glob].mean(1), full_mask, tuple(args.attention_credit_horizon))
         gamma = credit_multipliers(
@@ -249,12 +248,21 @@ class AttentionCreditSignal(TokenSignal):
                 spans.append(torch.cat([kept.span[layer] for layer in self.layers], dim=1))
         return torch.cat(bands), torch.cat(spans)
 
+    def _head_spans(self, spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Head spans ``[layers·heads]`` over the response rows of the whole generation batch (every process), so
+        the head groups, and with them γ, do not depend on how the batch is split over processes."""
+        weights = mask.to(spans.dtype).unsqueeze(1)
+        totals = torch.cat([(spans * weights).sum((0, 2)), weights.sum().reshape(1)])
+        totals = self.trainer.accelerator.reduce(totals, reduction="sum")
+        return totals[:-1] / totals[-1].clamp(min=1.0)
+
     def _shuffled(self, gamma: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Each row's γ permuted over its completion tokens, seeded by (seed, step, process, row)."""
+        """Each row's γ permuted over its completion tokens, seeded by (seed, step, the row's index in the
+        generation batch over all processes)."""
         trainer = self.trainer
-        seed = hash_seed(trainer.args.attention_credit_control_seed, trainer.state.global_step,
-                         trainer.accelerator.process_index)
-        rows = [shuffle_within_mask(gamma[i : i + 1].cpu(), mask[i : i + 1].cpu(), row_generator(seed, i))
+        seed = hash_seed(trainer.args.attention_credit_control_seed, trainer.state.global_step)
+        first = trainer.accelerator.process_index * gamma.size(0)
+        rows = [shuffle_within_mask(gamma[i : i + 1].cpu(), mask[i : i + 1].cpu(), row_generator(seed, first + i))
                 for i in range(gamma.size(0))]
         return torch.cat(rows).to(gamma.device)
 
