@@ -180,3 +180,17 @@ def rank_advantages(trainer, rows: slice = slice(None)) -> torch.Tensor:
 
     output, inputs = rank_generation(trainer, rows)
     return trainer.signals["rank_grpo"].after_generation(Generation(trainer, output, True, [], inputs))["advantages"]
+
+
+ATTENTION_CREDIT = dict(token_signals=["attention_credit"], attention_credit_layers=[0, 1], attention_credit_window=2,
+                        attention_credit_horizon=[1, 3], attention_credit_head_fraction=0.25)
+"""Attention credit sized for the hand-made batch (completions of at most 6 tokens)."""
+
+
+def attention_credit_advantages(trainer, batch: dict) -> torch.Tensor:
+    """The attention_credit signal's advantages ``[B, T]`` for a hand-made generation batch (a collective: the head
+    spans are reduced over processes)."""
+    from tokenweave.trainers.signals import Generation
+
+    generation = Generation(trainer, batch, True, [], [])
+    return trainer.signals["attention_credit"].after_generation(generation)["advantages"]

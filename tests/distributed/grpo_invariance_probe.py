@@ -18,7 +18,8 @@ computes it on the whole batch.
 
 And Rank-GRPO's per-rank advantages when a prompt's group spans the processes: 8 hand-written answers to one request
 (``rank_generation``), 4 on each rank, through the rank_grpo signal's ``after_generation`` (its rewards gathered over
-processes); rank 0 writes both ranks' advantages under :data:`RANK_ADVANTAGES`.
+processes); rank 0 writes both ranks' advantages under :data:`RANK_ADVANTAGES`. And attention credit's advantages
+(A · γ) of each rank's half of the hand-made batch, under :data:`ATTENTION_ADVANTAGES`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 NUM_PROCESSES = 2
 HAPO_OFF = dict(hapo_adaptive_temperature=False)  # sampling is not exercised: the batch is made by hand
 RANK_ADVANTAGES = "rank_grpo advantages"  # the results' entry of the Rank-GRPO group split over the processes
+ATTENTION_ADVANTAGES = "attention_credit advantages"  # and of attention credit on the two halves of the batch
 
 
 def invariance(args) -> None:
@@ -44,7 +46,8 @@ def invariance(args) -> None:
 
     from tokenweave.losses.policy import POLICY_LOSSES
     from tests.grpo_harness import (
-        loss_and_grads, make_batch, make_trainer, process_slice, rank_advantages, with_generation_signals,
+        ATTENTION_CREDIT, attention_credit_advantages, loss_and_grads, make_batch, make_trainer, process_slice,
+        rank_advantages, with_generation_signals,
     )
 
     results = {}
@@ -78,6 +81,13 @@ def invariance(args) -> None:
     gathered = [None] * world_size
     dist.all_gather_object(gathered, local)
     results[RANK_ADVANTAGES] = gathered
+    # attention credit: γ of each process's half of the hand-made batch (head groups over both processes)
+    trainer = make_trainer(args.model_dir, args.output_dir, policy_loss="dapo", per_device_train_batch_size=4,
+                           **ATTENTION_CREDIT)
+    local = attention_credit_advantages(trainer, process_slice(make_batch(trainer), rank, world_size))
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    results[ATTENTION_ADVANTAGES] = gathered
     if rank == 0:
         torch.save(results, args.output)
     dist.barrier()

@@ -23,11 +23,13 @@ from ..grpo_harness import (
     loss_and_grads,
     make_batch,
     make_trainer,
+    ATTENTION_CREDIT,
+    attention_credit_advantages,
     process_slice,
     rank_advantages,
     with_generation_signals,
 )
-from .grpo_invariance_probe import HAPO_OFF, RANK_ADVANTAGES
+from .grpo_invariance_probe import ATTENTION_ADVANTAGES, HAPO_OFF, RANK_ADVANTAGES
 
 pytestmark = pytest.mark.slow
 
@@ -204,3 +206,21 @@ def test_rank_advantages_of_a_group_split_over_processes(model_dir, two_process_
         rows = expected[4 * rank : 4 * rank + 4]
         torch.testing.assert_close(local, rows[:, : local.size(1)], atol=1e-6, rtol=0)
         assert rows[:, local.size(1):].abs().sum() == 0  # past the process's own longest completion: padding
+
+
+def test_attention_credit_is_process_invariant(model_dir, two_process_results, tmp_path):
+    """Attention credit on 2 processes × 4 rows gives each row the advantages of one process holding all 8 (the
+    head groups come from both processes' rows); and under gradient accumulation the loss sees the same batch."""
+    whole = make_trainer(model_dir, tmp_path, policy_loss="dapo", **ATTENTION_CREDIT)
+    batch = make_batch(whole)
+    expected = attention_credit_advantages(whole, batch)
+    gamma = expected / batch["advantages"].unsqueeze(1)
+    assert (gamma[batch["completion_mask"].bool()] != 1).any()  # some token credited
+    for rank, local in enumerate(two_process_results[ATTENTION_ADVANTAGES]):
+        rows = expected[4 * rank : 4 * rank + 4]
+        torch.testing.assert_close(local, rows[:, : local.size(1)], atol=1e-6, rtol=0)
+    # the credited advantages through the loss: batch 8 / GA 1 = batch 4 / GA 2
+    accumulated = make_trainer(model_dir, tmp_path, policy_loss="dapo", per_device_train_batch_size=4,
+                               gradient_accumulation_steps=2, **ATTENTION_CREDIT)
+    credited = batch | {"advantages": expected}
+    assert_same_update(loss_and_grads(accumulated, split_tensor_dict(credited, 2)), loss_and_grads(whole, [credited]))
