@@ -114,3 +114,21 @@ def test_the_banded_forward_never_holds_a_full_map(models, monkeypatch):
     monkeypatch.undo()
     assert sizes and all(shape[-2] <= 16 and shape[-1] == 200 for shape in sizes) and len(sizes) == 13  # ⌈200/16⌉
     assert bands.band[0].shape == (2, 4, 200, 12) and bands.span[0].shape == (2, 4, 200)
+
+
+@pytest.mark.parametrize("policy_loss", ["grpo", "dapo", "cispo", "gspo", "hapo", "rank_grpo", None])
+def test_credit_off_leaves_every_loss_unchanged(model_dir, tmp_path, policy_loss):
+    # γ_amp = 1: every γ is 1, so the advantages, and the loss and gradients of every registered loss (and of TRL's
+    # loss_type path) on them, are those without the component
+    from .grpo_harness import (
+        ATTENTION_CREDIT, assert_same_update, attention_credit_advantages, loss_and_grads, make_batch, make_trainer,
+        with_generation_signals,
+    )
+
+    trainer = make_trainer(model_dir, tmp_path, policy_loss=policy_loss, attention_credit_amplification=1.0,
+                           **ATTENTION_CREDIT)
+    batch = with_generation_signals(trainer, make_batch(trainer))
+    token_advantages = batch["advantages"].unsqueeze(1) * batch["completion_mask"]
+    credited = attention_credit_advantages(trainer, batch)
+    torch.testing.assert_close(credited, token_advantages)
+    assert_same_update(loss_and_grads(trainer, [batch | {"advantages": credited}]), loss_and_grads(trainer, [batch]))
