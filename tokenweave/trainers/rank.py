@@ -185,7 +185,7 @@ class RankGrpoSignal(TokenSignal):
         """Recall@N and NDCG@N of the answers (from the relevance hits when the rows have ``relevant_items``, else
         from the gains), items per answer and the share with overflow, averaged over all processes."""
         n, relevant = self.num_ranks, columns.get("relevant_items")
-        if relevant is not None:
+        if relevant is not None and self.gain_func is not relevance_rank_gains:  # the hits, unless they are the gains
             gains = relevance_rank_gains(item_texts, relevant, columns.get("history_items"), self.catalog)
         rows = []
         for i, answer_gains in enumerate(gains):
