@@ -136,13 +136,12 @@ def ndcg_at_k(gains: Sequence[float], num_relevant: int, k: int) -> float:
     return sum(g * _discount(j + 1) for j, g in enumerate(gains[:k])) / ideal if ideal else 0.0
 
 
-def _list_gains(completions, relevant_items, history_items=None, list_length=None, parser: ItemParser = None):
+def _list_gains(completions, relevant_items, history_items=None, list_length=None):
     """Per completion: ``(gains of its first list_length items, number of relevant items, list_length)``."""
-    parser = parser or parse_ranked_list
     rows = []
     for i, completion in enumerate(completions):
         num_ranks = list_length[i] if isinstance(list_length, Sequence) else list_length
-        items = [item.text for item in parser(completion_to_text(completion))]
+        items = [item.text for item in parse_ranked_list(completion_to_text(completion))]
         num_ranks = num_ranks or len(items) or 1
         history = history_items[i] if history_items is not None else ()
         gains = relevance_gains(items[:num_ranks], relevant_items[i], history)
