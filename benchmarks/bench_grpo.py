@@ -1,4 +1,5 @@
-"""Step time of TokenGRPOTrainer with HAPO (every part on) or Rank-GRPO against TRL's GRPOTrainer.
+"""Step time of TokenGRPOTrainer with HAPO (every part on) or Rank-GRPO against TRL's GRPOTrainer, and of
+attention credit on against off.
 
 ::
 
@@ -6,6 +7,7 @@
     python benchmarks/bench_grpo.py --model smollm2-135m --steps 6 --warmup 1 --batch_size 4 \
         --max_completion_length 16       # SmolLM2-135M-Instruct: ~16 s a step there, ~5 min in all
     python benchmarks/bench_grpo.py --method rank_grpo     # Rank-GRPO on the recommendation task
+    python benchmarks/bench_grpo.py --method attention_credit --model smollm2-135m --steps 8 --warmup 1
 
 One process, one run: the two trainers get the same model, the same prompts (same sampler seed), the same rewards
 and the same generation / batch settings, and differ only in the method:
@@ -21,6 +23,11 @@ and the same generation / batch settings, and differ only in the method:
     the rank-level ratio in the loss (ε 0.06 / 0.08);
   - ``trl-sequence``: TRL's ``GRPOTrainer`` with ``loss_type: dapo``, ``importance_sampling_level: sequence``
     (ε 0.06 / 0.08): the same loss with one span per completion.
+- ``--method attention_credit`` (the arithmetic task, as hapo), the component on against off:
+  - ``attention_credit``: ``TokenGRPOTrainer`` with ``loss_type: dapo`` and ``token_signals: [attention_credit]``
+    (the paper's defaults: after each generation one no-grad banded forward of 5 middle layers, head groups,
+    WAAD, FAI and the coupled γ);
+  - ``no-credit``: the same trainer and loss without the signal.
 
 Each trainer runs its own ``train()`` in a thread; a baton passed in callbacks lets exactly one of them run at a
 time and alternates them step by step (A, B, A, B, ...), so both see the same machine load. A step is timed from
@@ -143,6 +150,17 @@ def build_trainers(args, model_path, output_root):
         hapo_args = configs["hapo"][1]
         assert hapo_args.hapo_adaptive_temperature and hapo_args.hapo_token_advantage
         assert hapo_args.hapo_adaptive_advantage and hapo_args.hapo_adaptive_clip
+    elif args.method == "attention_credit":
+        common.update(epsilon=0.2, epsilon_high=0.28, loss_type="dapo")
+        dataset = load_arithmetic("train", "prompt", args.num_prompts)
+        rewards = [get_reward_func(name) for name in REWARDS]
+        configs = {
+            "attention_credit": (TokenGRPOTrainer, TokenGRPOConfig(
+                output_dir=os.path.join(output_root, "attention_credit"), token_signals=["attention_credit"],
+                **common)),
+            "no-credit": (TokenGRPOTrainer, TokenGRPOConfig(
+                output_dir=os.path.join(output_root, "no-credit"), **common)),
+        }
     else:
         common.update(epsilon=0.06, epsilon_high=0.08)
         dataset = load_recommendation("train", num_examples=args.num_prompts)
@@ -243,7 +261,7 @@ def markdown(args, result) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="hapo", choices=["hapo", "rank_grpo"], help="the method timed (above)")
+    parser.add_argument("--method", default="hapo", choices=["hapo", "rank_grpo", "attention_credit"], help="the method timed (above)")
     parser.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2-135m or a local model directory")
     parser.add_argument("--steps", type=int, default=50, help="measured steps per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="steps per trainer dropped before measuring")

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 from pathlib import Path
+
+from intervals import paired_bootstrap
 
 from tokenweave.inference.evaluate import evaluate_model
 from tokenweave.pipelines.critical import REPORT_FILE, STATISTICS_FILE, run_critical_pipeline
@@ -32,24 +33,6 @@ from tokenweave.pipelines.quickstart import MAX_NEW_TOKENS, MODELS, REPO_ROOT, q
 
 SHARED = ("base", "warm_start")  # evaluated once: they do not depend on the seed
 PER_SEED = ("dpo", "cdpo", "cdpo_shuffled")
-
-
-def paired_bootstrap(
-    differences: list[list[float]], *, samples: int = 10_000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """Mean of ``differences[seed][problem]`` and its percentile bootstrap interval, problems resampled with the same
-    draw for every seed (module docstring). Returns ``(mean, low, high)``."""
-    num_problems = len(differences[0])
-    if any(len(row) != num_problems for row in differences):
-        raise ValueError("Every seed needs a difference for every problem.")
-    per_problem = [sum(row[problem] for row in differences) / len(differences) for problem in range(num_problems)]
-    rng = random.Random(seed)
-    means = sorted(
-        sum(per_problem[rng.randrange(num_problems)] for _ in range(num_problems)) / num_problems
-        for _ in range(samples)
-    )
-    tail = (1 - level) / 2
-    return sum(per_problem) / num_problems, means[int(tail * samples)], means[int((1 - tail) * samples) - 1]
 
 
 def evaluate(model_dir: str, output: Path, num_test_examples: int, difficulty: str) -> dict:

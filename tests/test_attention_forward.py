@@ -132,3 +132,60 @@ def test_credit_off_leaves_every_loss_unchanged(model_dir, tmp_path, policy_loss
     credited = attention_credit_advantages(trainer, batch)
     torch.testing.assert_close(credited, token_advantages)
     assert_same_update(loss_and_grads(trainer, [batch | {"advantages": credited}]), loss_and_grads(trainer, [batch]))
+
+
+def test_bands_of_a_peft_model_are_those_of_its_adapted_attention(model_dir):
+    # a LoRA-wrapped policy (TRL's PEFT path): the banded forward runs through the adapters (non-zero B here), so its
+    # bands equal eager attention's of the adapted model, and differ from the base model's
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    policy = get_peft_model(base, lora).eval()
+    ids, mask = batch()
+    valid = mask.bool().unsqueeze(1).unsqueeze(-1)
+    with torch.no_grad():
+        reference = attention_band(policy(ids, attention_mask=mask, output_attentions=True).attentions[0].float(), 12)
+        with attention_bands(policy, layers=[0], width=12) as adapted:
+            policy(ids, attention_mask=mask)
+        with policy.disable_adapter(), attention_bands(policy, layers=[0], width=12) as plain:
+            policy(ids, attention_mask=mask)
+    torch.testing.assert_close(adapted.band[0] * valid, reference * valid, atol=1e-6, rtol=0)
+    assert (adapted.band[0] - plain.band[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("alignment", ["input", "prediction"])
+def test_attention_credit_from_eager_maps_for_either_alignment(models, alignment):
+    # attention_credit (the signal's computation) against γ / WAAD / FAI from eager attention's full maps, with the
+    # response rows R and the slice that belong to the alignment: "input", row P + t for completion token t;
+    # "prediction", row P + t − 1 (the row whose logits sampled token t)
+    from tokenweave.tokens.attention import credit_multipliers, fai, group_heads, head_spans, waad
+    from tokenweave.trainers.attention import AttentionCreditConfig, attention_credit
+
+    eager, sdpa = models
+    options = AttentionCreditConfig(attention_credit_window=4, attention_credit_horizon=[2, 6],
+                                    attention_credit_head_fraction=0.25, attention_credit_alignment=alignment)
+    ids, _ = batch(n=36, seed=3)
+    prompt_length = 12
+    prompt_mask = torch.ones(3, prompt_length, dtype=torch.long)
+    prompt_mask[1, :5] = 0
+    completion_mask = torch.ones(3, 36 - prompt_length, dtype=torch.long)
+    completion_mask[2, -6:] = 0
+    credit = attention_credit(sdpa, ids[:, :prompt_length], prompt_mask, ids[:, prompt_length:], completion_mask,
+                              options, [0, 1], batch_size=2)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    with torch.no_grad():
+        maps = torch.cat(eager(ids, attention_mask=mask, output_attentions=True).attentions, 1).float()
+    shift = 1 if alignment == "prediction" else 0
+    rows = torch.zeros_like(mask)
+    rows[:, prompt_length - shift : 36 - shift] = completion_mask
+    local, glob = group_heads(head_spans(span_rows(maps), rows), 0.25)
+    band = attention_band(maps, 7)
+    waad_values, fai_values = waad(band[:, local].mean(1), 4), fai(band[:, glob].mean(1), rows, (2, 6))
+    tokens = slice(prompt_length - shift, 36 - shift)
+    gamma = credit_multipliers("coupled", rows, waad_values, fai_values)[:, tokens]
+    torch.testing.assert_close(credit.gamma, gamma)
+    torch.testing.assert_close(credit.waad, waad_values[:, tokens] * completion_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(credit.fai, fai_values[:, tokens] * completion_mask, atol=1e-6, rtol=0)
+    assert (gamma[completion_mask.bool()] > 1).any() and (gamma[~completion_mask.bool()] == 1).all()

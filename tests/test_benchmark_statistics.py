@@ -1,4 +1,4 @@
-"""The statistics the benchmarks report: the paired bootstrap interval of benchmarks/cdpo_accuracy.py."""
+"""The statistics the benchmarks report: the paired bootstrap interval of benchmarks/intervals.py."""
 
 import importlib.util
 
@@ -6,19 +6,19 @@ import pytest
 
 from .conftest import REPO_ROOT
 
-spec = importlib.util.spec_from_file_location("cdpo_accuracy", REPO_ROOT / "benchmarks" / "cdpo_accuracy.py")
-cdpo_accuracy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cdpo_accuracy)
+spec = importlib.util.spec_from_file_location("intervals", REPO_ROOT / "benchmarks" / "intervals.py")
+intervals = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(intervals)
 
 
 def test_a_constant_difference_has_a_zero_width_interval():
-    assert cdpo_accuracy.paired_bootstrap([[1.0] * 50, [1.0] * 50], samples=200) == (1.0, 1.0, 1.0)
+    assert intervals.paired_bootstrap([[1.0] * 50, [1.0] * 50], samples=200) == (1.0, 1.0, 1.0)
 
 
 def test_the_mean_is_over_problems_and_seeds_and_the_interval_covers_it():
     seed_a = [1.0, 0.0, -1.0, 1.0] * 25  # mean 0.25
     seed_b = [0.0, 0.0, 1.0, 0.0] * 25  # mean 0.25
-    mean, low, high = cdpo_accuracy.paired_bootstrap([seed_a, seed_b], samples=2000)
+    mean, low, high = intervals.paired_bootstrap([seed_a, seed_b], samples=2000)
     assert mean == pytest.approx(0.25) and low < mean < high
     # per-problem means are 0.5, 0, 0, 0.5: standard error sqrt(0.0625 / 100) = 0.025, so the 95% interval is
     # about ±1.96 · 0.025
@@ -29,9 +29,9 @@ def test_problems_are_resampled_together_across_seeds():
     """Two seeds whose differences cancel problem by problem: every resample has mean 0 (a draw per seed would not)."""
     seed_a = [1.0, -1.0, 0.5, 0.0] * 10
     seed_b = [-1.0, 1.0, -0.5, 0.0] * 10
-    assert cdpo_accuracy.paired_bootstrap([seed_a, seed_b], samples=500) == (0.0, 0.0, 0.0)
+    assert intervals.paired_bootstrap([seed_a, seed_b], samples=500) == (0.0, 0.0, 0.0)
 
 
 def test_seeds_must_cover_the_same_problems():
     with pytest.raises(ValueError, match="every problem"):
-        cdpo_accuracy.paired_bootstrap([[1.0, 0.0], [1.0]])
+        intervals.paired_bootstrap([[1.0, 0.0], [1.0]])

@@ -12,8 +12,11 @@ one's statistics), token-level group advantages, advantage redistribution, adapt
 - ``test_training_run_is_pinned``: 4 updates of ``Trainer.train`` (2 generations, 2 updates each: the second
   update of a batch is off-policy).
 
-A refactor that keeps the math keeps these numbers (relative tolerance 1e-6; sampling is deterministic on CPU given
-the seed).
+A refactor that keeps the math keeps these numbers, up to float32 summation order, which differs between CPUs: on
+an AMD EPYC machine (2026-12-02) the one-batch numbers differ from these by up to 2e-5 relative (an entropy sum of
+mixed signs) and the 4-update run's by up to 5e-4 (the drift of 4 optimizer steps). The tolerances, 1e-4 and 1e-3
+relative, hold on both; a change of the math (a clip bound, a normaliser, a sign) moves them by far more. Sampling
+is deterministic on CPU given the seed (the completion lengths are compared exactly).
 """
 
 import pytest
@@ -22,7 +25,7 @@ from trl.trainer.utils import split_tensor_dict
 
 from .grpo_harness import loss_and_grads, make_trainer, train_dataset
 
-REL = 1e-6
+REL_BATCH, REL_RUN = 1e-4, 1e-3  # module docstring
 PINNED_METRICS = (
     "entropy", "entropy/q20", "entropy/q50", "entropy/q80", "hapo/redistributed_frac", "entropy_signal/mean",
     "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean",
@@ -31,8 +34,8 @@ PINNED_METRICS = (
 )
 
 
-def approx(expected):
-    return pytest.approx(expected, rel=REL, abs=1e-9)
+def approx(expected, rel=REL_BATCH):
+    return pytest.approx(expected, rel=rel, abs=1e-9)
 
 
 def generation_batches(trainer):
@@ -169,6 +172,6 @@ def test_training_run_is_pinned(model_dir, tmp_path):
     run = {"logs": logs, "param_norm": params.norm().item(), "param_abs_sum": params.abs().sum().item()}
     assert len(logs) == len(PINNED_RUN["logs"])
     for entry, expected in zip(logs, PINNED_RUN["logs"], strict=True):
-        assert entry == approx(expected)
-    assert run["param_norm"] == approx(PINNED_RUN["param_norm"])
-    assert run["param_abs_sum"] == approx(PINNED_RUN["param_abs_sum"])
+        assert entry == approx(expected, REL_RUN)
+    assert run["param_norm"] == approx(PINNED_RUN["param_norm"], REL_RUN)
+    assert run["param_abs_sum"] == approx(PINNED_RUN["param_abs_sum"], REL_RUN)

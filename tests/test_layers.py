@@ -16,7 +16,7 @@ from .conftest import REPO_ROOT
 
 PACKAGE = "tokenweave"
 LAYERS = (
-    ("models", "data", "rewards"),
+    ("models", "data", "rewards", "checks"),
     ("tokens",),
     ("losses",),
     ("trainers",),

@@ -6,6 +6,7 @@
     tokenweave pairs --samples data/samples --output data/pairs
     tokenweave critical --config configs/critical_tiny.yaml [--key value ...]
     tokenweave heatmap --scores outputs/critical_tokens/pairs --output page.html [--terminal]
+    tokenweave attention-heatmap --model smollm2-135m [--config run.yaml] --output page.html [--terminal]
     tokenweave localize --pairs outputs/critical_tokens/pairs [--output report.json]
     tokenweave quickstart
 """
@@ -90,6 +91,28 @@ def _heatmap_command(args) -> None:
     if args.output:
         _write_heatmap_page(args.output, trajectories, title=f"Critical tokens: {args.scores}")
         print(f"wrote {len(trajectories)} scored trajectories to {args.output}")
+
+
+def _attention_heatmap_command(args) -> None:
+    from .config import read_config_file
+    from .heatmap import render_credit_html, render_credit_terminal
+    from .inference.attention_credit import sample_credit_trajectories
+    from .trainers.attention import credit_options
+
+    options = credit_options(read_config_file(args.config) if args.config else {}, source=str(args.config))
+    trajectories = sample_credit_trajectories(
+        args.model, adapter=args.adapter, options=options, task=args.task, split=args.split,
+        num_examples=args.num_examples, difficulty=args.difficulty, task_seed=args.task_seed,
+        num_samples_per_prompt=args.num_samples_per_prompt, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+    )
+    if args.terminal:
+        print(render_credit_terminal(trajectories, color=sys.stdout.isatty()), end="")
+    if args.output:
+        page = render_credit_html(trajectories, rule=options.attention_credit_rule,
+                                  title=f"Attention credit: {args.model}")
+        Path(args.output).write_text(page, encoding="utf-8")
+        print(f"wrote {len(trajectories)} credited completions to {args.output}")
 
 
 def _localize_command(args) -> None:
@@ -206,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="The cDPO run weights chosen tokens by their scores (else they are drawn as unused by the loss).",
     )
 
+    attention = commands.add_parser(
+        "attention-heatmap",
+        help="Sample completions and show the attention credit (γ, WAAD, FAI) the attention_credit signal gives their "
+        "tokens, as an HTML page or in the terminal.",
+    )
+    _add_task_arguments(attention, default_num_examples=4)
+    attention.set_defaults(batch_size=8, max_new_tokens=64)
+    attention.add_argument("--config", default=None,
+                           help="A run config whose attention_credit_* options are used (default: the paper's).")
+    attention.add_argument("--num_samples_per_prompt", type=int, default=2, help="Completions sampled per question.")
+    attention.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
+    attention.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    attention.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
+    attention.add_argument("--terminal", action="store_true", help="Print the credited tokens to the terminal.")
+
     localize = commands.add_parser(
         "localize",
         help="hit@k / MRR of the lowest critical-token scores against each rejected trajectory's first error "
@@ -241,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         _critical_command(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    if args.command == "heatmap" and not (args.output or args.terminal):
-        build_parser().error("heatmap needs --output, --terminal or both.")
+    if args.command in ("heatmap", "attention-heatmap") and not (args.output or args.terminal):
+        build_parser().error(f"{args.command} needs --output, --terminal or both.")
     if args.command == "eval":
         _eval_command(args)
     elif args.command == "sample":
@@ -251,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         _pairs_command(args)
     elif args.command == "heatmap":
         _heatmap_command(args)
+    elif args.command == "attention-heatmap":
+        _attention_heatmap_command(args)
     elif args.command == "localize":
         _localize_command(args)
     elif args.command == "quickstart":

@@ -13,6 +13,7 @@ none of the three dataclasses knows is an error naming the key.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 from trl import ModelConfig, TrlParser
 
+from .checks import check_options
 from .trainers import METHODS
 
 
@@ -73,6 +75,9 @@ class RunArguments:
         },
     )
 
+    def __post_init__(self):
+        check_options(self)
+
 
 def read_config_file(path: str | Path) -> dict:
     """The mapping in the YAML config file ``path``, as written."""
@@ -95,6 +100,13 @@ def config_keys(*dataclass_types) -> set[str]:
     """The keys a config file of ``dataclass_types`` may set: their fields (those ``TrlParser`` parses) and ``env``
     (environment variables that ``TrlParser`` sets)."""
     return {item.name for dataclass_type in dataclass_types for item in fields(dataclass_type) if item.init} | {"env"}
+
+
+def did_you_mean(unknown: list[str], known: set[str]) -> str:
+    """`` Did you mean: 'lerning_rate' -> 'learning_rate'?`` for the unknown names close to a known one (or "")."""
+    guesses = [f"{name!r} -> {close[0]!r}" for name in unknown
+               if (close := difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75))]
+    return f" Did you mean: {', '.join(guesses)}?" if guesses else ""
 
 
 def _requested_method(argv: list[str], config: dict) -> str:
@@ -121,11 +133,12 @@ def parse_run_config(argv: list[str] | None = None):
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}: choose one of {sorted(METHODS)}.")
     dataclass_types = (RunArguments, METHODS[method][1], ModelConfig)
-    unknown_keys = sorted(set(config) - config_keys(*dataclass_types))
+    known = config_keys(*dataclass_types)
+    unknown_keys = sorted(set(config) - known)
     if unknown_keys:
         raise ValueError(
             f"Unknown config key(s) {unknown_keys} for method {method!r}: not a field of RunArguments, "
-            f"{METHODS[method][1].__name__} or ModelConfig."
+            f"{METHODS[method][1].__name__} or ModelConfig.{did_you_mean(unknown_keys, known)}"
         )
     run_args, training_args, model_args = TrlParser(dataclass_types).parse_args_and_config(argv)
     return run_args, training_args, model_args

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from .data.loading import last_user_message
+from .inference.attention_credit import CreditTrajectory
 from .pipelines.localization import first_error_token, message_tokens
 from .rewards.math import extract_answer
 
@@ -124,7 +126,7 @@ def trajectories_from_dataset(
                 weights = list(scores) if scores_used else [1.0] * len(scores)
             trajectories.append(
                 ScoredTrajectory(
-                    _question(row.get("prompt")), side, tokens, scores, message, first_error, label, scores_used,
+                    last_user_message(row.get("prompt")), side, tokens, scores, message, first_error, label, scores_used,
                     weights,
                 )
             )
@@ -139,13 +141,6 @@ def _verdict(side: str, parsed: str | None, gold: str, chosen_source: str | None
     if side == "chosen" and chosen_source == "sample":
         return verdict + ", the model's own"
     return verdict
-
-
-def _question(prompt) -> str:
-    if isinstance(prompt, list):
-        user_messages = [message["content"] for message in prompt if message["role"] == "user"]
-        return user_messages[-1] if user_messages else ""
-    return prompt or ""
 
 
 def shared_instruction(questions: Sequence[str]) -> str:
@@ -204,76 +199,195 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
 .trajectory {{ font-family: monospace; white-space: pre-wrap; border: 1px solid #ccc; padding: 0.5em; }}
-.trajectory.unused {{ opacity: 0.45; }}
-.template {{ background: #e4e4e4; color: #666; outline: 1px dashed #888; }}
-.first-error {{ outline: 3px solid #1565c0; outline-offset: 1px; }}
-.legend {{ display: inline-block; width: 12em; height: 1em; vertical-align: middle;
-  background: linear-gradient(to right, hsl(0,100%,{darkest}%), hsl(0,100%,{lightest}%)); }}
+.legend {{ display: inline-block; width: 12em; height: 1em; vertical-align: middle; background: {legend}; }}
 .summary {{ font-size: 0.9em; color: #333; margin: 0.2em 0; }}
 .instruction {{ white-space: pre-wrap; background: #f6f6f6; padding: 0.5em; }}
 h3 {{ margin-bottom: 0.2em; }}
+{style}
 </style>
 </head>
 <body>
 <h1>{title}</h1>
-<p>Each completion token is shaded by its critical-token score
-s<sub>t</sub> = softmax((1+b)&middot;z<sub>pos</sub> &minus; b&middot;z<sub>neg</sub>)[y<sub>t</sub>]
-(cDPO, arXiv 2411.19943): s = 0 <span class="legend"></span> s = 1. Dark red tokens are likely critical;
-cDPO weights a rejected token by 1 &minus; s<sub>t</sub>. Hover over a token for its score and weight.
-<span class="template">Grey, dashed</span>: outside the message text (EOS, weighted 1 by cDPO whatever its score,
-and the chat template after it). <span class="first-error">Outlined in blue</span>: the ground-truth first error
-of a rejected trajectory. Faded: scores the loss does not use (the chosen side, without
-<code>cdpo_weight_chosen</code>).</p>
+{intro}
 {body}
 </body>
 </html>
 """
 
 
-def render_html(trajectories: Sequence[ScoredTrajectory], title: str = "Critical tokens") -> str:
-    """A self-contained HTML page: each trajectory a block with one ``<span>`` per token (module docstring)."""
+def _page(title: str, legend: str, style: str, intro: str, blocks: Sequence[str]) -> str:
+    """A self-contained HTML page: the shared layout, a view's own ``style`` rules, its ``intro`` (which may use a
+    ``legend`` span, drawn with the CSS background ``legend``) and its ``blocks``."""
+    return _PAGE.format(title=html.escape(title), legend=legend, style=style, intro=intro, body="\n".join(blocks))
+
+
+def _by_question(trajectories, instruction_block, question_block, trajectory_block) -> list[str]:
+    """The blocks of a view: the task instruction shared by every question once (``instruction_block``), then each
+    question once (``question_block``, without the instruction) followed by its trajectories (``trajectory_block``)."""
     instruction = shared_instruction([trajectory.question for trajectory in trajectories])
-    sections, previous_question = [], None
-    if instruction:
-        sections.append(f'<p>Every prompt opens with:</p>\n<div class="instruction">{html.escape(instruction)}</div>')
+    blocks, previous_question = ([instruction_block(instruction)] if instruction else []), None
     for trajectory in trajectories:
         if trajectory.question != previous_question:
-            sections.append(f"<h2>{html.escape(trajectory.question.removeprefix(instruction))}</h2>")
+            blocks.append(question_block(trajectory.question.removeprefix(instruction)))
             previous_question = trajectory.question
+        blocks.append(trajectory_block(trajectory))
+    return blocks
+
+
+def _html_instruction(instruction: str) -> str:
+    return f'<p>Every prompt opens with:</p>\n<div class="instruction">{html.escape(instruction)}</div>'
+
+
+def _html_question(question: str) -> str:
+    return f"<h2>{html.escape(question)}</h2>"
+
+
+def _terminal_instruction(instruction: str) -> str:
+    return f"Every prompt opens with:\n{instruction.rstrip()}"
+
+
+def _terminal_question(question: str) -> str:
+    return f"=== {question}"
+
+
+def _ansi(token: str, red: int, green: int, blue: int, light_text: bool) -> str:
+    """``token`` on a 24-bit background colour; stopped at each line end, where a background running on would paint
+    the rest of the line."""
+    style = f"\x1b[48;2;{red};{green};{blue}m\x1b[{'97' if light_text else '30'}m"
+    return style + token.replace("\n", _ANSI_RESET + "\n" + style) + _ANSI_RESET
+
+
+_CRITICAL_STYLE = """.trajectory.unused { opacity: 0.45; }
+.template { background: #e4e4e4; color: #666; outline: 1px dashed #888; }
+.first-error { outline: 3px solid #1565c0; outline-offset: 1px; }"""
+_CRITICAL_INTRO = """<p>Each completion token is shaded by its critical-token score
+s<sub>t</sub> = softmax((1+b)&middot;z<sub>pos</sub> &minus; b&middot;z<sub>neg</sub>)[y<sub>t</sub>]
+(cDPO, arXiv 2411.19943): s = 0 <span class="legend"></span> s = 1. Dark red tokens are likely critical;
+cDPO weights a rejected token by 1 &minus; s<sub>t</sub>. Hover over a token for its score and weight.
+<span class="template">Grey, dashed</span>: outside the message text (EOS, weighted 1 by cDPO whatever its score,
+and the chat template after it). <span class="first-error">Outlined in blue</span>: the ground-truth first error
+of a rejected trajectory. Faded: scores the loss does not use (the chosen side, without
+<code>cdpo_weight_chosen</code>).</p>"""
+
+
+def render_html(trajectories: Sequence[ScoredTrajectory], title: str = "Critical tokens") -> str:
+    """A self-contained HTML page: each trajectory a block with one ``<span>`` per token (module docstring)."""
+
+    def block(trajectory: ScoredTrajectory) -> str:
         spans = "".join(_token_span(trajectory, index) for index in range(len(trajectory.tokens)))
         unused = "" if trajectory.scores_used else " unused"
-        sections.append(
-            f"<h3>{html.escape(trajectory.side)}</h3>\n<p class=\"summary\">{html.escape(trajectory.summary())}</p>\n"
-            f'<div class="trajectory{unused}">{spans}</div>'
-        )
-    return _PAGE.format(title=html.escape(title), darkest=DARKEST, lightest=LIGHTEST, body="\n".join(sections))
+        return (f"<h3>{html.escape(trajectory.side)}</h3>\n<p class=\"summary\">{html.escape(trajectory.summary())}"
+                f'</p>\n<div class="trajectory{unused}">{spans}</div>')
+
+    legend = f"linear-gradient(to right, hsl(0,100%,{DARKEST}%), hsl(0,100%,{LIGHTEST}%))"
+    blocks = _by_question(trajectories, _html_instruction, _html_question, block)
+    return _page(title, legend, _CRITICAL_STYLE, _CRITICAL_INTRO, blocks)
 
 
 def render_terminal(trajectories: Sequence[ScoredTrajectory], *, color: bool, threshold: float = 0.5) -> str:
     """A plain-text view: ANSI background colours (``color``), or else ``[token|score]`` markers on the message
     tokens scoring below ``threshold``; every other token is printed as it is. Each completion starts with its
     summary line; the task instruction shared by every question is printed once."""
-    instruction = shared_instruction([trajectory.question for trajectory in trajectories])
-    blocks, previous_question = [], None
-    if instruction:
-        blocks.append(f"Every prompt opens with:\n{instruction.rstrip()}")
-    for trajectory in trajectories:
-        if trajectory.question != previous_question:
-            blocks.append(f"=== {trajectory.question.removeprefix(instruction)}")
-            previous_question = trajectory.question
+
+    def block(trajectory: ScoredTrajectory) -> str:
         parts = []
         for index, (token, score) in enumerate(zip(trajectory.tokens, trajectory.scores)):
             if not trajectory.in_message(index):
                 parts.append(token)
             elif color:
-                red, green, blue = _rgb(score)
-                foreground = "97" if score_lightness(score) < 55 else "30"
-                style = f"\x1b[48;2;{red};{green};{blue}m\x1b[{foreground}m"
-                # A background colour running past a line end paints the rest of the line: stop it there.
-                parts.append(style + token.replace("\n", _ANSI_RESET + "\n" + style) + _ANSI_RESET)
+                parts.append(_ansi(token, *_rgb(score), light_text=score_lightness(score) < 55))
             elif score < threshold:
                 parts.append(f"[{token}|{score:.2f}]")
             else:
                 parts.append(token)
-        blocks.append(f"--- {trajectory.summary()}\n" + "".join(parts))
-    return "\n".join(blocks) + "\n"
+        return f"--- {trajectory.summary()}\n" + "".join(parts)
+
+    return "\n".join(_by_question(trajectories, _terminal_instruction, _terminal_question, block)) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention credit (arXiv 2510.13554): γ, WAAD and FAI of sampled completions (tokenweave attention-heatmap).
+# ---------------------------------------------------------------------------------------------------------------
+CREDIT_HUE = 140  # green: a credited token's background, darker as γ goes from 1 to γ_amp
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """``values`` as a line of block characters, scaled from their minimum to their maximum."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    scale = (len(_SPARKS) - 1) / (high - low) if high > low else 0.0
+    return "".join(_SPARKS[round((value - low) * scale)] for value in values)
+
+
+def _credit_svg(trajectory: CreditTrajectory) -> str:
+    """An inline SVG of WAAD (blue) and FAI (orange) over the completion's tokens, each scaled to its maximum."""
+    n = len(trajectory.tokens)
+    if n < 2:
+        return ""
+    lines = []
+    for values, colour in ((trajectory.waad, "#1565c0"), (trajectory.fai, "#e65100")):
+        top = max(values) or 1.0
+        points = " ".join(f"{index * 100 / (n - 1):.2f},{38 - 36 * value / top:.2f}" for index, value in enumerate(values))
+        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" vector-effect="non-scaling-stroke" '
+                     f'points="{points}"/>')
+    return ('<svg class="curves" viewBox="0 0 100 40" preserveAspectRatio="none" role="img" '
+            f'aria-label="WAAD and FAI per token">{"".join(lines)}</svg>')
+
+
+def _credit_span(trajectory: CreditTrajectory, index: int) -> str:
+    strength = trajectory.strength(index)
+    lightness = LIGHTEST - (LIGHTEST - 45.0) * strength
+    style = f' style="background:hsl({CREDIT_HUE},70%,{lightness:.1f}%)"' if strength > 0 else ""
+    title = (f"γ = {trajectory.gamma[index]:.3f}; WAAD = {trajectory.waad[index]:.3f}; "
+             f"FAI = {trajectory.fai[index]:.4f}")
+    return f'<span{style} title="{html.escape(title)}">{html.escape(trajectory.tokens[index])}</span>'
+
+
+_CREDIT_STYLE = """.curves { width: 100%; height: 40px; display: block; background: #fafafa; border: 1px solid #eee; }
+.waad { color: #1565c0; font-weight: bold; } .fai { color: #e65100; font-weight: bold; }"""
+_CREDIT_INTRO = """<p>Attention-derived credit (the preplan-and-anchor rhythm, arXiv 2510.13554) of sampled completions: the
+advantage of each token is multiplied by &gamma;. Background: &gamma; = 1 <span class="legend"></span>
+&gamma; = &gamma;<sub>amp</sub> = {amplification}. Above each completion, per token and each scaled to its maximum:
+<span class="waad">WAAD</span> (windowed average attention distance of the local heads: how far back the token's
+state looks) and <span class="fai">FAI</span> (future attention influence: how much the global heads of later tokens
+attend to it). Hover over a token for its values. Rule: {rule}.</p>"""
+
+
+def render_credit_html(trajectories: Sequence[CreditTrajectory], *, rule: str, title: str = "Attention credit") -> str:
+    """A self-contained HTML page: per completion its summary, the WAAD / FAI curves and the tokens shaded by γ."""
+
+    def block(trajectory: CreditTrajectory) -> str:
+        spans = "".join(_credit_span(trajectory, index) for index in range(len(trajectory.tokens)))
+        return (f'<p class="summary">{html.escape(trajectory.summary())}</p>\n{_credit_svg(trajectory)}\n'
+                f'<div class="trajectory">{spans}</div>')
+
+    amplification = trajectories[0].amplification if trajectories else 1.5
+    legend = f"linear-gradient(to right, hsl({CREDIT_HUE},70%,{LIGHTEST}%), hsl({CREDIT_HUE},70%,45%))"
+    intro = _CREDIT_INTRO.format(amplification=amplification, rule=html.escape(rule))
+    blocks = _by_question(trajectories, _html_instruction, _html_question, block)
+    return _page(title, legend, _CREDIT_STYLE, intro, blocks)
+
+
+def render_credit_terminal(trajectories: Sequence[CreditTrajectory], *, color: bool) -> str:
+    """A plain-text view: per completion its summary, WAAD and FAI sparklines, and the tokens, credited ones with a
+    green background (``color``) or marked ``[token|γ]``."""
+
+    def block(trajectory: CreditTrajectory) -> str:
+        parts = []
+        for index, token in enumerate(trajectory.tokens):
+            if trajectory.gamma[index] == 1.0:
+                parts.append(token)
+            elif color:
+                green = round(255 - 110 * trajectory.strength(index))
+                parts.append(_ansi(token, round(green * 0.6), green, round(green * 0.6), light_text=False))
+            else:
+                parts.append(f"[{token}|{trajectory.gamma[index]:.2f}]")
+        return (f"--- {trajectory.summary()}\nWAAD {sparkline(trajectory.waad)}\nFAI  {sparkline(trajectory.fai)}\n"
+                + "".join(parts))
+
+    legend = ("credited tokens (γ > 1) on green, darker as γ grows" if color else
+              "credited tokens marked [token|γ]") + "; WAAD / FAI sparklines from each completion's minimum to maximum"
+    blocks = _by_question(trajectories, _terminal_instruction, _terminal_question, block)
+    return "\n".join([legend, *blocks]) + "\n"

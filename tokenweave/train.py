@@ -15,26 +15,35 @@ with ``run_info.json``, a record of how the run was distributed and what it repo
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import logging
 from trl import get_peft_config, get_quantization_config
 
+from .checks import NON_NEGATIVE, UNIT, check_options
 from .config import parse_run_config
-from .data.loading import load_run_dataset
+from .data.loading import check_token_values, load_run_dataset
 from .models import resolve_model
 from .rewards import get_reward_func
 from .trainers import METHODS
 
 RUN_INFO_FILE = "run_info.json"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+logger = logging.get_logger(__name__)
 
 
 def build_trainer(run_args, training_args, model_args):
     """Check the inputs and build the method's trainer (no training yet)."""
+    check_options(model_args)  # the other two configs check themselves in __post_init__
     trainer_class = METHODS[run_args.method][0]
     model_path = resolve_model(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
@@ -67,6 +76,12 @@ def build_trainer(run_args, training_args, model_args):
         eval_dataset = load_run_dataset(
             run_args.dataset_name, run_args.dataset_test_split, num_examples=run_args.num_test_examples, **dataset_kwargs
         )
+    if run_args.method == "dpo":  # cDPO's per-token scores s_t in [0, 1], weights finite and >= 0
+        ranges = {training_args.chosen_scores_column: UNIT, training_args.rejected_scores_column: UNIT,
+                  training_args.chosen_weights_column: NON_NEGATIVE, training_args.rejected_weights_column: NON_NEGATIVE}
+        for split, dataset in ((run_args.dataset_train_split, train_dataset), (run_args.dataset_test_split, eval_dataset)):
+            if dataset is not None:
+                check_token_values(dataset, f"{run_args.dataset_name} (split {split!r})", ranges)
     peft_config = get_peft_config(model_args)
     if run_args.lora_layers is not None:
         if peft_config is None:
@@ -103,6 +118,41 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
     }
 
 
+def exit_with_launcher() -> None:
+    """Under a launcher (``accelerate launch`` / ``torchrun`` set ``LOCAL_RANK``), have Linux send this worker SIGTERM
+    when the process that started it dies (``prctl(PR_SET_PDEATHSIG)``): ``kill -9`` of the launcher then stops
+    the run instead of leaving its workers training and writing checkpoints. A no-op on one process and off Linux."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def resume_checkpoint(output_dir: Path, resume_from_checkpoint) -> str | None:
+    """The checkpoint a run resumes from: ``True`` (YAML) or ``"true"`` (the command line, where the field is a
+    string) is the newest *complete* ``checkpoint-N`` of ``output_dir`` (complete: it has ``trainer_state.json``,
+    which transformers writes last; one a killed run left half-written is skipped, with a message); ``False`` /
+    ``"false"`` / None: none; anything else is a checkpoint directory."""
+    value = resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if value is None or value is False:
+        return None
+    if value is not True:
+        return str(value)
+    checkpoints = sorted((path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                          if path.is_dir() and path.name.split("-")[-1].isdigit()),
+                         key=lambda path: int(path.name.split("-")[-1]), reverse=True)
+    for checkpoint in checkpoints:
+        if (checkpoint / TRAINER_STATE_NAME).exists():
+            return str(checkpoint)
+        logger.warning("Skipping the incomplete checkpoint %s (no %s): resuming from an earlier one.", checkpoint,
+                       TRAINER_STATE_NAME)
+    raise ValueError(f"resume_from_checkpoint: {output_dir} has no complete checkpoint to resume from.")
+
+
 def train_from_args(run_args, training_args, model_args, *, finish_distributed: bool = True) -> dict:
     """Train one run from its three config dataclasses, save the model and ``run_info.json``; returns the run info.
 
@@ -111,6 +161,7 @@ def train_from_args(run_args, training_args, model_args, *, finish_distributed: 
     returns them; pipelines derive them with ``dataclasses.replace``). ``finish_distributed=False`` leaves the
     process group up after the run, for several runs in one launch; the last one must finish it.
     """
+    exit_with_launcher()
     output_dir = Path(training_args.output_dir)
     created_output_dir = not output_dir.exists()
     try:
@@ -119,7 +170,7 @@ def train_from_args(run_args, training_args, model_args, *, finish_distributed: 
         if created_output_dir and trainer_is_main_process():
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     info = run_info(trainer, run_args, model_args, result.metrics)
     if trainer.accelerator.is_main_process:

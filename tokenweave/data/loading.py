@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from ..checks import Range, check_values
 
 from .arithmetic import load_arithmetic
 from .recommendation import load_recommendation
@@ -50,6 +53,7 @@ def load_run_dataset(
     recommendation task ignores ``difficulty`` (and has no DPO format: ``method="dpo"`` raises
     ``ValueError``). Raises ``ValueError`` naming the dataset, the split and the missing columns.
     """
+    check_values("load_run_dataset", num_examples=num_examples)  # 0 is not "the default size"
     if dataset_name == "recommendation":
         if method not in _RECOMMENDATION_FORMAT:
             raise ValueError(
@@ -59,7 +63,7 @@ def load_run_dataset(
         default_size = DEFAULT_NUM_TRAIN_EXAMPLES if split == "train" else DEFAULT_NUM_TEST_EXAMPLES
         dataset = load_recommendation(
             split=split,
-            num_examples=num_examples or default_size,
+            num_examples=default_size if num_examples is None else num_examples,
             seed=seed,
             num_candidates=num_candidates,
             list_length=list_length,
@@ -70,7 +74,7 @@ def load_run_dataset(
         dataset = load_arithmetic(
             split=split,
             fmt=_ARITHMETIC_FORMAT[method],
-            num_examples=num_examples or default_size,
+            num_examples=default_size if num_examples is None else num_examples,
             difficulty=difficulty,
             seed=seed,
         )
@@ -78,18 +82,40 @@ def load_run_dataset(
         dataset = _load_external(dataset_name, split, dataset_config)
         if num_examples is not None:
             dataset = dataset.select(range(min(num_examples, len(dataset))))
-    check_columns(dataset, method, f"{dataset_name} (split {split!r})")
+    check_dataset(dataset, method, f"{dataset_name} (split {split!r})")
     return dataset
 
 
-def check_columns(dataset: Dataset, method: str, name: str) -> None:
-    """Raise ``ValueError`` unless ``dataset`` has one of the column sets ``method`` accepts."""
+def check_dataset(dataset: Dataset, method: str, name: str) -> None:
+    """Raise ``ValueError`` naming the dataset ``name`` (its file and split), and the row and column where there is
+    one, unless it has rows, one of the column sets ``method`` accepts, and a value in every row of those columns."""
     accepted = REQUIRED_COLUMNS[method]
-    if not any(set(columns) <= set(dataset.column_names) for columns in accepted):
+    matching = [columns for columns in accepted if set(columns) <= set(dataset.column_names)]
+    if not matching:
         options = " or ".join("[" + ", ".join(columns) + "]" for columns in accepted)
         raise ValueError(
             f"Dataset {name} has columns {dataset.column_names}; method {method!r} needs columns {options}."
         )
+    if len(dataset) == 0:
+        raise ValueError(f"Dataset {name} has no rows.")
+    for column in matching[0]:
+        nulls = pc.is_null(dataset.data.column(column))
+        if pc.any(nulls).as_py():
+            row = pc.index(nulls, True).as_py()
+            raise ValueError(f"Dataset {name}: row {row} has no value (null) in column {column!r}.")
+
+
+def check_token_values(dataset: Dataset, name: str, ranges: dict[str, Range]) -> None:
+    """Raise ``ValueError`` naming the dataset, row, column and value unless every value of each per-token column
+    present in ``dataset`` (a list of numbers per row) is finite and within its :class:`~tokenweave.checks.Range`."""
+    for column, allowed in ranges.items():
+        if column not in dataset.column_names:
+            continue
+        for row, values in enumerate(dataset[column]):
+            bad = next((value for value in values or () if not allowed.holds(value)), None)
+            if bad is not None:
+                raise ValueError(f"Dataset {name}: row {row}, column {column!r} has the value {bad!r}; its values "
+                                 f"must be {allowed}.")
 
 
 def _load_external(dataset_name: str, split: str, dataset_config: str | None) -> Dataset:
@@ -97,6 +123,8 @@ def _load_external(dataset_name: str, split: str, dataset_config: str | None) ->
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = load_from_disk(str(path))
     elif path.is_file() and path.suffix in _FILE_BUILDERS:
+        if path.stat().st_size == 0:  # datasets' own message for an empty file does not name it
+            raise ValueError(f"Dataset file {dataset_name!r} is empty: it has no rows.")
         loaded = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path))
     elif path.exists():
         loaded = load_dataset(str(path), dataset_config)
@@ -109,3 +137,11 @@ def _load_external(dataset_name: str, split: str, dataset_config: str | None) ->
             raise ValueError(f"Dataset {dataset_name!r} has no split {split!r}; it has {list(loaded)}.")
         return loaded[split]
     return loaded
+
+
+def last_user_message(prompt) -> str:
+    """The last user message of a conversational ``prompt`` (a plain-text prompt as it is; "" for none)."""
+    if isinstance(prompt, list):
+        user_messages = [message["content"] for message in prompt if message["role"] == "user"]
+        return user_messages[-1] if user_messages else ""
+    return prompt or ""

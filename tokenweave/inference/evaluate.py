@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checks import check_values
 from ..data.loading import load_run_dataset
 from .loading import load_model_and_tokenizer
 from ..rewards.math import extract_answer, is_correct
@@ -102,6 +103,8 @@ def evaluate_model(
     ``difficulty`` and ``task_seed`` pick a built-in task's problems, ``list_length`` and ``num_candidates`` the
     recommendation task's requests, as in a run config (``task_*``).
     """
+    check_values("tokenweave eval", num_examples=num_examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                 task_list_length=list_length, task_num_candidates=num_candidates)
     dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed,
                                list_length=list_length, num_candidates=num_candidates)
     ranking = {"relevant_items", "history_items", "list_length"} <= set(dataset.column_names)

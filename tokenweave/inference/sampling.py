@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
+from ..checks import check_values
 from ..data.loading import load_run_dataset
 from .loading import load_model_and_tokenizer
 from ..rewards.math import extract_answer, is_correct
@@ -37,8 +38,8 @@ def sample_trajectories(
     list), ``parsed`` (the answer read from the completion, or None), ``correct``; and, when the task has one, the
     reference ``solution``. Deterministic for a given ``seed``.
     """
-    if num_samples_per_prompt < 1:
-        raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}.")
+    check_values("tokenweave sample", num_examples=num_examples, num_samples_per_prompt=num_samples_per_prompt,
+                 temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size)
     dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed)
     if "answer" not in dataset.column_names:
         raise ValueError(f"Dataset {task!r} has no 'answer' column to label trajectories with.")

@@ -60,6 +60,7 @@ from datasets import Dataset, load_from_disk
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
+from ..checks import check_options
 from ..config import RunArguments, config_file_of, config_keys, load_run_config, read_config_file
 from ..data.preferences import build_preference_pairs, build_sft_sets, pair_statistics, sample_statistics
 from ..inference.loading import load_model_and_tokenizer, save_merged_model
@@ -202,17 +203,10 @@ class CriticalPipelineConfig:
     )
 
     def __post_init__(self):
+        check_options(self)  # types, choices and ranges
         for option in ("compare_dpo", "compare_shuffled"):
             if getattr(self, option) and self.cdpo_config is None:
                 raise ValueError(f"{option} trains a variant of the cdpo_config run: set cdpo_config.")
-        if self.rollout_trajectories < 0 or self.rollout_samples < 1:
-            raise ValueError("rollout_trajectories must be at least 0 and rollout_samples at least 1.")
-        if self.positive_per_question is not None and self.positive_per_question < 1:
-            raise ValueError(f"positive_per_question must be at least 1 (or None), got {self.positive_per_question}")
-        if not 0.0 < self.negative_top_p <= 1.0:
-            raise ValueError(f"negative_top_p must be in (0, 1], got {self.negative_top_p}")
-        if self.num_samples_per_prompt < 2:
-            raise ValueError("num_samples_per_prompt must be at least 2 to find correct and incorrect trajectories.")
         if self.sft_config is None:
             raise ValueError(
                 "sft_config is required: the run config (method: sft) of the positive and negative models, e.g. "

@@ -27,7 +27,8 @@ positions first among ties; γ_amp = 1.5), each a detached ``γ [B, N]`` (1 outs
 
 The paper leaves τ_waad, τ_Δ, α, k and intro(·) open; the defaults here (the medians of WAAD and Δ over the row's
 response tokens, α = 0.5, k = 3, the argmax above) are the third-party ports' choices, each a parameter. Positions
-are the rows of the teacher-forced forward over prompt + response: row t is the state at response token t.
+are the rows of the teacher-forced forward over prompt + response; which row stands for response token t (its own,
+or the one before, which sampled it) is the caller's choice (``trainers.attention``, ``attention_credit_alignment``).
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ that the credit reads (``tokens.attention``), never the N × N maps.
 The signal ``attention_credit`` (:class:`AttentionCreditSignal`), after each generation: the policy that sampled
 (π_old, with its adapter) runs once over prompt + completion inside :func:`attention_bands` (the chosen layers: 5
 evenly spaced in the middle third by default); the heads of those layers are grouped by span (30 % local, 30 %
-global, over the response rows of the whole generation batch, all processes), WAAD comes from the local group's mean band, FAI from the global group's,
-and the credit rule gives γ per completion token (row t of the forward = the state at completion token t). The
-advantages become ``A · γ`` (``[B, T]``), for both signs by default (v2), so every registered policy loss (and TRL's
+global, over the response rows of the whole generation batch, all processes), WAAD comes from the local group's
+mean band, FAI from the global group's, and the credit rule gives γ per completion token (:func:`attention_credit`;
+which row of the forward stands for token t is ``attention_credit_alignment``: by default its own). The advantages
+become ``A · γ`` (``[B, T]``), for both signs by default (v2), so every registered policy loss (and TRL's
 ``loss_type`` path) takes them. ``attention_credit_control: random`` puts each row's γ on random completion tokens
 (the same values, so the same share credited: ``tokens.controls.shuffle_within_mask``). Logged:
 ``attention_credit/credited_frac``, ``attention_credit/gamma_mean``, ``attention_credit/waad_mean``,
-``attention_credit/fai_mean`` (over the completion tokens of all processes).
+``attention_credit/fai_mean`` (over the completion tokens of all processes). ``tokenweave attention-heatmap``
+(:mod:`tokenweave.inference.attention_credit`) shows γ, WAAD and FAI of sampled completions.
 
 ``with attention_bands(model, layers, width) as bands: model(input_ids, attention_mask=...)`` runs the model's
 forward with the attention implementation ``tokenweave_bands`` (registered with transformers' ``AttentionInterface``
@@ -37,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from trl.models.utils import disable_gradient_checkpointing
 
+from ..checks import check_options
 from ..tokens.attention import (
     CREDIT_RULES,
     attention_band,
@@ -130,6 +133,67 @@ def middle_layers(num_layers: int, count: int = 5) -> list[int]:
 
 CREDIT_SIGNS = ("both", "positive", "negative")
 CREDIT_CONTROLS = ("none", "random")
+# Which row of the forward over prompt + completion stands for completion token t: "input", the row whose input is
+# token t (the state at token t); "prediction", the row before it, whose output distribution sampled token t. The
+# paper says "response position t" only (methods.md 7.4.3).
+CREDIT_ALIGNMENTS = ("input", "prediction")
+
+
+@dataclass
+class AttentionCredit:
+    """What :func:`attention_credit` gives per completion token ``[B, T]`` (0 / 1 outside the completion): the credit
+    ``gamma`` and the WAAD and FAI values it was computed from."""
+
+    gamma: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+
+
+def banded_forward(model, ids, attention_mask, layers, width: int, chunk_size: int, batch_size: int):
+    """Bands ``[B, layers·heads, N, width]`` and row spans ``[B, layers·heads, N]`` of ``model`` over ``ids`` (no
+    gradient; micro-batches of ``batch_size`` rows)."""
+    bands, spans = [], []
+    with torch.no_grad():
+        for start in range(0, ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with attention_bands(model, layers, width, chunk_size) as kept:
+                model(input_ids=ids[rows], attention_mask=attention_mask[rows], use_cache=False)
+            bands.append(torch.cat([kept.band[layer] for layer in layers], dim=1))
+            spans.append(torch.cat([kept.span[layer] for layer in layers], dim=1))
+    return torch.cat(bands), torch.cat(spans)
+
+
+def attention_credit(model, prompt_ids, prompt_mask, completion_ids, completion_mask, options, layers, *,
+                     batch_size: int, reduce_sum=None) -> AttentionCredit:
+    """γ, WAAD and FAI of each completion token from ``model``'s attention (the module docstring): one banded forward
+    over the left-padded prompts + right-padded completions, the heads of ``layers`` grouped by span over the
+    response rows of the batch, the rule's γ. ``options``: the ``attention_credit_*`` fields
+    (:class:`AttentionCreditConfig`). ``reduce_sum`` sums the head-span totals over processes (None: one process),
+    so the head groups are those of the whole generation batch."""
+    prompt_length, length = prompt_ids.size(1), completion_ids.size(1)
+    shift = CREDIT_ALIGNMENTS.index(options.attention_credit_alignment)  # 1: token t's row is the one before
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    # the response rows R: the rows standing for completion tokens
+    rows = torch.cat([torch.zeros_like(prompt_mask[:, shift:]), completion_mask,
+                      torch.zeros_like(prompt_mask[:, :shift])], dim=1)
+    width = max(options.attention_credit_window, options.attention_credit_horizon[1] + 1)
+    bands, spans = banded_forward(model, ids, attention_mask, layers, width, options.attention_credit_chunk_size,
+                                  batch_size)
+    weights = rows.to(spans.dtype).unsqueeze(1)
+    totals = torch.cat([(spans * weights).sum((0, 2)), weights.sum().reshape(1)])
+    totals = totals if reduce_sum is None else reduce_sum(totals)
+    local, glob = group_heads(totals[:-1] / totals[-1].clamp(min=1.0), options.attention_credit_head_fraction)
+    waad_values = waad(bands[:, local].mean(1), options.attention_credit_window)
+    fai_values = fai(bands[:, glob].mean(1), rows, tuple(options.attention_credit_horizon))
+    gamma = credit_multipliers(
+        options.attention_credit_rule, rows, waad_values, fai_values, quantile=options.attention_credit_quantile,
+        amplification=options.attention_credit_amplification, alpha=options.attention_credit_alpha,
+        lookback=options.attention_credit_lookback,
+    )
+    tokens = slice(prompt_length - shift, prompt_length - shift + length)
+    valid = completion_mask.to(gamma.dtype)
+    return AttentionCredit(gamma[:, tokens], waad_values[:, tokens] * valid, fai_values[:, tokens] * valid)
 
 
 @dataclass
@@ -174,52 +238,48 @@ class AttentionCreditConfig:
                                           "it (the random-signal control).", "choices": list(CREDIT_CONTROLS)},
     )
     attention_credit_control_seed: int = field(default=0, metadata={"help": "Attention credit: the control's seed."})
+    attention_credit_alignment: str = field(
+        default="input", metadata={"help": "Attention credit: the row of completion token t: 'input' (the row whose "
+                                           "input is t) or 'prediction' (the row before, which sampled t).",
+                                   "choices": list(CREDIT_ALIGNMENTS)},
+    )
     attention_credit_chunk_size: int = field(
         default=128, metadata={"help": "Attention credit: query rows per chunk of the banded attention forward."}
     )
+
+
+def credit_options(values: dict, source: str = "the config") -> AttentionCreditConfig:
+    """The ``attention_credit_*`` entries of a run config's mapping ``values`` as an :class:`AttentionCreditConfig`
+    (checked; every other key is ignored, an unknown ``attention_credit_*`` key is an error naming ``source``)."""
+    known = set(AttentionCreditConfig.__dataclass_fields__)
+    chosen = {key: value for key, value in values.items() if key.startswith("attention_credit_")}
+    unknown = sorted(set(chosen) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown attention credit option(s) {unknown}; known: {sorted(known)}")
+    options = AttentionCreditConfig(**chosen)
+    check_options(options)
+    return options
 
 
 @register_token_signal("attention_credit")
 class AttentionCreditSignal(TokenSignal):
     """Attention-derived credit (module docstring)."""
 
-    @classmethod
-    def configure(cls, args, requested: bool) -> bool:
-        if not requested:
-            return False
-        low, high = args.attention_credit_horizon
-        choices = (("attention_credit_rule", CREDIT_RULES), ("attention_credit_signs", CREDIT_SIGNS),
-                   ("attention_credit_control", CREDIT_CONTROLS))
-        for name, allowed in choices:
-            if getattr(args, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(args, name)!r}")
-        if not (args.attention_credit_window >= 1 and 0 <= low <= high):
-            raise ValueError("attention_credit_window must be >= 1 and attention_credit_horizon 0 <= H_lo <= H_hi")
-        if args.attention_credit_amplification <= 0 or not 0 <= args.attention_credit_alpha <= 1:
-            raise ValueError("attention_credit_amplification must be > 0 and attention_credit_alpha in [0, 1]")
-        return True
-
     def __init__(self, trainer):
         super().__init__(trainer)
-        args = trainer.args
         num_layers = trainer.accelerator.unwrap_model(trainer.model).config.num_hidden_layers
-        self.layers = args.attention_credit_layers or middle_layers(num_layers)
-        self.width = max(args.attention_credit_window, args.attention_credit_horizon[1] + 1)
+        self.layers = trainer.args.attention_credit_layers or middle_layers(num_layers)
 
     def after_generation(self, generation: Generation) -> dict[str, torch.Tensor]:
-        args, output = self.trainer.args, generation.output
+        trainer, args, output = self.trainer, self.trainer.args, generation.output
         mask = generation.completion_mask
-        prompt_length = output["prompt_ids"].size(1)
-        full_mask = torch.cat([torch.zeros_like(output["prompt_mask"]), mask], dim=1)
-        bands, spans = self._attention(output)
-        local, glob = group_heads(self._head_spans(spans, full_mask), args.attention_credit_head_fraction)
-        waad_values = waad(bands[:, local].mean(1), args.attention_credit_window)
-        fai_values = fai(bands[:, glob].mean(1), full_mask, tuple(args.attention_credit_horizon))
-        gamma = credit_multipliers(
-            args.attention_credit_rule, full_mask, waad_values, fai_values, quantile=args.attention_credit_quantile,
-            amplification=args.attention_credit_amplification, alpha=args.attention_credit_alpha,
-            lookback=args.attention_credit_lookback,
-        )[:, prompt_length:]
+        with disable_gradient_checkpointing(trainer.model, args.gradient_checkpointing_kwargs):
+            credit = attention_credit(
+                trainer.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], mask, args,
+                self.layers, batch_size=args.per_device_train_batch_size,
+                reduce_sum=lambda totals: trainer.accelerator.reduce(totals, reduction="sum"),
+            )
+        gamma = credit.gamma
         if args.attention_credit_control == "random":
             gamma = self._shuffled(gamma, mask)
         advantages = output["advantages"]
@@ -227,34 +287,8 @@ class AttentionCreditSignal(TokenSignal):
         if args.attention_credit_signs != "both":
             applies = advantages > 0 if args.attention_credit_signs == "positive" else advantages < 0
             gamma = torch.where(applies, gamma, 1.0)
-        self._log(generation, gamma, mask, waad_values[:, prompt_length:], fai_values[:, prompt_length:])
+        self._log(generation, gamma, mask, credit.waad, credit.fai)
         return {"advantages": advantages * gamma * mask}
-
-    def _attention(self, output) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bands ``[B, layers·heads, N, width]`` and row spans ``[B, layers·heads, N]`` of π_old over prompt +
-        completion (no gradient; micro-batches of the per-device batch size)."""
-        trainer = self.trainer
-        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        size = trainer.args.per_device_train_batch_size
-        bands, spans = [], []
-        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
-            for start in range(0, ids.size(0), size):
-                rows = slice(start, start + size)
-                with attention_bands(trainer.model, self.layers, self.width,
-                                     trainer.args.attention_credit_chunk_size) as kept:
-                    trainer.model(input_ids=ids[rows], attention_mask=attention_mask[rows], use_cache=False)
-                bands.append(torch.cat([kept.band[layer] for layer in self.layers], dim=1))
-                spans.append(torch.cat([kept.span[layer] for layer in self.layers], dim=1))
-        return torch.cat(bands), torch.cat(spans)
-
-    def _head_spans(self, spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Head spans ``[layers·heads]`` over the response rows of the whole generation batch (every process), so
-        the head groups, and with them γ, do not depend on how the batch is split over processes."""
-        weights = mask.to(spans.dtype).unsqueeze(1)
-        totals = torch.cat([(spans * weights).sum((0, 2)), weights.sum().reshape(1)])
-        totals = self.trainer.accelerator.reduce(totals, reduction="sum")
-        return totals[:-1] / totals[-1].clamp(min=1.0)
 
     def _shuffled(self, gamma: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Each row's γ permuted over its completion tokens, seeded by (seed, step, the row's index in the

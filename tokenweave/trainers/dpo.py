@@ -52,6 +52,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad, use_adapter
 
+from ..checks import check_options
+from .finite import FiniteTrainingMixin
 from ..data.token_columns import completion_token_weights
 from ..losses.preference import (
     PREFERENCE_LOSSES,
@@ -165,9 +167,8 @@ class TokenDPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        check_options(self)  # types, choices and ranges
         super().__post_init__()  # turns a single loss_type string into a list
-        if self.token_weight_control not in ("none", "shuffle"):
-            raise ValueError(f"token_weight_control must be 'none' or 'shuffle', got {self.token_weight_control!r}.")
         if self.token_weight_control != "none" and not (
             self.token_loss_type and "token_weights" in get_preference_loss(self.token_loss_type).needs
         ):
@@ -191,8 +192,6 @@ class TokenDPOConfig(DPOConfig):
             for option in ("ld_alpha", "use_weighting"):
                 if getattr(self, option) not in (None, False):
                     raise ValueError(f"loss_type {token_losses[0]!r} does not support {option}.")
-        if self.tdpo_kl_chunk_size < 1:
-            raise ValueError(f"tdpo_kl_chunk_size must be at least 1, got {self.tdpo_kl_chunk_size}.")
 
     @property
     def token_loss_type(self) -> str | None:
@@ -237,7 +236,7 @@ class DataCollatorForTokenWeightedPreference(DataCollatorForPreference):
         return output
 
 
-class TokenDPOTrainer(DPOTrainer):
+class TokenDPOTrainer(FiniteTrainingMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` with the registered preference losses of :class:`TokenDPOConfig`.
 
     With a TRL ``loss_type`` nothing changes. With ``cdpo``, ``tdpo1`` or ``tdpo2`` (any name registered with

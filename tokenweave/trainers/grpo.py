@@ -43,6 +43,8 @@ from ..losses.policy import (
 from .attention import AttentionCreditConfig
 from .hapo import HapoConfig
 from .rank import RankGrpoConfig
+from ..checks import check_options
+from .finite import FiniteTrainingMixin, NonFiniteError, any_non_finite
 from .signals import TOKEN_SIGNALS, Generation, LossForward, gather_values, get_token_signal, loss_sees_generation_batch
 
 # Batch keys that ``_get_per_token_logps_and_entropies`` takes besides the token ids (multimodal inputs).
@@ -120,6 +122,7 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
     )
 
     def __post_init__(self):
+        check_options(self)  # types, choices and ranges, before TRL's own __post_init__ divides by batch sizes
         super().__post_init__()
         # registered names (``package.module:Class`` imports and registers); a ValueError naming them otherwise
         requested = [get_token_signal(name).name for name in self.token_signals or []]
@@ -162,7 +165,7 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
         )
 
 
-class TokenGRPOTrainer(GRPOTrainer):
+class TokenGRPOTrainer(FiniteTrainingMixin, GRPOTrainer):
     """TRL's ``GRPOTrainer`` with the policy losses and token signals of :class:`TokenGRPOConfig` (module docstring).
 
     Given a plain ``GRPOConfig`` it is TRL's trainer. ``signals``: the token signals that are on, by name. Metrics
@@ -185,8 +188,14 @@ class TokenGRPOTrainer(GRPOTrainer):
     # -- generation ----------------------------------------------------------------------------------------------
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's rewards (gathered over processes), kept for the signals (``Generation.rewards_per_func``)."""
-        self.rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        """TRL's rewards (gathered over processes), ±inf made NaN ("no reward from this function", TRL's rule for
+        None) and counted in ``rewards/non_finite`` (``trainers.finite``); kept for the signals
+        (``Generation.rewards_per_func``)."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        infinite = torch.isinf(rewards)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rewards/non_finite"].append(float(infinite.sum().item()))
+        self.rewards_per_func = rewards.masked_fill(infinite, float("nan"))
         return self.rewards_per_func
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -210,8 +219,13 @@ class TokenGRPOTrainer(GRPOTrainer):
             captured = self._captured_entropies or []
         finally:
             self._captured_entropies = None
-        for signal in self.signals.values():
-            output.update(signal.after_generation(Generation(self, output, training, captured, inputs)))
+        for name, signal in self.signals.items():
+            columns = signal.after_generation(Generation(self, output, training, captured, inputs))
+            for column, value in columns.items():  # collective: every process checks each column
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and any_non_finite(self, value):
+                    raise NonFiniteError(f"The token signal {name!r} returned a NaN or infinity in {column!r} at step "
+                                         f"{self.state.global_step}: stopped before training on it.")
+            output.update(columns)
         return output
 
     def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):

@@ -192,8 +192,6 @@ class HapoSignal(TokenSignal):
             args.hapo_token_advantage = bool(requested if args.hapo_token_advantage is None else
                                              args.hapo_token_advantage)
             return args.hapo_token_advantage
-        if args.hapo_entropy_stats not in HAPO_ENTROPY_STATS:
-            raise ValueError(f"hapo_entropy_stats must be one of {HAPO_ENTROPY_STATS}, got {args.hapo_entropy_stats!r}")
         is_hapo_loss = args.policy_loss == "hapo"
         for names, default in ((GENERATION_SWITCHES, requested), (LOSS_SWITCHES, is_hapo_loss)):
             for name in names:

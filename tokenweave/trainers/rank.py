@@ -106,10 +106,6 @@ class RankGrpoSignal(TokenSignal):
         on = requested or args.policy_loss == "rank_grpo"
         if not on:
             return False
-        if not isinstance(args.rank_list_length, int) or args.rank_list_length < 1:
-            raise ValueError(f"rank_list_length must be a positive integer, got {args.rank_list_length!r}")
-        if args.rank_credit not in RANK_CREDITS:
-            raise ValueError(f"rank_credit must be one of {RANK_CREDITS}, got {args.rank_credit!r}")
         if args.hapo_token_advantage:
             raise ValueError("hapo_token_advantage and the rank_grpo signal both set the advantages: turn one off.")
         if args.multi_objective_aggregation != "sum_then_normalize":

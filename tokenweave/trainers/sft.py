@@ -7,11 +7,18 @@ from dataclasses import dataclass
 
 from trl import SFTConfig, SFTTrainer
 
+from ..checks import check_options
+from .finite import FiniteTrainingMixin
+
 
 @dataclass
 class TokenSFTConfig(SFTConfig):
     """TRL's ``SFTConfig``; tokenweave's SFT options are added here."""
 
+    def __post_init__(self):
+        check_options(self)  # types, choices and ranges
+        super().__post_init__()
 
-class TokenSFTTrainer(SFTTrainer):
+
+class TokenSFTTrainer(FiniteTrainingMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` under tokenweave's name, so runs and later token weighting share one class."""
