@@ -63,11 +63,16 @@ class AttentionBands:
     layers: frozenset[int]
     width: int
     chunk_size: int = 128
+    stop_early: bool = False  # end the forward once the last chosen layer's bands are kept (:func:`banded_forward`)
     band: dict[int, torch.Tensor] = field(default_factory=dict)
     span: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 _ACTIVE: ContextVar[AttentionBands | None] = ContextVar("tokenweave_attention_bands", default=None)
+
+
+class _BandsKept(Exception):
+    """Raised by the last chosen layer's attention when ``stop_early``: the layers after it are not needed."""
 
 
 def _repeat_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -98,6 +103,8 @@ def banded_attention_forward(module, query, key, value, attention_mask, dropout=
         span_chunks.append(span_rows(probs, first_row=start))
     bands.band[layer] = torch.cat(band_chunks, dim=2)
     bands.span[layer] = torch.cat(span_chunks, dim=2)
+    if bands.stop_early and len(bands.band) == len(bands.layers):
+        raise _BandsKept
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -106,9 +113,10 @@ AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
 
 
 @contextmanager
-def attention_bands(model, layers, width: int, chunk_size: int = 128):
-    """While open, forwards of ``model`` keep :class:`AttentionBands` of ``layers`` (yielded; module docstring)."""
-    bands = AttentionBands(frozenset(layers), width, chunk_size)
+def attention_bands(model, layers, width: int, chunk_size: int = 128, stop_early: bool = False):
+    """While open, forwards of ``model`` keep :class:`AttentionBands` of ``layers`` (yielded; module docstring);
+    ``stop_early``: the last chosen layer's attention ends the forward (:func:`banded_forward` catches it)."""
+    bands = AttentionBands(frozenset(layers), width, chunk_size, stop_early)
     configs = [module.config for module in model.modules() if hasattr(getattr(module, "config", None),
                                                                        "_attn_implementation")]
     previous = [config._attn_implementation for config in configs]
@@ -151,13 +159,18 @@ class AttentionCredit:
 
 def banded_forward(model, ids, attention_mask, layers, width: int, chunk_size: int, batch_size: int):
     """Bands ``[B, layers·heads, N, width]`` and row spans ``[B, layers·heads, N]`` of ``model`` over ``ids`` (no
-    gradient; micro-batches of ``batch_size`` rows)."""
+    gradient; micro-batches of ``batch_size`` rows). Only the decoder runs (no LM head: no logits are needed), and
+    only up to the last chosen layer's attention."""
+    decoder = model.get_decoder()  # a PEFT model's too: its adapters are inside the decoder's layers
     bands, spans = [], []
     with torch.no_grad():
         for start in range(0, ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            with attention_bands(model, layers, width, chunk_size) as kept:
-                model(input_ids=ids[rows], attention_mask=attention_mask[rows], use_cache=False)
+            with attention_bands(decoder, layers, width, chunk_size, stop_early=True) as kept:
+                try:
+                    decoder(input_ids=ids[rows], attention_mask=attention_mask[rows], use_cache=False)
+                except _BandsKept:
+                    pass
             bands.append(torch.cat([kept.band[layer] for layer in layers], dim=1))
             spans.append(torch.cat([kept.span[layer] for layer in layers], dim=1))
     return torch.cat(bands), torch.cat(spans)
