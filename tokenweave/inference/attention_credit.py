@@ -91,7 +91,7 @@ def sample_credit_trajectories(
     layers = options.attention_credit_layers or middle_layers(loaded_model.config.num_hidden_layers)
     prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
                for row in dataset]
-    encoded = tokenizer([text for text in prompts], add_special_tokens=False, padding=True, return_tensors="pt")
+    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     torch.manual_seed(seed)
     completions = []
     prompts_per_batch = max(1, batch_size // num_samples_per_prompt)
