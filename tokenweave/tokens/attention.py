@@ -56,11 +56,14 @@ def span_rows(probs: torch.Tensor, first_row: int = 0) -> torch.Tensor:
     return (probs * distance).sum(-1)
 
 
-def head_spans(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def head_spans(rows: torch.Tensor, mask: torch.Tensor, reduce_sum=None) -> torch.Tensor:
     """Head span ``d(l,h)`` (Eq. 7): the mean of ``span_rows`` ``[B, heads, N]`` over the response rows ``mask``
-    ``[B, N]``, over the batch's sequences too: ``[heads]`` (the heads are grouped once per batch)."""
+    ``[B, N]``, over the batch's sequences too: ``[heads]`` (the heads are grouped once per batch). ``reduce_sum``
+    sums the per-head totals and the row count over processes before the division (None: this batch only)."""
     weights = mask.to(rows.dtype).unsqueeze(1)
-    return (rows * weights).sum((0, 2)) / weights.sum((0, 2)).clamp(min=1.0)
+    totals = torch.cat([(rows * weights).sum((0, 2)), weights.sum().reshape(1)])
+    totals = totals if reduce_sum is None else reduce_sum(totals)
+    return totals[:-1] / totals[-1].clamp(min=1.0)
 
 
 def group_heads(spans: torch.Tensor, fraction: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,7 @@ from ..tokens.attention import (
     credit_multipliers,
     fai,
     group_heads,
+    head_spans,
     span_rows,
     waad,
 )
@@ -193,10 +194,7 @@ def attention_credit(model, prompt_ids, prompt_mask, completion_ids, completion_
     width = max(options.attention_credit_window, options.attention_credit_horizon[1] + 1)
     bands, spans = banded_forward(model, ids, attention_mask, layers, width, options.attention_credit_chunk_size,
                                   batch_size)
-    weights = rows.to(spans.dtype).unsqueeze(1)
-    totals = torch.cat([(spans * weights).sum((0, 2)), weights.sum().reshape(1)])
-    totals = totals if reduce_sum is None else reduce_sum(totals)
-    local, glob = group_heads(totals[:-1] / totals[-1].clamp(min=1.0), options.attention_credit_head_fraction)
+    local, glob = group_heads(head_spans(spans, rows, reduce_sum), options.attention_credit_head_fraction)
     waad_values = waad(bands[:, local].mean(1), options.attention_credit_window)
     fai_values = fai(bands[:, glob].mean(1), rows, tuple(options.attention_credit_horizon))
     gamma = credit_multipliers(

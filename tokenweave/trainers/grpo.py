@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from ..checks import check_options
 from ..losses.policy import (
     LOSS_AGG_MODES,
     POLICY_LOSS_DEFAULTS,
@@ -41,10 +42,9 @@ from ..losses.policy import (
     trl_aggregate_loss,
 )
 from .attention import AttentionCreditConfig
+from .finite import FiniteTrainingMixin, NonFiniteError, any_non_finite
 from .hapo import HapoConfig
 from .rank import RankGrpoConfig
-from ..checks import check_options
-from .finite import FiniteTrainingMixin, NonFiniteError, any_non_finite
 from .signals import TOKEN_SIGNALS, Generation, LossForward, gather_values, get_token_signal, loss_sees_generation_batch
 
 # Batch keys that ``_get_per_token_logps_and_entropies`` takes besides the token ids (multimodal inputs).
