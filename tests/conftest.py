@@ -48,3 +48,38 @@ def one_torch_thread():
 def initial_weights():
     """The tiny Llama's initial state dict: what a trained run's saved weights must differ from."""
     return build_tiny_llama()[0].state_dict()
+
+
+def prompt_and_completion_lengths(tokenizer, row, side):
+    """Token counts of the prompt and of the ``side`` completion, as DPOTrainer tokenises them."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)["input_ids"]
+    full = tokenizer.apply_chat_template(row["prompt"] + row[side])["input_ids"]
+    assert full[: len(prompt)] == prompt  # the char tokenizer never merges across the boundary
+    return len(prompt), len(full) - len(prompt)
+
+
+def with_columns(dataset, tokenizer, chosen_values, rejected_values, names=("chosen_weights", "rejected_weights")):
+    """Add per-completion-token columns; ``*_values(n, row_index)`` returns the n values of one row."""
+
+    def add(row, index):
+        _, num_chosen = prompt_and_completion_lengths(tokenizer, row, "chosen")
+        _, num_rejected = prompt_and_completion_lengths(tokenizer, row, "rejected")
+        return {names[0]: chosen_values(num_chosen, index), names[1]: rejected_values(num_rejected, index)}
+
+    return dataset.map(add, with_indices=True)
+
+
+@pytest.fixture(scope="session")
+def scored_pairs(tmp_path_factory) -> str:
+    """A cDPO dataset on disk: 32 arithmetic preference pairs with critical-token scores that vary from token to token
+    and row to row (``(row + t) % 10 / 10``), one per completion token, as the critical-token pipeline writes them."""
+    from tokenweave.data.arithmetic import load_arithmetic
+
+    def scores(n, index):
+        return [(index + t) % 10 / 10 for t in range(n)]
+
+    dataset = with_columns(load_arithmetic("train", "preference", num_examples=32), build_tiny_llama()[1], scores,
+                           scores, names=("chosen_scores", "rejected_scores"))
+    path = tmp_path_factory.mktemp("scored-pairs")
+    dataset.save_to_disk(str(path))
+    return str(path)

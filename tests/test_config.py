@@ -46,6 +46,8 @@ def test_unknown_command_line_flag_is_named(tmp_path):
     path = write_config(tmp_path, method="sft", output_dir=str(tmp_path), use_cpu=True)
     with pytest.raises(ValueError, match="--no_such_flag"):
         parse_run_config(["--config", path, "--no_such_flag", "1"])
+    with pytest.raises(ValueError, match="Did you mean: 'learning_rtae' -> 'learning_rate'"):
+        parse_run_config(["--config", path, "--learning_rtae", "1e-3"])
 
 
 def test_missing_or_unknown_method(tmp_path):

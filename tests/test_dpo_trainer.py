@@ -25,7 +25,7 @@ from tokenweave.trainers.dpo import (
     TokenDPOTrainer,
 )
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, prompt_and_completion_lengths, with_columns
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,25 +53,6 @@ def pairs_dataset() -> Dataset:
             }
         )
     return Dataset.from_list(rows)
-
-
-def prompt_and_completion_lengths(tokenizer, row, side):
-    """Token counts of the prompt and of the ``side`` completion, as DPOTrainer tokenises them."""
-    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)["input_ids"]
-    full = tokenizer.apply_chat_template(row["prompt"] + row[side])["input_ids"]
-    assert full[: len(prompt)] == prompt  # the char tokenizer never merges across the boundary
-    return len(prompt), len(full) - len(prompt)
-
-
-def with_columns(dataset, tokenizer, chosen_values, rejected_values, names=("chosen_weights", "rejected_weights")):
-    """Add per-completion-token columns; ``*_values(n, row_index)`` returns the n values of one row."""
-
-    def add(row, index):
-        _, num_chosen = prompt_and_completion_lengths(tokenizer, row, "chosen")
-        _, num_rejected = prompt_and_completion_lengths(tokenizer, row, "rejected")
-        return {names[0]: chosen_values(num_chosen, index), names[1]: rejected_values(num_rejected, index)}
-
-    return dataset.map(add, with_indices=True)
 
 
 def ones(n, index):

@@ -1,7 +1,9 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from peft import LoraConfig, get_peft_model
 
@@ -53,6 +55,27 @@ def test_resolve_tiny_llama_materialises_a_loadable_directory(tmp_path, monkeypa
     assert torch.allclose(model(ids).logits, reference(ids).logits)
     assert tokenizer.padding_side == "left"
     assert not list(tmp_path.glob("*.*/"))  # no staging directory left behind
+
+
+def test_a_process_of_rank_1_materialises_what_save_pretrained_writes(tmp_path, monkeypatch):
+    """Under ``accelerate launch`` the cache may be built by any rank; transformers' ``save_pretrained`` writes nothing
+    on rank != 0 once torch.distributed is up, which used to leave a tokenizer-only directory (and a crash of the
+    other rank). Built as rank 1 of an initialised process group, the directory holds what ``save_pretrained``
+    writes in one process: the same config, generation config, weights and tokenizer files."""
+    model, tokenizer = build_tiny_llama(seed=0)
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 1)
+    monkeypatch.setenv("TOKENWEAVE_CACHE", str(tmp_path / "cache"))
+    built = Path(resolve_model("tiny-llama"))
+    saved = tmp_path / "saved"
+    assert sorted(path.name for path in built.iterdir()) == sorted(path.name for path in saved.iterdir())
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert json.loads((built / name).read_text()) == json.loads((saved / name).read_text()), name
+    built_weights, saved_weights = load_file(built / "model.safetensors"), load_file(saved / "model.safetensors")
+    assert built_weights.keys() == saved_weights.keys()
+    assert all(torch.equal(built_weights[name], weight) for name, weight in saved_weights.items())
 
 
 @pytest.mark.parametrize("bad", ["./no/such/model", "/no/such/model", "not a model", "~/no-such-model"])

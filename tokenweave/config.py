@@ -140,7 +140,15 @@ def parse_run_config(argv: list[str] | None = None):
             f"Unknown config key(s) {unknown_keys} for method {method!r}: not a field of RunArguments, "
             f"{METHODS[method][1].__name__} or ModelConfig.{did_you_mean(unknown_keys, known)}"
         )
-    run_args, training_args, model_args = TrlParser(dataclass_types).parse_args_and_config(argv)
+    run_args, training_args, model_args, remaining = TrlParser(dataclass_types).parse_args_and_config(
+        argv, return_remaining_strings=True
+    )
+    if remaining:
+        flags = [arg.removeprefix("--").split("=", 1)[0] for arg in remaining if arg.startswith("--")]
+        raise ValueError(
+            f"Unknown command-line argument(s) {remaining} for method {method!r}: not a field of RunArguments, "
+            f"{METHODS[method][1].__name__} or ModelConfig.{did_you_mean(flags, known)}"
+        )
     return run_args, training_args, model_args
 
 

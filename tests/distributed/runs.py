@@ -11,20 +11,30 @@ script (:func:`launch_runs`)::
 one after another by :func:`tokenweave.train.train_from_args`. Each run is a full run (its own trainer,
 DeepSpeedEngine, saved model or adapter and ``run_info.json``); only the last one finishes the process group
 (``finish_distributed``), as a single run does.
+
+An entry may instead be a dict: ``{"argv": [...], "stop_after_checkpoint": N, "stop": "raise" | "kill",
+"ready_file": F}`` interrupts the run once its step-N checkpoint is written on every process
+(:class:`StopAfterCheckpoint`), by an exception that the script catches before it goes on to the next entry, or,
+for ``kill``, by the test: every process waits, ``F`` says so, and the test SIGKILLs the launch (:func:`kill_tree`);
+``"steps_file": F`` writes the steps the run trained (:class:`RecordSteps`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "launch"
@@ -109,18 +119,109 @@ def assert_trained(output_dir: Path, lora: bool, initial_weights: dict, num_lora
         )
 
 
+class Interrupted(Exception):
+    """Raised by :class:`StopAfterCheckpoint` to interrupt a run."""
+
+
+class StopAfterCheckpoint(TrainerCallback):
+    """Interrupt a run right after its step-``step`` checkpoint is complete on every process: what ``kill -9`` after
+    a save leaves on disk (the checkpoint, nothing of the steps after it). ``stop="raise"`` raises
+    :class:`Interrupted`; ``stop="kill"`` writes ``ready_file`` and waits for the test to SIGKILL the processes."""
+
+    def __init__(self, step: int, stop: str = "raise", ready_file: str | None = None):
+        if stop not in ("raise", "kill") or (stop == "kill") != (ready_file is not None):
+            raise ValueError(f"stop={stop!r}, ready_file={ready_file!r}")
+        self.step, self.stop, self.ready_file = step, stop, ready_file
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step != self.step:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its part of the checkpoint
+        if self.stop == "raise":
+            raise Interrupted
+        if state.is_world_process_zero:
+            Path(self.ready_file).write_text(str(os.getpid()))
+        while True:
+            time.sleep(1)
+
+
+class RecordSteps(TrainerCallback):
+    """The global steps a run trained, in ``steps`` (and, if ``path`` is given, in that JSON file at the end)."""
+
+    def __init__(self, path: str | None = None):
+        self.path, self.steps = path, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.path is not None and state.is_world_process_zero:
+            Path(self.path).write_text(json.dumps(self.steps))
+
+
+@contextlib.contextmanager
+def callbacks_added(*callbacks: TrainerCallback) -> Iterator[None]:
+    """Every trainer :func:`tokenweave.train.train_from_args` builds inside the block gets ``callbacks``."""
+    import tokenweave.train as train_module
+
+    build = train_module.build_trainer
+
+    def build_with_callbacks(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        for callback in callbacks:
+            trainer.add_callback(callback)
+        return trainer
+
+    train_module.build_trainer = build_with_callbacks
+    try:
+        yield
+    finally:
+        train_module.build_trainer = build
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` and every process it started (torch starts the workers in sessions of their own, so a
+    process group kill does not reach them), and wait until they are gone."""
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    process.kill()
+    for descendant in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            descendant.kill()
+    process.wait()  # reaped by Popen, so that its returncode is the signal's
+    psutil.wait_procs(descendants, timeout=30)
+
+
 def runs(spec: str) -> None:
-    """Script mode: each argument list of the JSON file ``spec`` through ``tokenweave.train``; only the last run
-    finishes the process group (waits for every rank, destroys it)."""
+    """Script mode: each entry of the JSON file ``spec`` through ``tokenweave.train`` (module docstring); only the
+    last run finishes the process group (waits for every rank, destroys it)."""
     from tokenweave.config import parse_run_config
     from tokenweave.train import train_from_args, trainer_is_main_process
 
     spec_runs = json.loads(Path(spec).read_text())
-    for index, argv in enumerate(spec_runs):
-        info = train_from_args(*parse_run_config(argv), finish_distributed=index == len(spec_runs) - 1)
+    for index, entry in enumerate(spec_runs):
+        entry = entry if isinstance(entry, dict) else {"argv": entry}
+        argv, last = entry["argv"], index == len(spec_runs) - 1
+        callbacks = []
+        if "stop_after_checkpoint" in entry:
+            callbacks.append(StopAfterCheckpoint(entry["stop_after_checkpoint"], entry["stop"], entry.get("ready_file")))
+        if "steps_file" in entry:
+            callbacks.append(RecordSteps(entry["steps_file"]))
+        with callbacks_added(*callbacks):
+            try:
+                info = train_from_args(*parse_run_config(argv), finish_distributed=last)
+            except Interrupted:
+                if trainer_is_main_process():
+                    print(f"[runs] interrupted: {' '.join(argv)}", flush=True)
+                continue
         if trainer_is_main_process():
             print(f"[runs] done: {' '.join(argv)} (step {info['global_step']})", flush=True)
         gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the last run was interrupted
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

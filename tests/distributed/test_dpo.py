@@ -18,9 +18,8 @@ from tokenweave.data.arithmetic import load_arithmetic
 from tokenweave.models import build_tiny_llama
 from tokenweave.train import RUN_INFO_FILE
 
-from ..conftest import CONFIGS
+from ..conftest import CONFIGS, with_columns
 from .runs import assert_trained, deepspeed_run_info, run_name, stage_launcher
-from ..test_dpo_trainer import with_columns
 
 pytestmark = pytest.mark.slow
 

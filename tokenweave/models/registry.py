@@ -147,8 +147,29 @@ def build_tiny_llama(seed: int = 0):
 
 
 def _build_tiny_llama(directory: Path) -> None:
-    model, tokenizer = build_tiny_llama()
-    model.save_pretrained(directory)
+    _save_on_this_process(*build_tiny_llama(), directory)
+
+
+def _save_on_this_process(model, tokenizer, directory: Path) -> None:
+    """``save_pretrained`` of the model and the tokenizer, written by this process whatever its rank.
+
+    transformers' ``model.save_pretrained`` writes nothing on a rank other than 0 once ``torch.distributed`` is up,
+    but under ``accelerate launch`` any process (on each node) may be the one that builds the cache under the lock.
+    So the config (with what ``save_pretrained`` records in it: the architecture, which TRL's loader reads, and the
+    dtype), the generation config and the weights are written here, one copy of tied tensors (the first name in the
+    state dict: ``model.embed_tokens.weight``, not ``lm_head.weight``; ``from_pretrained`` ties them again)."""
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor.contiguous()
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(directory)
 
 
@@ -176,6 +197,5 @@ def _convert_smollm2(directory: Path) -> None:
     model.is_quantized = False
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    _save_on_this_process(model, tokenizer, directory)
     (directory / "tokenweave_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
