@@ -468,3 +468,22 @@ def test_tiny_config_trains(name, metric, tmp_path, monkeypatch):
     assert len(logs) == 2 and all("entropy/q80" in entry and metric in entry for entry in logs)
     assert all(("entropy_signal/mean" in entry) == (name == "hapo_tiny") for entry in logs)  # only hapo's signal
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_policy_loss_from_user_code_gets_its_own_hyperparameters(model_dir, tmp_path):
+    """``policy_loss: package.module:function`` with ``policy_loss_kwargs``: the loss and its gradients are
+    ``scale`` × those of the registered loss it wraps, on the same batch (an undecorated loss gets the registry's
+    defaults, token-mean: here set to grpo's)."""
+    registered = make_trainer(model_dir, tmp_path, policy_loss="grpo")
+    user = make_trainer(model_dir, tmp_path, policy_loss="tests.user_policy_loss:scaled_grpo", loss_type="grpo",
+                        loss_agg_mode="seq-mean-token-mean", policy_loss_kwargs='{"scale": 2.5}')  # JSON, as on the CLI
+    assert user.args.policy_loss_kwargs == {"scale": 2.5}
+    batch = make_batch(registered)
+    loss, grads = loss_and_grads(user, [batch])
+    expected_loss, expected_grads = loss_and_grads(registered, [batch])
+    assert loss == pytest.approx(2.5 * expected_loss, rel=1e-5) and expected_loss != 0
+    assert_same_update((loss, grads), (2.5 * expected_loss, [2.5 * grad for grad in expected_grads]))
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        TokenGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, policy_loss="tests.user_policy_loss:nope")
+    with pytest.raises(ValueError, match="need a policy_loss"):
+        TokenGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, policy_loss_kwargs={"scale": 2.0})

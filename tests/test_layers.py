@@ -21,9 +21,9 @@ LAYERS = (
     ("losses",),
     ("trainers",),
     ("inference",),
-    ("train", "config"),
+    ("train", "config", "launch"),
     ("pipelines",),
-    ("cli", "heatmap"),
+    ("cli", "heatmap", "environment", "plots"),
 )
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 

@@ -8,10 +8,11 @@ from dataclasses import asdict
 import pytest
 import yaml
 from datasets import load_from_disk
+from PIL import Image
 
 import tokenweave.pipelines.critical as pipeline
 import tokenweave.pipelines.quickstart as quickstart
-from tokenweave.cli import QUICKSTART_HEATMAP_FILE
+from tokenweave.cli import QUICKSTART_HEATMAP_FILE, QUICKSTART_PLOTS_DIR
 from tokenweave.cli import main as cli_main
 from tokenweave.config import parse_run_config
 from tokenweave.data.preferences import SAMPLE_COLUMNS, select_by_answer_frequency
@@ -331,6 +332,14 @@ def test_quickstart_runs_the_pipeline_and_reports_five_models(tmp_path, monkeypa
     page = (tmp_path / "out" / QUICKSTART_HEATMAP_FILE).read_text()
     pairs = load_from_disk(str(work / "pairs"))
     assert page.count('title="s = ') == sum(len(row["chosen_tokens"]) + len(row["rejected_tokens"]) for row in pairs)
+    # its training curves and the table of its runs, with the accuracies it measured
+    plots = tmp_path / "out" / QUICKSTART_PLOTS_DIR
+    assert Image.open(plots / "loss.png").size[0] > 100
+    table = (plots / "runs.md").read_text().splitlines()
+    assert len(table) == 2 + len(results["runs"]) and set(results["runs"]) >= {"positive", "negative", "cdpo"}
+    cdpo_row = next(line for line in table if line.startswith("| cdpo |"))
+    accuracy = next(row["accuracy"] for row in rows if row["name"] == "cdpo")
+    assert f"| {accuracy:.4g} |" in cdpo_row and "| dpo | cdpo |" in cdpo_row
 
 
 # -- the warm start, the evidence steps and the shuffled control -----------------------------------------------

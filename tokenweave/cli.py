@@ -8,6 +8,8 @@
     tokenweave heatmap --scores outputs/critical_tokens/pairs --output page.html [--terminal]
     tokenweave attention-heatmap --model smollm2-135m [--config run.yaml] --output page.html [--terminal]
     tokenweave localize --pairs outputs/critical_tokens/pairs [--output report.json]
+    tokenweave plot outputs/run_a outputs/run_b --output plots/
+    tokenweave env
     tokenweave quickstart
 """
 
@@ -20,6 +22,8 @@ import sys
 from pathlib import Path
 
 QUICKSTART_HEATMAP_FILE = "critical_tokens.html"  # under the quickstart's output_dir
+QUICKSTART_PLOTS_DIR = "plots"  # the training curves and runs.md, under the quickstart's output_dir
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _task_arguments(args) -> dict:
@@ -70,8 +74,25 @@ def _pairs_command(args) -> None:
     print(f"wrote {len(pairs)} preference pairs to {args.output}")
 
 
+def _train_command(argv: list[str]) -> None:
+    """``tokenweave train``: under ``accelerate launch`` when launch flags are given (:mod:`tokenweave.launch`),
+    else in this process."""
+    from .launch import launch_arguments_parser, relaunch
+
+    if {"-h", "--help"} & set(argv):
+        print(launch_arguments_parser().format_help())
+    if not relaunch("tokenweave.train", argv):
+        from .train import train
+
+        train(argv)
+
+
 def _critical_command(argv: list[str]) -> None:
     from .pipelines.critical import parse_pipeline_config, run_critical_pipeline
+
+    if "--config" not in argv and not {"-h", "--help"} & set(argv):
+        sys.exit("tokenweave critical needs --config FILE.yaml, the pipeline config (e.g. configs/critical_tiny.yaml); "
+                 "--help lists its fields.")
 
     outputs = run_critical_pipeline(parse_pipeline_config(argv))
     for step, path in outputs.items():
@@ -134,6 +155,7 @@ def _quickstart_command(args) -> None:
     from .config import read_config_file
     from .heatmap import trajectories_from_dataset
     from .pipelines.quickstart import NUM_TEST_EXAMPLES, PIPELINE_DIR, format_summary, quickstart_config, run_quickstart
+    from .plots import plot_command
 
     num_test_examples = NUM_TEST_EXAMPLES if args.num_test_examples is None else args.num_test_examples
     results = run_quickstart(args.output_dir, seed=args.seed, num_test_examples=num_test_examples)
@@ -145,8 +167,11 @@ def _quickstart_command(args) -> None:
     )
     heatmap = Path(args.output_dir) / QUICKSTART_HEATMAP_FILE
     _write_heatmap_page(heatmap, trajectories, title="Critical tokens found by the contrastive estimate")
+    figures, table = plot_command(list(results["runs"].values()), str(Path(args.output_dir) / QUICKSTART_PLOTS_DIR),
+                                  accuracies={row["name"]: row["accuracy"] for row in results["rows"]})
     print(format_summary(results))
     print(f"Heatmap of {len(trajectories)} scored trajectories: {heatmap}")
+    print(f"Training curves: {', '.join(str(path) for path in figures)}; runs compared: {table}")
 
 
 def _write_heatmap_page(path, trajectories, title: str) -> None:
@@ -162,22 +187,26 @@ def _add_task_arguments(parser: argparse.ArgumentParser, default_num_examples: i
         "--task", default="arithmetic",
         help="Built-in task (arithmetic, recommendation) or a dataset with prompt/answer columns.",
     )
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--num_examples", type=int, default=default_num_examples)
-    parser.add_argument("--difficulty", default="easy")
-    parser.add_argument("--task_seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--split", default="test", help="The split of the task or dataset to use.")
+    parser.add_argument("--num_examples", type=int, default=default_num_examples,
+                        help="Questions to use (a built-in task generates this many; a dataset is cut to it).")
+    parser.add_argument("--difficulty", default="easy", help="Built-in arithmetic task: easy, medium or hard.")
+    parser.add_argument("--task_seed", type=int, default=0, help="Built-in tasks: the seed of the generated questions.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Prompts per generate() call.")
+    parser.add_argument("--max_new_tokens", type=int, default=96, help="Most tokens generated per completion.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenweave", description="Token-aware fine-tuning and RL on top of TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "train", help="Train from a YAML config (all further arguments go to the config parser).", add_help=False
-    )
 
-    evaluate = commands.add_parser(
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand whose --help shows every option's default."""
+        return commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT, **kwargs)
+
+    command("train", help="Train from a YAML config (all further arguments go to the config parser).", add_help=False)
+
+    evaluate = command(
         "eval", help="Greedy accuracy (arithmetic) or Recall@k / NDCG@k (recommendation) on a task's test split."
     )
     _add_task_arguments(evaluate, default_num_examples=200)
@@ -187,15 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Recommendation task: the candidate items in each prompt.")
     evaluate.add_argument("--output", default=None, help="Write the result (with every sample) as JSON here.")
 
-    sample = commands.add_parser("sample", help="Sample trajectories per question and label them with a reward.")
+    sample = command("sample", help="Sample trajectories per question and label them with a reward.")
     _add_task_arguments(sample, default_num_examples=None)
     sample.set_defaults(split="train")
-    sample.add_argument("--num_samples_per_prompt", type=int, default=4)
-    sample.add_argument("--temperature", type=float, default=0.7)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--num_samples_per_prompt", type=int, default=4, help="Trajectories sampled per question.")
+    sample.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature.")
+    sample.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     sample.add_argument("--output", required=True, help="Directory for the dataset (save_to_disk).")
 
-    pairs = commands.add_parser("pairs", help="Build preference pairs from labelled trajectories.")
+    pairs = command("pairs", help="Build preference pairs from labelled trajectories.")
     pairs.add_argument("--samples", required=True, help="Output directory of `tokenweave sample`.")
     pairs.add_argument("--output", required=True, help="Directory for the pairs (save_to_disk).")
     pairs.add_argument(
@@ -204,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="When no sample of a question is correct, use the task's reference solution as chosen.",
     )
 
-    commands.add_parser(
+    command(
         "critical",
         help="Critical-token pipeline (cDPO): sample, positive/negative LoRA models, scored pairs, cDPO "
         "(all further arguments go to its config parser).",
         add_help=False,
     )
 
-    heatmap = commands.add_parser("heatmap", help="Show critical-token scores as an HTML page or in the terminal.")
+    heatmap = command("heatmap", help="Show critical-token scores as an HTML page or in the terminal.")
     heatmap.add_argument("--scores", required=True, help="A scored dataset directory (`tokenweave critical`'s pairs/).")
     heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
     heatmap.add_argument("--terminal", action="store_true", help="Print the scored tokens to the terminal.")
@@ -229,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="The cDPO run weights chosen tokens by their scores (else they are drawn as unused by the loss).",
     )
 
-    attention = commands.add_parser(
+    attention = command(
         "attention-heatmap",
         help="Sample completions and show the attention credit (γ, WAAD, FAI) the attention_credit signal gives their "
         "tokens, as an HTML page or in the terminal.",
@@ -244,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
     attention.add_argument("--terminal", action="store_true", help="Print the credited tokens to the terminal.")
 
-    localize = commands.add_parser(
+    localize = command(
         "localize",
         help="hit@k / MRR of the lowest critical-token scores against each rejected trajectory's first error "
         "(arithmetic task), next to a random ranking.",
@@ -252,18 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--pairs", required=True, help="A scored pairs directory (`tokenweave critical`'s pairs/).")
     localize.add_argument("--output", default=None, help="Write the report as JSON here.")
 
-    quickstart = commands.add_parser(
+    quickstart = command(
         "quickstart",
         help="Offline demo: the critical-token pipeline on SmolLM2 with a warm start; localization and rollout "
         "evidence; base, warm start, DPO, cDPO and shuffled-cDPO accuracy.",
     )
-    quickstart.add_argument("--output_dir", default="quickstart_output")
+    quickstart.add_argument("--output_dir", default="quickstart_output", help="Where every step, model and report goes.")
     quickstart.add_argument(
         "--seed", type=int, default=0, help="Seed of sampling, of the positive/negative SFT runs and of the shuffle."
     )
     quickstart.add_argument(
-        "--num_test_examples", type=int, default=None, help="Held-out problems each model is evaluated on (50)."
+        "--num_test_examples", type=int, default=None,
+        help="Held-out problems each model is evaluated on (default: 16).",
     )
+
+    plot = command("plot", help="Training curves of one or more runs as PNG (loss, rewards, token-aware metrics) and a "
+                   "Markdown table comparing them (runs.md).")
+    plot.add_argument("runs", nargs="+", help="Run output directories (run_info.json, or checkpoint-N/).")
+    plot.add_argument("--output", required=True, help="Directory for the PNG files and runs.md.")
+
+    command("env", help="Versions of tokenweave and its stack, devices, accelerate config, model cache.")
     return parser
 
 
@@ -271,9 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if argv and argv[0] == "train":
-        from .train import train
-
-        train(argv[1:])
+        _train_command(argv[1:])
         return
     if argv and argv[0] == "critical":
         _critical_command(argv[1:])
@@ -295,6 +330,15 @@ def main(argv: list[str] | None = None) -> None:
         _localize_command(args)
     elif args.command == "quickstart":
         _quickstart_command(args)
+    elif args.command == "plot":
+        from .plots import plot_command
+
+        figures, table = plot_command(args.runs, args.output)
+        print("\n".join(f"wrote {path}" for path in [*figures, table]))
+    elif args.command == "env":
+        from .environment import environment, format_environment
+
+        print(format_environment(environment()), end="")
 
 
 if __name__ == "__main__":

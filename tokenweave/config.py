@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import sys
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -117,6 +118,11 @@ def _requested_method(argv: list[str], config: dict) -> str:
         if arg.startswith("--method="):
             return arg.split("=", 1)[1]
     if config.get("method") is None:
+        if {"-h", "--help"} & set(argv):
+            print(f"usage: tokenweave train --config FILE.yaml [--method {{{','.join(sorted(METHODS))}}}] "
+                  "[--key value ...]\n\nThe options are the fields of the method's config, with their defaults: give "
+                  "--config or --method with --help to list them.")
+            sys.exit(0)
         raise ValueError(f"No method given: set `method:` in the config or pass --method, one of {sorted(METHODS)}.")
     return config["method"]
 
@@ -140,7 +146,7 @@ def parse_run_config(argv: list[str] | None = None):
             f"Unknown config key(s) {unknown_keys} for method {method!r}: not a field of RunArguments, "
             f"{METHODS[method][1].__name__} or ModelConfig.{did_you_mean(unknown_keys, known)}"
         )
-    run_args, training_args, model_args, remaining = TrlParser(dataclass_types).parse_args_and_config(
+    run_args, training_args, model_args, remaining = TrlParser(dataclass_types, prog="tokenweave train").parse_args_and_config(
         argv, return_remaining_strings=True
     )
     if remaining:
@@ -150,6 +156,36 @@ def parse_run_config(argv: list[str] | None = None):
             f"{METHODS[method][1].__name__} or ModelConfig.{did_you_mean(flags, known)}"
         )
     return run_args, training_args, model_args
+
+
+def given_run_config(argv: list[str], *configs) -> dict:
+    """The run config that ``argv`` (``--config file.yaml [--key value ...]``) gave: the file's keys and the
+    command-line flags, each with its parsed value from ``configs`` (the dataclasses :func:`parse_run_config`
+    returned), so that ``tokenweave train --config <this, as YAML>`` reproduces the run. Fields left at their
+    defaults (and those TRL derives from others) are not in it."""
+    values = {item.name: getattr(config, item.name) for config in reversed(configs) for item in fields(config)
+              if item.init}
+    given = [key for key in config_file_of(argv) if key != "env"]
+    for arg in argv:
+        name = arg.removeprefix("--").split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+        if name is None or name == "config":
+            continue
+        if name not in values and name.startswith("no_") and name[3:] in values:
+            name = name[3:]
+        prefixed = [key for key in values if key.startswith(name)]
+        given.append(name if name in values else prefixed[0] if len(prefixed) == 1 else name)
+    return {key: _plain(values[key]) for key in dict.fromkeys(given) if key in values}
+
+
+def _plain(value):
+    """A config value as YAML writes and reads it back (enums by their value)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def load_run_config(path: str | Path):

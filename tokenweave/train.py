@@ -2,7 +2,7 @@
 
 The same entry point runs under accelerate / DeepSpeed::
 
-    accelerate launch --config_file launch/zero3.yaml -m tokenweave.train --config configs/X.yaml
+    accelerate launch --config_file tokenweave/accelerate_configs/zero3.yaml -m tokenweave.train --config configs/X.yaml
 
 Code that trains (the pipelines, the tests) calls the typed entry point :func:`train_from_args` with the three
 config dataclasses; :func:`train` is the command line, which parses them and calls it.
@@ -24,19 +24,22 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl import get_peft_config, get_quantization_config
 
-from .checks import NON_NEGATIVE, UNIT, check_options
-from .config import parse_run_config
+from .checks import NON_NEGATIVE, UNIT, ConfigError, check_options
+from .config import given_run_config, parse_run_config
 from .data.loading import check_token_values, load_run_dataset
 from .models import resolve_model
 from .rewards import get_reward_func
 from .trainers import METHODS
+from .trainers.card import PAPERS, token_method
 
 RUN_INFO_FILE = "run_info.json"
+RUN_CONFIG_FILE = "run_config.yaml"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 logger = logging.get_logger(__name__)
 
@@ -44,6 +47,11 @@ logger = logging.get_logger(__name__)
 def build_trainer(run_args, training_args, model_args):
     """Check the inputs and build the method's trainer (no training yet)."""
     check_options(model_args)  # the other two configs check themselves in __post_init__
+    if training_args.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError(
+            "An FSDP launch of a use_cpu run: accelerate turns FSDP on for accelerator devices only, so this would "
+            "silently be plain data parallelism. On CPU, launch with cpu_ddp, cpu_zero2 or cpu_zero3."
+        )
     trainer_class = METHODS[run_args.method][0]
     model_path = resolve_model(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
@@ -104,8 +112,15 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
     """What the run was: method, model, how it was distributed, and what it logged."""
     accelerator = trainer.accelerator
     deepspeed_plugin = accelerator.state.deepspeed_plugin
+    method = token_method(trainer.args)
     return {
         "method": run_args.method,
+        "token_method": method["method"],
+        "loss_type": method["loss_type"],
+        "policy_loss": method["policy_loss"],
+        "token_signals": method["token_signals"],
+        "method_options": method["options"],
+        "papers": [f"arXiv:{PAPERS[name][1]}" for name in method["papers"]],
         "model_name_or_path": model_args.model_name_or_path,
         "use_peft": model_args.use_peft,
         "distributed_type": str(accelerator.distributed_type),
@@ -153,13 +168,20 @@ def resume_checkpoint(output_dir: Path, resume_from_checkpoint) -> str | None:
     raise ValueError(f"resume_from_checkpoint: {output_dir} has no complete checkpoint to resume from.")
 
 
-def train_from_args(run_args, training_args, model_args, *, finish_distributed: bool = True) -> dict:
-    """Train one run from its three config dataclasses, save the model and ``run_info.json``; returns the run info.
+def train_from_args(
+    run_args, training_args, model_args, *, finish_distributed: bool = True, run_config: dict | None = None
+) -> dict:
+    """Train one run from its three config dataclasses and save it; returns the run info.
 
     The typed entry point: ``run_args`` is a :class:`~tokenweave.config.RunArguments`, ``training_args`` the
     method's TRL config, ``model_args`` TRL's ``ModelConfig`` (as :func:`~tokenweave.config.parse_run_config`
     returns them; pipelines derive them with ``dataclasses.replace``). ``finish_distributed=False`` leaves the
     process group up after the run, for several runs in one launch; the last one must finish it.
+
+    What ``output_dir`` gets, in this order (so that ``push_to_hub``, which uploads the directory when the model is
+    saved, uploads all of it): ``run_info.json`` (:func:`run_info`), ``run_config.yaml`` (``run_config``, the keys
+    that made the run, when given: ``tokenweave train --config`` it reproduces the run), the model or LoRA
+    adapter, and the model card (``README.md``, naming the token-level method: :mod:`tokenweave.trainers.card`).
     """
     exit_with_launcher()
     output_dir = Path(training_args.output_dir)
@@ -171,10 +193,14 @@ def train_from_args(run_args, training_args, model_args, *, finish_distributed: 
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
     info = run_info(trainer, run_args, model_args, result.metrics)
     if trainer.accelerator.is_main_process:
-        (output_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        if run_config is not None:
+            (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=False))
+    trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(model_name=output_dir.name)
     if finish_distributed:
         _finish_distributed(trainer.accelerator)
     return info
@@ -182,7 +208,9 @@ def train_from_args(run_args, training_args, model_args, *, finish_distributed: 
 
 def train(argv: list[str] | None = None) -> dict:
     """The command line: parse ``--config file.yaml [--key value ...]``, then :func:`train_from_args`."""
-    return train_from_args(*parse_run_config(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configs = parse_run_config(argv)
+    return train_from_args(*configs, run_config={"method": configs[0].method, **given_run_config(argv, *configs)})
 
 
 def trainer_is_main_process() -> bool:

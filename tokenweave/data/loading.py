@@ -136,6 +136,12 @@ def _load_external(dataset_name: str, split: str, dataset_config: str | None) ->
         if split not in loaded:
             raise ValueError(f"Dataset {dataset_name!r} has no split {split!r}; it has {list(loaded)}.")
         return loaded[split]
+    if split != "train":  # a dataset saved without splits (every pipeline's pairs/) is its train split, only
+        raise ValueError(
+            f"Dataset {dataset_name!r} has no split {split!r}: it is a single dataset, which is its 'train' split. "
+            "Evaluating on it would evaluate on training rows: give a dataset with that split (a DatasetDict), "
+            "or leave evaluation off (eval_strategy: no)."
+        )
     return loaded
 
 

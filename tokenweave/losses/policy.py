@@ -56,6 +56,7 @@ TRL's config maps as ``epsilon_low = args.epsilon``, ``epsilon_high = args.epsil
 loss: add ``beta · per_token_kl`` to the per-token loss before aggregating.
 """
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -119,7 +120,20 @@ def register_policy_loss(
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:
-    """The policy loss registered as ``name``; ``ValueError`` listing the registered names otherwise."""
+    """The policy loss registered as ``name``, or ``package.module:function`` (the module is imported, which
+    registers a decorated function, which this name then aliases; an undecorated one is registered under this name,
+    with the defaults of :func:`register_policy_loss`); ``ValueError`` listing the registered names otherwise."""
+    if ":" in name and name not in POLICY_LOSSES:
+        module, _, attribute = name.partition(":")
+        loss = getattr(importlib.import_module(module), attribute, None)
+        if not callable(loss):
+            raise ValueError(f"policy loss {name!r}: {module} has no function {attribute!r}")
+        registered_as = next((key for key, value in POLICY_LOSSES.items() if value is loss), None)
+        if registered_as is None:
+            register_policy_loss(name)(loss)
+        else:  # decorated in its module: this name is an alias, with the decorator's settings
+            POLICY_LOSSES[name], POLICY_LOSS_DEFAULTS[name] = loss, POLICY_LOSS_DEFAULTS[registered_as]
+        return loss
     try:
         return POLICY_LOSSES[name]
     except KeyError:

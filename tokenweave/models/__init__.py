@@ -22,6 +22,7 @@ from .registry import (
     build_tiny_llama,
     build_tiny_tokenizer,
     cache_dir,
+    public_model_id,
     resolve_model,
     smollm2_gguf_path,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "final_hidden_states",
     "head_calls_are_collective",
     "lm_head_functions",
+    "public_model_id",
     "resolve_model",
     "smollm2_gguf_path",
 ]

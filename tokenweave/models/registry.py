@@ -49,6 +49,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKENWEAVE_CACHE", Path.home() / ".cache" / "tokenweave"))
 
 
+SMOLLM2_PUBLIC_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_DIR = "SmolLM2-135M-Instruct"  # under cache_dir()
+
+
+def public_model_id(name_or_path: str | None) -> str | None:
+    """The hub id a model is known by, for model cards: a hub id itself; ``smollm2-135m`` (by name or by its
+    directory in the cache) ``HuggingFaceTB/SmolLM2-135M-Instruct``; None for ``tiny-llama`` and local directories."""
+    if not name_or_path:
+        return None
+    if name_or_path == SMOLLM2_135M or Path(name_or_path).expanduser() == cache_dir() / _SMOLLM2_DIR:
+        return SMOLLM2_PUBLIC_ID
+    if Path(name_or_path).expanduser().exists() or name_or_path in BUILTIN_MODELS:
+        return None
+    return name_or_path if _HUB_ID.match(name_or_path) else None
+
+
 def resolve_model(name_or_path: str) -> str:
     """Turn a config's ``model_name_or_path`` into something ``from_pretrained`` loads with no hub access.
 
@@ -59,7 +75,7 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path == TINY_LLAMA:
         return str(_materialise(cache_dir() / f"tiny-llama-v{_TINY_VERSION}", _build_tiny_llama))
     if name_or_path == SMOLLM2_135M:
-        return str(_materialise(cache_dir() / "SmolLM2-135M-Instruct", _convert_smollm2))
+        return str(_materialise(cache_dir() / _SMOLLM2_DIR, _convert_smollm2))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
@@ -195,7 +211,7 @@ def _convert_smollm2(directory: Path) -> None:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.name_or_path = SMOLLM2_PUBLIC_ID
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     _save_on_this_process(model, tokenizer, directory)
     (directory / "tokenweave_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")

@@ -225,7 +225,7 @@ def parse_pipeline_config(argv: list[str] | None = None) -> CriticalPipelineConf
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     _check_keys(config_file_of(argv))
-    (pipeline_config,) = TrlParser((CriticalPipelineConfig,)).parse_args_and_config(argv)
+    (pipeline_config,) = TrlParser((CriticalPipelineConfig,), prog="tokenweave critical").parse_args_and_config(argv)
     return pipeline_config
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..config import read_config_file
 from ..inference.evaluate import evaluate_model
 from ..models import resolve_model
+from ..train import RUN_INFO_FILE
 from .critical import (
     REPORT_FILE,
     STATISTICS_FILE,
@@ -77,7 +78,8 @@ def run_quickstart(
 ) -> dict:
     """The pipeline and the evaluations (module docstring); returns what ``quickstart_results.json`` holds: ``seed``,
     ``statistics`` (of the samples and pairs), ``localization`` and ``rollout`` (the reports, or None when the
-    pipeline config turns them off), and ``rows`` (the accuracy table).
+    pipeline config turns them off), ``rows`` (the accuracy table) and ``runs`` (the training steps' output
+    directories, by step name).
 
     ``seed`` seeds sampling, the positive/negative SFT runs and the shuffle (the test problems, the warm start and
     the DPO runs' own ``seed`` stay the same).
@@ -102,7 +104,7 @@ def run_quickstart(
             max_new_tokens=MAX_NEW_TOKENS,
             output=str(output / f"eval_{name}.json"),
         )
-        rows.append({"model": label, "accuracy": result["accuracy"], "correct": result["num_correct"],
+        rows.append({"model": label, "name": name, "accuracy": result["accuracy"], "correct": result["num_correct"],
                      "total": result["num_examples"]})
         print(f"  {label}: {result['accuracy']:.1%}")
     results = {
@@ -111,6 +113,7 @@ def run_quickstart(
         "localization": _read_json(steps["localization"] / REPORT_FILE) if "localization" in steps else None,
         "rollout": _read_json(steps["rollout"] / REPORT_FILE) if "rollout" in steps else None,
         "rows": rows,
+        "runs": {name: str(path) for name, path in steps.items() if (path / RUN_INFO_FILE).is_file()},
     }
     (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -53,6 +53,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad, use_adapter
 
 from ..checks import check_options
+from .card import ModelCardMixin
 from .finite import FiniteTrainingMixin
 from ..data.token_columns import completion_token_weights
 from ..losses.preference import (
@@ -236,7 +237,7 @@ class DataCollatorForTokenWeightedPreference(DataCollatorForPreference):
         return output
 
 
-class TokenDPOTrainer(FiniteTrainingMixin, DPOTrainer):
+class TokenDPOTrainer(FiniteTrainingMixin, ModelCardMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` with the registered preference losses of :class:`TokenDPOConfig`.
 
     With a TRL ``loss_type`` nothing changes. With ``cdpo``, ``tdpo1`` or ``tdpo2`` (any name registered with

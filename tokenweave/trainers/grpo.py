@@ -24,6 +24,7 @@ only the signals that are on are called::
 from __future__ import annotations
 
 import functools
+import json
 import operator
 import os
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from ..losses.policy import (
     trl_aggregate_loss,
 )
 from .attention import AttentionCreditConfig
+from .card import ModelCardMixin
 from .finite import FiniteTrainingMixin, NonFiniteError, any_non_finite
 from .hapo import HapoConfig
 from .rank import RankGrpoConfig
@@ -84,8 +86,16 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
     policy_loss: str | None = field(
         default=None,
         metadata={
-            "help": "A policy loss registered in tokenweave.losses.policy: grpo, dapo, cispo, gspo, hapo, rank_grpo, or any "
-            "registered with @register_policy_loss. None: TRL's `loss_type`, unchanged."
+            "help": "A policy loss registered in tokenweave.losses.policy: grpo, dapo, cispo, gspo, hapo, rank_grpo, any "
+            "registered with @register_policy_loss, or 'package.module:function' (your own). None: TRL's `loss_type`, "
+            "unchanged."
+        },
+    )
+    policy_loss_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the policy loss, for a loss with hyperparameters of its own (a mapping in "
+            "YAML, JSON on the command line): policy_loss(..., **policy_loss_kwargs)."
         },
     )
     loss_agg_mode: str | None = field(
@@ -126,8 +136,10 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
         super().__post_init__()
         # registered names (``package.module:Class`` imports and registers); a ValueError naming them otherwise
         requested = [get_token_signal(name).name for name in self.token_signals or []]
+        if isinstance(self.policy_loss_kwargs, str):  # the command line's JSON
+            self.policy_loss_kwargs = json.loads(self.policy_loss_kwargs)
         if self.policy_loss is None:
-            needs_loss = ("loss_agg_mode", "token_weights_column", "dual_clip_c")
+            needs_loss = ("loss_agg_mode", "token_weights_column", "dual_clip_c", "policy_loss_kwargs")
             given = [name for name in needs_loss if getattr(self, name) not in (None, False)]
             if given:
                 raise ValueError(f"{given} need a policy_loss (TRL's loss_type path does not read them).")
@@ -165,7 +177,7 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
         )
 
 
-class TokenGRPOTrainer(FiniteTrainingMixin, GRPOTrainer):
+class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, GRPOTrainer):
     """TRL's ``GRPOTrainer`` with the policy losses and token signals of :class:`TokenGRPOConfig` (module docstring).
 
     Given a plain ``GRPOConfig`` it is TRL's trainer. ``signals``: the token signals that are on, by name. Metrics
@@ -285,7 +297,7 @@ class TokenGRPOTrainer(FiniteTrainingMixin, GRPOTrainer):
         token_weights = functools.reduce(operator.mul, (w.to(logps.dtype) for w in weights)) if weights else None
         per_token_loss, loss_metrics = self.policy_loss_fn(
             logps, old_logps, advantages, mask, self.policy_loss_config, token_weights=token_weights, entropy=entropies,
-            **loss_kwargs,
+            **loss_kwargs, **(self.args.policy_loss_kwargs or {}),
         )
         per_token_kl = None
         if self.beta != 0.0:  # TRL's k3 estimate of KL(π_θ ‖ π_ref), importance-corrected by default

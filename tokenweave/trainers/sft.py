@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from trl import SFTConfig, SFTTrainer
 
 from ..checks import check_options
+from .card import ModelCardMixin
 from .finite import FiniteTrainingMixin
 
 
@@ -20,5 +21,5 @@ class TokenSFTConfig(SFTConfig):
         super().__post_init__()
 
 
-class TokenSFTTrainer(FiniteTrainingMixin, SFTTrainer):
+class TokenSFTTrainer(FiniteTrainingMixin, ModelCardMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` under tokenweave's name, so runs and later token weighting share one class."""

@@ -1,0 +1,118 @@
+"""The ``tokenweave`` command as a TRL user meets it: help with defaults for every option, launch flags as ``trl``
+has them, ``tokenweave env``, ``tokenweave plot``, and clear refusals."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from tokenweave.cli import build_parser
+from tokenweave.cli import main as cli_main
+from tokenweave.environment import STACK, environment
+from tokenweave.launch import accelerate_config_names, resolve_accelerate_config, split_launch_arguments
+from tokenweave.pipelines.quickstart import NUM_TEST_EXAMPLES
+from tokenweave.plots import TOKEN_METRICS, comparison_table, load_run, plot_command
+
+
+def subcommands():
+    parser = build_parser()
+    (choices,) = [action.choices for action in parser._actions if getattr(action, "choices", None)]
+    return choices
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    for name, command in subcommands().items():
+        options = [action for action in command._actions if action.option_strings and action.dest != "help"]
+        for action in options:
+            assert action.help, f"tokenweave {name} {action.option_strings[0]} has no help text"
+        if options:
+            assert "(default:" in command.format_help(), name
+    quickstart_help = subcommands()["quickstart"].format_help()
+    assert f"(default: {NUM_TEST_EXAMPLES})" in " ".join(quickstart_help.split())
+
+
+def test_train_help_without_a_method_is_a_usage_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["train", "--help"])
+    assert stopped.value.code == 0
+    printed = capsys.readouterr().out
+    assert "--accelerate_config" in printed and "usage: tokenweave train --config FILE.yaml" in printed
+
+
+def test_critical_without_a_config_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="needs --config"):
+        cli_main(["critical"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_launch_flags_are_split_from_the_run_flags():
+    launch, rest = split_launch_arguments(["--config", "c.yaml", "--accelerate_config", "zero2", "--num_processes",
+                                           "2", "--max_steps", "3"])
+    assert launch == {"accelerate_config": "zero2", "num_processes": 2}
+    assert rest == ["--config", "c.yaml", "--max_steps", "3"]
+    assert split_launch_arguments(["--config", "c.yaml"]) == ({}, ["--config", "c.yaml"])
+
+
+def test_accelerate_configs_by_name_or_path():
+    assert {"ddp", "zero2", "zero3", "zero3_offload", "fsdp2", "cpu_zero2", "cpu_zero3", "cpu_ddp"} <= set(
+        accelerate_config_names())
+    assert resolve_accelerate_config("zero3").name == "zero3.yaml"
+    assert resolve_accelerate_config(str(resolve_accelerate_config("zero2"))).name == "zero2.yaml"
+    with pytest.raises(ValueError, match="one of .*cpu_zero2"):
+        resolve_accelerate_config("zero4")
+
+
+def test_the_fsdp2_launch_config_parses_as_fsdp_version_2():
+    """FSDP2 cannot run on CPU (accelerate turns FSDP on for accelerator devices only; a use_cpu run is refused,
+    README), so its config is checked by accelerate's own parser."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(resolve_accelerate_config("fsdp2")))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+
+
+def test_env_prints_every_version(capsys):
+    cli_main(["env"])
+    printed = capsys.readouterr().out
+    for _, label in STACK:
+        assert f"- {label} version: " in printed
+    assert environment()["PyTorch version"].startswith("2.") and "Built-in model cache" in printed
+
+
+def write_run(directory, name, history, **info):
+    run = directory / name
+    run.mkdir()
+    (run / "run_info.json").write_text(json.dumps({"log_history": history, **info}))
+    return run
+
+
+def test_plot_writes_pngs_and_a_table_with_one_row_per_run(tmp_path, capsys):
+    grpo = [{"step": step, "loss": 1.0 / step, "reward": 0.1 * step, "rewards/correctness/mean": 0.05 * step,
+             "hapo/sampling_temperature": 1 + 0.01 * step, "entropy/q50": 2.0, "step_time": 2.0 + step % 2}
+            for step in range(1, 6)]
+    dpo = [{"step": step, "loss": 0.69 - 0.01 * step, "weights/rejected": 0.7, "rewards/margins": 0.1 * step}
+           for step in range(1, 4)]
+    runs = [write_run(tmp_path, "hapo-run", grpo, method="grpo", token_method="hapo", global_step=5),
+            write_run(tmp_path, "cdpo-run", dpo, method="dpo", token_method="cdpo", global_step=3)]
+    (runs[1] / "eval.json").write_text(json.dumps({"accuracy": 0.25}))
+    cli_main(["plot", *map(str, runs), "--output", str(tmp_path / "plots")])
+    assert "runs.md" in capsys.readouterr().out
+    for name in ("loss.png", "rewards.png", "token_metrics.png"):
+        image = Image.open(tmp_path / "plots" / name)
+        assert image.size[0] >= 400 and image.size[1] >= 250
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 10  # lines, text and axes, not a blank page
+    table = (tmp_path / "plots" / "runs.md").read_text().splitlines()
+    assert len(table) == 4
+    # final loss 1/5, final reward 0.5, no accuracy, step time the median of 3, 2, 3, 2, 3
+    assert table[2] == "| hapo-run | grpo | hapo | 5 | 0.2 | 0.5 |  | 3 |"
+    assert table[3] == "| cdpo-run | dpo | cdpo | 3 | 0.66 |  | 0.25 |  |"  # the accuracy of its eval.json
+    assert {"weights/", "hapo/", "entropy/q"} <= set(TOKEN_METRICS)
+    assert load_run(runs[0]).series("reward") == ([1, 2, 3, 4, 5], [0.1 * step for step in range(1, 6)])
+    assert comparison_table([load_run(runs[1])], [runs[1]], accuracies={"cdpo-run": 0.5}).endswith("| 0.5 |  |\n")
+
+
+def test_plot_of_a_directory_that_is_not_a_run_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a tokenweave run directory"):
+        plot_command([str(tmp_path)], str(tmp_path / "plots"))

@@ -1,0 +1,92 @@
+"""Launching several processes as ``trl`` does: ``tokenweave train --config run.yaml --accelerate_config zero3
+--num_processes 8`` re-runs the command through ``accelerate launch`` (in this process, which becomes the launcher).
+
+``--accelerate_config`` takes a path, or the name of a config shipped in ``tokenweave/accelerate_configs``:
+
+==================  ===========================================================================================
+name                what it launches
+==================  ===========================================================================================
+ddp                 data parallelism, one machine, 8 GPUs, bf16
+zero2, zero3        DeepSpeed ZeRO-2 / ZeRO-3, one machine, 8 GPUs, bf16 (ZeRO-3 gathers the 16-bit model on save)
+zero3_offload       ZeRO-3 with optimizer state and parameters in CPU memory
+fsdp2               PyTorch FSDP2 (``fully_shard``), one machine, 8 GPUs, bf16
+multinode_zero3     ZeRO-3 on two machines of 8 GPUs (``--machine_rank``, ``--main_process_ip`` on each)
+cpu_ddp, cpu_zero2, CPU variants with 2 processes (no GPU), for tests and laptops; run configs with
+cpu_zero3           ``use_cpu: true`` and ``bf16: false``
+==================  ===========================================================================================
+
+FSDP has no CPU variant: accelerate (1.15) turns FSDP on only for accelerator devices, and a ``use_cpu`` run under
+an FSDP config would silently be plain data parallelism, so :func:`tokenweave.train.build_trainer` refuses it.
+
+``--num_processes``, ``--num_machines``, ``--machine_rank``, ``--main_process_ip`` and ``--main_process_port``
+override the config's values, as on ``accelerate launch``. Without any of these flags the command runs in this one
+process (which may itself be a process of ``accelerate launch -m tokenweave.train ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+ACCELERATE_CONFIGS = Path(__file__).with_name("accelerate_configs")
+
+
+def accelerate_config_names() -> list[str]:
+    """The names ``--accelerate_config`` accepts besides a path."""
+    return sorted(path.stem for path in ACCELERATE_CONFIGS.glob("*.yaml"))
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    """A shipped config by name (``zero3``), else an existing file; otherwise a ``ValueError`` listing the names."""
+    shipped = ACCELERATE_CONFIGS / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    if Path(name_or_path).is_file():
+        return Path(name_or_path)
+    raise ValueError(
+        f"--accelerate_config {name_or_path!r} is neither a file nor a shipped config: "
+        f"one of {accelerate_config_names()}, or a path to an accelerate config YAML."
+    )
+
+
+def launch_arguments_parser() -> argparse.ArgumentParser:
+    """The launch flags of ``tokenweave train`` and ``tokenweave critical`` (module docstring)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, usage=argparse.SUPPRESS)
+    group = parser.add_argument_group("launching several processes (as `trl` and `accelerate launch`)")
+    group.add_argument("--accelerate_config", metavar="NAME_OR_PATH",
+                       help=f"accelerate config to launch with: a path or one of {', '.join(accelerate_config_names())}")
+    group.add_argument("--num_processes", type=int, help="processes in all (default: the accelerate config's)")
+    group.add_argument("--num_machines", type=int, help="machines (default: the accelerate config's)")
+    group.add_argument("--machine_rank", type=int, help="this machine's rank, on multi-machine launches")
+    group.add_argument("--main_process_ip", help="address of machine 0, on multi-machine launches")
+    group.add_argument("--main_process_port", type=int, help="port of machine 0, on multi-machine launches")
+    return parser
+
+
+def split_launch_arguments(argv: list[str]) -> tuple[dict, list[str]]:
+    """``(the launch flags given, the other arguments)`` of a ``tokenweave train`` / ``critical`` command line."""
+    launch, rest = launch_arguments_parser().parse_known_args(argv)
+    return {name: value for name, value in vars(launch).items() if value is not None}, rest
+
+
+def relaunch(module: str, argv: list[str]) -> bool:
+    """Run ``python -m <module> <argv without the launch flags>`` under ``accelerate launch`` if ``argv`` has launch
+    flags, and return True once it has finished; False (nothing done) without them."""
+    launch, rest = split_launch_arguments(argv)
+    if not launch:
+        return False
+    if "LOCAL_RANK" in os.environ:
+        raise ValueError(
+            f"{sorted(launch)} given to a process that a launcher already started (LOCAL_RANK is set): give them to "
+            "one of the two, not both."
+        )
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    accelerate_args = []
+    if "accelerate_config" in launch:
+        accelerate_args += ["--config_file", str(resolve_accelerate_config(launch.pop("accelerate_config")))]
+    for name, value in launch.items():
+        accelerate_args += [f"--{name}", str(value)]
+    launch_command(launch_command_parser().parse_args([*accelerate_args, "--module", module, *rest]))
+    return True

@@ -1,0 +1,166 @@
+"""``tokenweave plot RUN_DIR [RUN_DIR ...] --output DIR``: training curves as PNG and a Markdown table comparing runs.
+
+A run directory is a ``tokenweave train`` output directory (its ``run_info.json``) or a directory with a
+``checkpoint-N`` (its ``trainer_state.json``, for a run still going or stopped). The figures, one line per run:
+
+=====================  ===============================================================================================
+file                   what it shows
+=====================  ===============================================================================================
+``loss.png``           the training loss per step
+``rewards.png``        GRPO: the mean reward per step, and each reward function's; DPO: reward margins and accuracies
+``token_metrics.png``  the token-aware metrics the runs logged (:data:`TOKEN_METRICS`), one panel each
+=====================  ===============================================================================================
+
+``runs.md``: one row per run: its name, method, token-level method, steps, final loss, final mean reward, eval
+accuracy (``eval_accuracy``, or the ``accuracy`` of an ``eval.json`` beside the run), and median step time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .train import RUN_INFO_FILE
+
+# metric-name prefixes of the token-aware metrics, and where they come from (README: "Logging")
+TOKEN_METRICS = {
+    "weights/": "cDPO: mean per-token weight of the chosen / rejected completion tokens (trainers/dpo.py)",
+    "kl/": "TDPO: mean sequential KL(π_ref || π_θ) of chosen / rejected (trainers/dpo.py)",
+    "entropy/q": "GRPO: quantiles of the token entropy of the batch (trainers/grpo.py)",
+    "entropy_signal/": "HAPO: the entropy signal ĥ the loss sees (losses/policy.py)",
+    "hapo/": "HAPO: the adaptive sampling temperature, the redistributed share of advantage (trainers/hapo.py)",
+    "clip_ratio/": "policy losses: share of tokens clipped, low / high, by entropy group (losses/policy.py)",
+    "rank/": "Rank-GRPO: per-rank rewards, parsed items, overflow (trainers/rank.py)",
+    "attention_credit/": "attention credit: credited share, mean γ, WAAD / FAI statistics (trainers/attention.py)",
+    "rewards/non_finite": "GRPO: rewards that were ±inf, treated as missing (trainers/grpo.py)",
+}
+MAX_TOKEN_PANELS = 16
+
+
+@dataclass
+class RunLog:
+    """One run's name (its directory's), its ``run_info.json`` (empty for a checkpoint only) and log history."""
+
+    name: str
+    info: dict
+    history: list[dict]
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(entry["step"], entry[key]) for entry in self.history if key in entry and "step" in entry]
+        return [step for step, _ in points], [value for _, value in points]
+
+    def last(self, key: str) -> float | None:
+        values = self.series(key)[1]
+        return values[-1] if values else None
+
+
+def load_run(directory: str | Path) -> RunLog:
+    """The log of the run in ``directory`` (module docstring); ``FileNotFoundError`` naming it if it has none."""
+    directory = Path(directory)
+    if (directory / RUN_INFO_FILE).is_file():
+        info = json.loads((directory / RUN_INFO_FILE).read_text())
+        return RunLog(directory.name, info, info.get("log_history", []))
+    states = sorted(directory.glob("checkpoint-*/trainer_state.json"), key=lambda path: int(path.parent.name[11:]))
+    if states:
+        return RunLog(directory.name, {}, json.loads(states[-1].read_text()).get("log_history", []))
+    raise FileNotFoundError(f"{str(directory)!r} has no {RUN_INFO_FILE} and no checkpoint-N/trainer_state.json: "
+                            "not a tokenweave run directory.")
+
+
+def token_metric_keys(runs: list[RunLog]) -> list[str]:
+    """The token-aware metrics (:data:`TOKEN_METRICS`) any of ``runs`` logged, in a stable order."""
+    keys = {key for run in runs for entry in run.history for key in entry
+            if not key.startswith("eval_") and any(key.startswith(prefix) for prefix in TOKEN_METRICS)}
+    return sorted(keys)[:MAX_TOKEN_PANELS]
+
+
+def _figure(runs: list[RunLog], keys: list[str], path: Path, title: str) -> Path | None:
+    """One panel per metric of ``keys`` (a line per run that logged it); None if no run logged any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [key for key in keys if any(run.series(key)[0] for run in runs)]
+    if not keys:
+        return None
+    columns = min(4, len(keys))
+    rows = -(-len(keys) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, key in zip(axes.flat, keys):
+        for run in runs:
+            steps, values = run.series(key)
+            if steps:
+                axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=run.name)
+        axis.set_title(key, fontsize=9)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(keys):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_runs(runs: list[RunLog], output_dir: str | Path) -> list[Path]:
+    """Write the figures of the module docstring into ``output_dir``; returns those written (a figure no run has
+    data for is left out)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    reward_keys = sorted({key for run in runs for entry in run.history for key in entry
+                          if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean"))
+                          or key in ("rewards/margins", "rewards/accuracies")})
+    written = [
+        _figure(runs, ["loss"], output_dir / "loss.png", "training loss"),
+        _figure(runs, reward_keys, output_dir / "rewards.png", "rewards"),
+        _figure(runs, token_metric_keys(runs), output_dir / "token_metrics.png", "token-aware metrics"),
+    ]
+    return [path for path in written if path is not None]
+
+
+def eval_accuracy(run: RunLog, directory: Path, accuracies: dict[str, float]) -> float | None:
+    """``accuracies[run.name]``, else ``eval_accuracy`` from the log, else the ``accuracy`` of ``eval.json`` in the
+    run directory (``tokenweave eval --output``)."""
+    if run.name in accuracies:
+        return accuracies[run.name]
+    logged = run.last("eval_accuracy")
+    if logged is not None:
+        return logged
+    path = directory / "eval.json"
+    return json.loads(path.read_text()).get("accuracy") if path.is_file() else None
+
+
+def comparison_table(runs: list[RunLog], directories: list[Path], accuracies: dict[str, float] | None = None) -> str:
+    """The Markdown table of the module docstring, one row per run (``accuracies``: eval accuracy by run name)."""
+
+    def number(value, digits: int = 4) -> str:
+        return "" if value is None else f"{value:.{digits}g}"
+
+    lines = ["| run | method | token method | steps | final loss | final reward | eval accuracy | step time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, directory in zip(runs, directories):
+        steps = run.info.get("global_step") or max((entry.get("step", 0) for entry in run.history), default=0)
+        step_times = run.series("step_time")[1]
+        lines.append(
+            f"| {run.name} | {run.info.get('method', '')} | {run.info.get('token_method', '')} | {steps} | "
+            f"{number(run.last('loss'))} | {number(run.last('reward'))} | {number(eval_accuracy(run, directory, accuracies or {}))} | "
+            f"{number(statistics.median(step_times) if step_times else None, 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_command(
+    directories: list[str], output_dir: str, accuracies: dict[str, float] | None = None
+) -> tuple[list[Path], Path]:
+    """``tokenweave plot``: the figures and ``runs.md`` of the runs in ``directories``, into ``output_dir``."""
+    paths = [Path(directory) for directory in directories]
+    runs = [load_run(path) for path in paths]
+    figures = plot_runs(runs, output_dir)
+    table = Path(output_dir) / "runs.md"
+    table.write_text(comparison_table(runs, paths, accuracies))
+    return figures, table
