@@ -11,7 +11,7 @@ from tokenweave.cli import main as cli_main
 from tokenweave.environment import STACK, environment
 from tokenweave.launch import accelerate_config_names, resolve_accelerate_config, split_launch_arguments
 from tokenweave.pipelines.quickstart import NUM_TEST_EXAMPLES
-from tokenweave.plots import TOKEN_METRICS, comparison_table, load_run, plot_command
+from tokenweave.plots import TOKEN_METRIC_PREFIXES, comparison_table, load_run, plot_command
 
 
 def subcommands():
@@ -108,7 +108,7 @@ def test_plot_writes_pngs_and_a_table_with_one_row_per_run(tmp_path, capsys):
     # final loss 1/5, final reward 0.5, no accuracy, step time the median of 3, 2, 3, 2, 3
     assert table[2] == "| hapo-run | grpo | hapo | 5 | 0.2 | 0.5 |  | 3 |"
     assert table[3] == "| cdpo-run | dpo | cdpo | 3 | 0.66 |  | 0.25 |  |"  # the accuracy of its eval.json
-    assert {"weights/", "hapo/", "entropy/q"} <= set(TOKEN_METRICS)
+    assert {"weights/", "hapo/", "entropy/q"} <= set(TOKEN_METRIC_PREFIXES)
     assert load_run(runs[0]).series("reward") == ([1, 2, 3, 4, 5], [0.1 * step for step in range(1, 6)])
     assert comparison_table([load_run(runs[1])], [runs[1]], accuracies={"cdpo-run": 0.5}).endswith("| 0.5 |  |\n")
 
@@ -116,3 +116,12 @@ def test_plot_writes_pngs_and_a_table_with_one_row_per_run(tmp_path, capsys):
 def test_plot_of_a_directory_that_is_not_a_run_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a tokenweave run directory"):
         plot_command([str(tmp_path)], str(tmp_path / "plots"))
+
+
+def test_plot_reads_a_run_without_run_info_from_its_newest_complete_checkpoint(tmp_path):
+    for step, complete in ((2, True), (10, True), (12, False)):  # 10 > 2 by number, not by name; 12 half-written
+        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        if complete:
+            (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step, "loss": 1.0}]}))
+    assert load_run(tmp_path / "run").series("loss") == ([10], [1.0])

@@ -8,7 +8,7 @@ file                   what it shows
 =====================  ===============================================================================================
 ``loss.png``           the training loss per step
 ``rewards.png``        GRPO: the mean reward per step, and each reward function's; DPO: reward margins and accuracies
-``token_metrics.png``  the token-aware metrics the runs logged (:data:`TOKEN_METRICS`), one panel each
+``token_metrics.png``  the token-aware metrics the runs logged (:data:`TOKEN_METRIC_PREFIXES`), one panel each
 =====================  ===============================================================================================
 
 ``runs.md``: one row per run: its name, method, token-level method, steps, final loss, final mean reward, eval
@@ -22,20 +22,13 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train import RUN_INFO_FILE
+from transformers.trainer import TRAINER_STATE_NAME
 
-# metric-name prefixes of the token-aware metrics, and where they come from (README: "Logging")
-TOKEN_METRICS = {
-    "weights/": "cDPO: mean per-token weight of the chosen / rejected completion tokens (trainers/dpo.py)",
-    "kl/": "TDPO: mean sequential KL(π_ref || π_θ) of chosen / rejected (trainers/dpo.py)",
-    "entropy/q": "GRPO: quantiles of the token entropy of the batch (trainers/grpo.py)",
-    "entropy_signal/": "HAPO: the entropy signal ĥ the loss sees (losses/policy.py)",
-    "hapo/": "HAPO: the adaptive sampling temperature, the redistributed share of advantage (trainers/hapo.py)",
-    "clip_ratio/": "policy losses: share of tokens clipped, low / high, by entropy group (losses/policy.py)",
-    "rank/": "Rank-GRPO: per-rank rewards, parsed items, overflow (trainers/rank.py)",
-    "attention_credit/": "attention credit: credited share, mean γ, WAAD / FAI statistics (trainers/attention.py)",
-    "rewards/non_finite": "GRPO: rewards that were ±inf, treated as missing (trainers/grpo.py)",
-}
+from .train import RUN_INFO_FILE, checkpoints_newest_first
+
+# name prefixes of the token-aware metrics (README, "Logging and curves", says what each is and where it comes from)
+TOKEN_METRIC_PREFIXES = ("weights/", "kl/", "entropy/q", "entropy_signal/", "hapo/", "clip_ratio/", "rank/",
+                         "attention_credit/", "rewards/non_finite")
 MAX_TOKEN_PANELS = 16
 
 
@@ -62,17 +55,18 @@ def load_run(directory: str | Path) -> RunLog:
     if (directory / RUN_INFO_FILE).is_file():
         info = json.loads((directory / RUN_INFO_FILE).read_text())
         return RunLog(directory.name, info, info.get("log_history", []))
-    states = sorted(directory.glob("checkpoint-*/trainer_state.json"), key=lambda path: int(path.parent.name[11:]))
+    states = [checkpoint / TRAINER_STATE_NAME for checkpoint in checkpoints_newest_first(directory)
+              if (checkpoint / TRAINER_STATE_NAME).is_file()]
     if states:
-        return RunLog(directory.name, {}, json.loads(states[-1].read_text()).get("log_history", []))
+        return RunLog(directory.name, {}, json.loads(states[0].read_text()).get("log_history", []))
     raise FileNotFoundError(f"{str(directory)!r} has no {RUN_INFO_FILE} and no checkpoint-N/trainer_state.json: "
                             "not a tokenweave run directory.")
 
 
 def token_metric_keys(runs: list[RunLog]) -> list[str]:
-    """The token-aware metrics (:data:`TOKEN_METRICS`) any of ``runs`` logged, in a stable order."""
+    """The token-aware metrics (:data:`TOKEN_METRIC_PREFIXES`) any of ``runs`` logged, in a stable order."""
     keys = {key for run in runs for entry in run.history for key in entry
-            if not key.startswith("eval_") and any(key.startswith(prefix) for prefix in TOKEN_METRICS)}
+            if not key.startswith("eval_") and key.startswith(TOKEN_METRIC_PREFIXES)}
     return sorted(keys)[:MAX_TOKEN_PANELS]
 
 

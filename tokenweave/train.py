@@ -145,6 +145,13 @@ def exit_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def checkpoints_newest_first(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` directories of ``output_dir``, highest N first (complete or not)."""
+    return sorted((path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if path.is_dir() and path.name.split("-")[-1].isdigit()),
+                  key=lambda path: int(path.name.split("-")[-1]), reverse=True)
+
+
 def resume_checkpoint(output_dir: Path, resume_from_checkpoint) -> str | None:
     """The checkpoint a run resumes from: ``True`` (YAML) or ``"true"`` (the command line, where the field is a
     string) is the newest *complete* ``checkpoint-N`` of ``output_dir`` (complete: it has ``trainer_state.json``,
@@ -157,10 +164,7 @@ def resume_checkpoint(output_dir: Path, resume_from_checkpoint) -> str | None:
         return None
     if value is not True:
         return str(value)
-    checkpoints = sorted((path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                          if path.is_dir() and path.name.split("-")[-1].isdigit()),
-                         key=lambda path: int(path.name.split("-")[-1]), reverse=True)
-    for checkpoint in checkpoints:
+    for checkpoint in checkpoints_newest_first(output_dir):
         if (checkpoint / TRAINER_STATE_NAME).exists():
             return str(checkpoint)
         logger.warning("Skipping the incomplete checkpoint %s (no %s): resuming from an earlier one.", checkpoint,

@@ -105,7 +105,7 @@ class ModelCardMixin:
 
     def model_base_name(self) -> str | None:
         """The ``model_name_or_path`` the run started from (the base model under a LoRA adapter)."""
-        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        model = self.accelerator.unwrap_model(self.model)
         peft_config = getattr(model, "peft_config", None)
         if peft_config:
             return next(iter(peft_config.values())).base_model_name_or_path
