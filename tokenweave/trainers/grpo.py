@@ -154,9 +154,6 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
                 self.epsilon_high = defaults.epsilon_high
             self.importance_sampling_level = defaults.importance_sampling_level or self.importance_sampling_level
             self.loss_type = defaults.trl_loss_type or self.loss_type
-            if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
-                raise ValueError("TRL's entropy bonus (entropy_coef, use_adaptive_entropy) is not supported with "
-                                 "policy_loss.")
         on = [name for name, signal in TOKEN_SIGNALS.items() if signal.configure(self, name in requested)]
         implied = [name for name in on if name not in requested]
         self.token_signals = implied + [name for name in requested if name in on]
@@ -283,7 +280,10 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, GRPOTrainer):
         old_logps = inputs.get("old_per_token_logps")
         old_logps = logps.detach() if old_logps is None else old_logps
 
-        weights = self._token_weights(inputs, logps, old_logps, entropies, advantages, mask)
+        # "Beyond the 80/20 rule": only the top-entropy tokens (TRL's entropy_mask)
+        entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+                        if self.top_entropy_quantile < 1.0 else None)
+        weights = self._token_weights(inputs, logps, old_logps, advantages, mask, entropy_mask)
         forward = LossForward(
             logps, old_logps, entropies, mask, training,
             loss_sees_generation_batch(inputs, training, self.args.steps_per_generation),
@@ -313,6 +313,9 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, GRPOTrainer):
             per_token_loss, mask, self.args.loss_agg_mode, inputs["num_items_in_batch"], self.accelerator.num_processes,
             accumulation_steps, self.args.steps_per_generation if training else 1, self.max_completion_length,
         )
+        if self._entropy_bonus_enabled:
+            policy_loss = loss.detach() * (1 if self.args.loss_agg_mode == "token-mean" else accumulation_steps)
+            loss = self._with_entropy_bonus(loss, policy_loss, entropies, mask, entropy_mask, mode, accumulation_steps)
         if self.aux_loss_enabled:  # MoE load balancing, as TRL
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation_steps
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
@@ -320,11 +323,45 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, GRPOTrainer):
         self._log_loss_metrics(mode, entropies, mask, per_token_kl, loss_metrics)
         return loss
 
-    def _token_weights(self, inputs, logps, old_logps, entropies, advantages, mask) -> list[torch.Tensor]:
-        """TRL's per-token factors and the ``token_weights_column`` signal (their product multiplies the loss)."""
-        weights = []
-        if self.top_entropy_quantile < 1.0:  # "Beyond the 80/20 rule": only the top-entropy tokens
-            weights.append(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
+    def _with_entropy_bonus(self, loss, policy_loss, entropies, mask, entropy_mask, mode, accumulation_steps):
+        """TRL's entropy bonus (``entropy_coef``; ``use_adaptive_entropy``, arXiv 2505.22312), mirrored from the end
+        of ``GRPOTrainer._compute_loss`` (TRL 1.16) so that it applies to every registered policy loss:
+
+            loss − c · H,   H = Σ entropies · m / max(Σ m, 1) / accumulation_steps,   m = mask · entropy_mask
+
+        H does not depend on the loss's aggregation. Adaptive: c is the coefficient of the previous optimizer step,
+        applied only while the window-global entropy of that step was <= ``entropy_target``; at each optimizer step
+        c moves by ``entropy_coef_delta`` (up when the window's entropy over all processes is <= the target, else
+        down) within [``entropy_coef_min``, ``entropy_coef_max``]. TRL saves and restores c with the checkpoint.
+        Logs ``policy_loss`` (the loss before the bonus, as TRL's for the same aggregation) and ``entropy_coef``."""
+        effective_mask = mask if entropy_mask is None else mask * entropy_mask
+        entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation_steps
+        if self.use_adaptive_entropy:
+            coefficient = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        else:
+            coefficient = self.entropy_coef
+        loss = loss - coefficient * entropy_loss
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([(entropies * effective_mask).sum(), effective_mask.sum()]).detach()
+            window = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            self._entropy_window_stats = window
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(window, reduction="sum")
+                world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                step = self.args.entropy_coef_delta
+                self.entropy_coef = (min(self.entropy_coef + step, self.args.entropy_coef_max)
+                                     if world_entropy <= self.args.entropy_target
+                                     else max(self.entropy_coef - step, self.args.entropy_coef_min))
+                self._last_world_entropy, self._entropy_window_stats = world_entropy, None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return loss
+
+    def _token_weights(self, inputs, logps, old_logps, advantages, mask, entropy_mask) -> list[torch.Tensor]:
+        """TRL's per-token factors (``entropy_mask`` among them) and the ``token_weights_column`` signal (their
+        product multiplies the loss)."""
+        weights = [] if entropy_mask is None else [entropy_mask]
         if self.off_policy_mask_threshold is not None:  # DeepSeek-V3.2 off-policy sequence mask
             sampling_logps = inputs.get("sampling_per_token_logps", old_logps)
             weights.append(
