@@ -3,6 +3,7 @@ the quickstart, on the tiny model."""
 
 import json
 import shutil
+import subprocess
 from dataclasses import asdict
 
 import pytest
@@ -196,6 +197,38 @@ def test_pipeline_runs_equal_the_run_configs_with_the_pipeline_keys_on_the_comma
                 want.to_dict() if hasattr(want, "to_dict") else asdict(want)
             )
     assert runs["sft"].training_args.seed == 3 and runs["cdpo"].training_args.seed == 0
+
+
+def as_dicts(configs):
+    return [config.to_dict() if hasattr(config, "to_dict") else asdict(config) for config in configs]
+
+
+def test_a_launched_training_step_runs_the_configs_it_would_run_in_process(tmp_path, monkeypatch):
+    """With launch flags, a training step is ``tokenweave train --config <its run config> <flags>`` in a process of
+    its own; that run config parses to the dataclasses the step trains in process (seed, variants, model, dataset,
+    output directory included)."""
+    config = parse_pipeline_config(["--config", str(CONFIGS / "critical_tiny.yaml"), "--seed", "3",
+                                    "--compare_dpo", "true", "--compare_shuffled", "true"])
+    in_process, launched = [], []
+    monkeypatch.setattr(pipeline, "train_from_args", lambda *configs: in_process.append(configs))
+
+    def fake_run(command):
+        config_file = command[command.index("--config") + 1]
+        launched.append((command, parse_run_config(["--config", config_file])))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
+    runs = training_runs(config)
+    assert {"sft", "cdpo", "dpo", "cdpo_shuffled"} <= set(runs)
+    for name, run in runs.items():
+        dataset = None if name == "warm_start" else tmp_path / "pairs"
+        run.train("some/model", dataset, tmp_path / name)
+        run.train("some/model", dataset, tmp_path / name, launch={"accelerate_config": "cpu_zero2", "num_processes": 2})
+        command, parsed = launched[-1]
+        assert command[1:5] == ["-m", "tokenweave.cli", "train", "--config"]
+        assert command[-4:] == ["--accelerate_config", "cpu_zero2", "--num_processes", "2"]
+        assert as_dicts(parsed) == as_dicts(in_process[-1]), name
+    assert in_process[0][1].seed == 3 and in_process[-1][1].token_weight_control == "shuffle"
 
 
 def test_compare_dpo_needs_the_cdpo_config():

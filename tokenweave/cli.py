@@ -88,13 +88,18 @@ def _train_command(argv: list[str]) -> None:
 
 
 def _critical_command(argv: list[str]) -> None:
+    """``tokenweave critical``: the pipeline in this process, its training steps under ``accelerate launch`` when
+    launch flags are given (:mod:`tokenweave.launch`)."""
+    from .launch import launch_arguments_parser, split_launch_arguments
     from .pipelines.critical import parse_pipeline_config, run_critical_pipeline
 
-    if "--config" not in argv and not {"-h", "--help"} & set(argv):
+    if {"-h", "--help"} & set(argv):
+        print(launch_arguments_parser().format_help())
+    elif "--config" not in argv:
         sys.exit("tokenweave critical needs --config FILE.yaml, the pipeline config (e.g. configs/critical_tiny.yaml); "
                  "--help lists its fields.")
-
-    outputs = run_critical_pipeline(parse_pipeline_config(argv))
+    launch, argv = split_launch_arguments(argv)
+    outputs = run_critical_pipeline(parse_pipeline_config(argv), launch=launch)
     for step, path in outputs.items():
         print(f"{step:>10}: {path}")
 

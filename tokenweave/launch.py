@@ -20,7 +20,8 @@ an FSDP config would silently be plain data parallelism, so :func:`tokenweave.tr
 
 ``--num_processes``, ``--num_machines``, ``--machine_rank``, ``--main_process_ip`` and ``--main_process_port``
 override the config's values, as on ``accelerate launch``. Without any of these flags the command runs in this one
-process (which may itself be a process of ``accelerate launch -m tokenweave.train ...``).
+process (which may itself be a process of ``accelerate launch -m tokenweave.train ...``). ``tokenweave critical``
+takes the same flags for its training steps (:mod:`tokenweave.pipelines.critical`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def split_launch_arguments(argv: list[str]) -> tuple[dict, list[str]]:
     return {name: value for name, value in vars(launch).items() if value is not None}, rest
 
 
+def launch_argv(launch: dict) -> list[str]:
+    """The command-line flags of the launch flags ``launch`` (as :func:`split_launch_arguments` returns them)."""
+    return [part for name, value in launch.items() for part in (f"--{name}", str(value))]
+
+
 def relaunch(module: str, argv: list[str]) -> bool:
     """Run ``python -m <module> <argv without the launch flags>`` under ``accelerate launch`` if ``argv`` has launch
     flags, and return True once it has finished; False (nothing done) without them."""
@@ -86,7 +92,6 @@ def relaunch(module: str, argv: list[str]) -> bool:
     accelerate_args = []
     if "accelerate_config" in launch:
         accelerate_args += ["--config_file", str(resolve_accelerate_config(launch.pop("accelerate_config")))]
-    for name, value in launch.items():
-        accelerate_args += [f"--{name}", str(value)]
+    accelerate_args += launch_argv(launch)
     launch_command(launch_command_parser().parse_args([*accelerate_args, "--module", module, *rest]))
     return True

@@ -52,10 +52,13 @@ the pipeline with what changed.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import yaml
 from datasets import Dataset, load_from_disk
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
@@ -66,6 +69,7 @@ from ..data.preferences import build_preference_pairs, build_sft_sets, pair_stat
 from ..inference.loading import load_model_and_tokenizer, save_merged_model
 from ..inference.sampling import sample_trajectories
 from ..inference.scoring import load_contrastive_models, score_dataset
+from ..launch import launch_argv
 from ..train import train_from_args
 from .localization import format_localization, format_rollout, localization_report, rollout_report
 from .steps import Step, run_steps
@@ -259,15 +263,31 @@ class TrainingRun:
     model_args: ModelConfig
     record: dict
 
-    def train(self, model: str, dataset: Path | None, output_dir: Path) -> None:
+    def train(self, model: str, dataset: Path | None, output_dir: Path, launch: dict | None = None) -> None:
         """Train this run from ``model`` on ``dataset`` (None: the run config's own) into ``output_dir``
-        (:func:`tokenweave.train.train_from_args`)."""
+        (:func:`tokenweave.train.train_from_args`). With ``launch`` (launch flags, :mod:`tokenweave.launch`), it is
+        ``tokenweave train --config <launch_config, as YAML> <launch flags>`` in a process of its own, which runs it
+        under ``accelerate launch``."""
+        if launch:
+            with tempfile.TemporaryDirectory() as directory:
+                config = Path(directory) / "run.yaml"
+                config.write_text(yaml.safe_dump(self.launch_config(model, dataset, output_dir), sort_keys=False))
+                command = [sys.executable, "-m", "tokenweave.cli", "train", "--config", str(config), *launch_argv(launch)]
+                if subprocess.run(command).returncode != 0:
+                    raise RuntimeError(f"The launched training run {' '.join(command)} failed (its output is above).")
+            return
         run_args = self.run_args if dataset is None else replace(self.run_args, dataset_name=str(dataset))
         train_from_args(
             run_args,
             replace(self.training_args, output_dir=str(output_dir)),
             replace(self.model_args, model_name_or_path=model),
         )
+
+    def launch_config(self, model: str, dataset: Path | None, output_dir: Path) -> dict:
+        """The run config of :meth:`train` as a ``tokenweave train`` YAML: the record with the model, the dataset
+        and the output directory (it parses to the dataclasses :meth:`train` trains in process)."""
+        placed = {"model_name_or_path": model, "output_dir": str(output_dir)}
+        return {**self.record, **placed, **({} if dataset is None else {"dataset_name": str(dataset)})}
 
     def variant(self, **training_overrides) -> TrainingRun:
         """This run with ``training_overrides`` on its TRL config (recorded too): a compared variant."""
@@ -313,8 +333,11 @@ def _training_run(path: str, method: str, seed: int | None = None, own_dataset: 
     return TrainingRun(run_args, training_args, model_args, record)
 
 
-def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
-    """Run every step not done yet (module docstring); returns each step's output directory."""
+def run_critical_pipeline(config: CriticalPipelineConfig, launch: dict | None = None) -> dict[str, Path]:
+    """Run every step not done yet (module docstring); returns each step's output directory. ``launch``: launch
+    flags (``--accelerate_config``, ``--num_processes``, ...) the training steps run under (:meth:`TrainingRun.train`);
+    sampling and scoring stay in this process. They are not in the steps' records: a step trained on 2 processes is
+    reused by a rerun on 1."""
     work_dir = Path(config.work_dir)
     runs = training_runs(config)
     samples, sft_data, pairs = work_dir / "samples", work_dir / "sft_data", work_dir / "pairs"
@@ -328,7 +351,7 @@ def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
             Step(
                 "warm_start",
                 {"model": config.model, "run": runs["warm_start"].record},
-                lambda staging: _warm_start(runs["warm_start"], config.model, staging),
+                lambda staging: _warm_start(runs["warm_start"], config.model, staging, launch),
             )
         )
     steps += [
@@ -343,7 +366,8 @@ def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
             lambda staging: _sft_data(config, samples, staging),
             inputs=("samples",),
         ),
-        *(_training_step(side, runs["sft"], policy, sft_data / side, "sft_data") for side in ("positive", "negative")),
+        *(_training_step(side, runs["sft"], policy, sft_data / side, "sft_data", launch)
+          for side in ("positive", "negative")),
         Step(
             "pairs",
             {
@@ -364,25 +388,27 @@ def run_critical_pipeline(config: CriticalPipelineConfig) -> dict[str, Path]:
             Step("rollout", rollout, lambda staging: _rollout(policy, pairs, rollout, staging), inputs=("pairs",))
         )
     steps += [
-        _training_step(name, runs[name], policy, pairs, "pairs")
+        _training_step(name, runs[name], policy, pairs, "pairs", launch)
         for name in ("cdpo", "dpo", "cdpo_shuffled")
         if name in runs
     ]
     return run_steps(work_dir, steps, LOG_PREFIX)
 
 
-def _training_step(name: str, run: TrainingRun, model: str, dataset: Path, input_step: str) -> Step:
+def _training_step(name: str, run: TrainingRun, model: str, dataset: Path, input_step: str, launch: dict | None) -> Step:
     """The step ``name`` that trains ``run`` from ``model`` on ``dataset``, the output of the step ``input_step``."""
-    return Step(name, {"run": run.record}, lambda staging: run.train(model, dataset, staging), inputs=(input_step,))
+    return Step(
+        name, {"run": run.record}, lambda staging: run.train(model, dataset, staging, launch), inputs=(input_step,)
+    )
 
 
-def _warm_start(run: TrainingRun, model: str, staging: Path) -> None:
+def _warm_start(run: TrainingRun, model: str, staging: Path, launch: dict | None) -> None:
     """The warm-start SFT of ``model``; a LoRA adapter is merged, so the step's output is a plain model directory
     (the adapter is kept in ``adapter/``)."""
     if not run.model_args.use_peft:
-        run.train(model, None, staging)
+        run.train(model, None, staging, launch)
         return
-    run.train(model, None, staging / "adapter")
+    run.train(model, None, staging / "adapter", launch)
     save_merged_model(str(staging / "adapter"), str(staging))
     print(f"[{LOG_PREFIX}] warm start: LoRA adapter merged into {model}")
 
