@@ -125,3 +125,22 @@ def test_plot_reads_a_run_without_run_info_from_its_newest_complete_checkpoint(t
         if complete:
             (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step, "loss": 1.0}]}))
     assert load_run(tmp_path / "run").series("loss") == ([10], [1.0])
+
+
+def test_progress_that_the_modules_log_is_shown_on_the_commands_stdout(tmp_path, capsys):
+    from tokenweave.cli import show_progress
+    from tokenweave.pipelines.steps import Step, run_steps
+
+    show_progress()
+    show_progress()  # once: no second handler
+    step = Step("a", {}, lambda staging: (staging.mkdir(), (staging / "out.txt").write_text("1")))
+    run_steps(tmp_path, [step], "test")
+    run_steps(tmp_path, [step], "test")
+    printed = capsys.readouterr().out
+    assert printed.count("[test] a: running") == 1 and printed.count("[test] a: done already") == 1
+
+
+def test_an_unrecognized_argument_of_a_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["env", "--verbose"])
+    assert stopped.value.code == 2 and "unrecognized arguments: --verbose" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 from datasets import Dataset
 
 from tokenweave.cli import main as cli_main
-from tokenweave.heatmap import render_html, render_terminal, score_lightness, trajectories_from_dataset
+from tokenweave.heatmap import render_html, render_terminal, score_lightness, terminal_color, trajectories_from_dataset
 
 ROWS = [
     {
@@ -107,9 +107,28 @@ def test_terminal_view_without_colours_marks_low_scores(trajectories):
     view = render_terminal(trajectories, color=False, threshold=0.5)
     assert "[ <|0.20]" in view and "[\"yes\"|0.01]" in view and "[ &|0.00]" in view
     assert "[The answer is |" not in view  # 0.5 is not below the threshold
-    unmarked = re.sub(r"\[(.*?)\|\d\.\d\d\]", r"\1", view, flags=re.S)
+    body = view.split("\n", 1)[1]  # after the legend line, which names the marker
+    unmarked = re.sub(r"\[(.*?)\|\d\.\d\d\]", r"\1", body, flags=re.S)
     for trajectory in trajectories:
         assert "".join(trajectory.tokens) in unmarked
+
+
+def test_terminal_views_say_what_they_show_and_honour_no_color(trajectories, monkeypatch):
+    assert render_terminal(trajectories, color=False, threshold=0.3).splitlines()[0] == (
+        "message tokens with a critical-token score s below 0.3 marked [token|s]; cDPO weights a rejected token by 1 - s")
+    assert render_terminal(trajectories, color=True).startswith("background: critical-token score s, dark red")
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert terminal_color(Stream(True)) and not terminal_color(Stream(False))
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not terminal_color(Stream(True))
 
 
 def test_terminal_view_with_colours_contains_every_token(trajectories):

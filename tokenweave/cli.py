@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -107,13 +108,13 @@ def _critical_command(argv: list[str]) -> None:
 def _heatmap_command(args) -> None:
     from datasets import load_from_disk
 
-    from .heatmap import render_terminal, trajectories_from_dataset
+    from .heatmap import render_terminal, terminal_color, trajectories_from_dataset
 
     trajectories = trajectories_from_dataset(
         load_from_disk(args.scores), max_examples=args.max_examples, weight_chosen=args.cdpo_weight_chosen
     )
     if args.terminal:
-        print(render_terminal(trajectories, color=sys.stdout.isatty(), threshold=args.threshold), end="")
+        print(render_terminal(trajectories, color=terminal_color(sys.stdout), threshold=args.threshold), end="")
     if args.output:
         _write_heatmap_page(args.output, trajectories, title=f"Critical tokens: {args.scores}")
         print(f"wrote {len(trajectories)} scored trajectories to {args.output}")
@@ -121,7 +122,7 @@ def _heatmap_command(args) -> None:
 
 def _attention_heatmap_command(args) -> None:
     from .config import read_config_file
-    from .heatmap import render_credit_html, render_credit_terminal
+    from .heatmap import render_credit_html, render_credit_terminal, terminal_color
     from .inference.attention_credit import sample_credit_trajectories
     from .trainers.attention import credit_options
 
@@ -133,7 +134,7 @@ def _attention_heatmap_command(args) -> None:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
     )
     if args.terminal:
-        print(render_credit_terminal(trajectories, color=sys.stdout.isatty()), end="")
+        print(render_credit_terminal(trajectories, color=terminal_color(sys.stdout)), end="")
     if args.output:
         page = render_credit_html(trajectories, rule=options.attention_credit_rule,
                                   title=f"Attention credit: {args.model}")
@@ -179,6 +180,19 @@ def _quickstart_command(args) -> None:
     print(f"Training curves: {', '.join(str(path) for path in figures)}; runs compared: {table}")
 
 
+def _plot_command(args) -> None:
+    from .plots import plot_command
+
+    figures, table = plot_command(args.runs, args.output)
+    print("\n".join(f"wrote {path}" for path in [*figures, table]))
+
+
+def _env_command(args) -> None:
+    from .environment import environment, format_environment
+
+    print(format_environment(environment()), end="")
+
+
 def _write_heatmap_page(path, trajectories, title: str) -> None:
     from .heatmap import render_html
 
@@ -205,14 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenweave", description="Token-aware fine-tuning and RL on top of TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
-        """A subcommand whose --help shows every option's default."""
-        return commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT, **kwargs)
+    def command(name: str, handler, help: str, passes_arguments: bool = False, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand whose --help shows every option's default; ``handler(args)`` runs it, or, when it
+        ``passes_arguments`` (train, critical), ``handler(the command line after its name)``, for a config parser
+        of its own."""
+        subcommand = commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT,
+                                         add_help=not passes_arguments, **kwargs)
+        subcommand.set_defaults(handler=handler, passes_arguments=passes_arguments, needs_output=False)
+        return subcommand
 
-    command("train", help="Train from a YAML config (all further arguments go to the config parser).", add_help=False)
+    command("train", _train_command, passes_arguments=True,
+            help="Train from a YAML config (all further arguments go to the config parser).")
 
     evaluate = command(
-        "eval", help="Greedy accuracy (arithmetic) or Recall@k / NDCG@k (recommendation) on a task's test split."
+        "eval", _eval_command, help="Greedy accuracy (arithmetic) or Recall@k / NDCG@k (recommendation) on a task's test split."
     )
     _add_task_arguments(evaluate, default_num_examples=200)
     evaluate.add_argument("--task_list_length", type=int, default=5,
@@ -221,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Recommendation task: the candidate items in each prompt.")
     evaluate.add_argument("--output", default=None, help="Write the result (with every sample) as JSON here.")
 
-    sample = command("sample", help="Sample trajectories per question and label them with a reward.")
+    sample = command("sample", _sample_command, help="Sample trajectories per question and label them with a reward.")
     _add_task_arguments(sample, default_num_examples=None)
     sample.set_defaults(split="train")
     sample.add_argument("--num_samples_per_prompt", type=int, default=4, help="Trajectories sampled per question.")
@@ -229,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     sample.add_argument("--output", required=True, help="Directory for the dataset (save_to_disk).")
 
-    pairs = command("pairs", help="Build preference pairs from labelled trajectories.")
+    pairs = command("pairs", _pairs_command, help="Build preference pairs from labelled trajectories.")
     pairs.add_argument("--samples", required=True, help="Output directory of `tokenweave sample`.")
     pairs.add_argument("--output", required=True, help="Directory for the pairs (save_to_disk).")
     pairs.add_argument(
@@ -239,13 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command(
-        "critical",
+        "critical", _critical_command, passes_arguments=True,
         help="Critical-token pipeline (cDPO): sample, positive/negative LoRA models, scored pairs, cDPO "
         "(all further arguments go to its config parser).",
-        add_help=False,
     )
 
-    heatmap = command("heatmap", help="Show critical-token scores as an HTML page or in the terminal.")
+    heatmap = command("heatmap", _heatmap_command, help="Show critical-token scores as an HTML page or in the terminal.")
+    heatmap.set_defaults(needs_output=True)
     heatmap.add_argument("--scores", required=True, help="A scored dataset directory (`tokenweave critical`'s pairs/).")
     heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
     heatmap.add_argument("--terminal", action="store_true", help="Print the scored tokens to the terminal.")
@@ -264,12 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     attention = command(
-        "attention-heatmap",
+        "attention-heatmap", _attention_heatmap_command,
         help="Sample completions and show the attention credit (γ, WAAD, FAI) the attention_credit signal gives their "
         "tokens, as an HTML page or in the terminal.",
     )
     _add_task_arguments(attention, default_num_examples=4)
-    attention.set_defaults(batch_size=8, max_new_tokens=64)
+    attention.set_defaults(batch_size=8, max_new_tokens=64, needs_output=True)
     attention.add_argument("--config", default=None,
                            help="A run config whose attention_credit_* options are used (default: the paper's).")
     attention.add_argument("--num_samples_per_prompt", type=int, default=2, help="Completions sampled per question.")
@@ -279,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--terminal", action="store_true", help="Print the credited tokens to the terminal.")
 
     localize = command(
-        "localize",
+        "localize", _localize_command,
         help="hit@k / MRR of the lowest critical-token scores against each rejected trajectory's first error "
         "(arithmetic task), next to a random ranking.",
     )
@@ -287,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--output", default=None, help="Write the report as JSON here.")
 
     quickstart = command(
-        "quickstart",
+        "quickstart", _quickstart_command,
         help="Offline demo: the critical-token pipeline on SmolLM2 with a warm start; localization and rollout "
         "evidence; base, warm start, DPO, cDPO and shuffled-cDPO accuracy.",
     )
@@ -300,50 +320,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="Held-out problems each model is evaluated on (default: 16).",
     )
 
-    plot = command("plot", help="Training curves of one or more runs as PNG (loss, rewards, token-aware metrics) and a "
+    plot = command("plot", _plot_command, help="Training curves of one or more runs as PNG (loss, rewards, token-aware metrics) and a "
                    "Markdown table comparing them (runs.md).")
     plot.add_argument("runs", nargs="+", help="Run output directories (run_info.json, or checkpoint-N/).")
     plot.add_argument("--output", required=True, help="Directory for the PNG files and runs.md.")
 
-    command("env", help="Versions of tokenweave and its stack, devices, accelerate config, model cache.")
+    command("env", _env_command, help="Versions of tokenweave and its stack, devices, accelerate config, model cache.")
     return parser
 
 
+class _ProgressHandler(logging.StreamHandler):
+    """tokenweave's progress messages (INFO and up, logger ``tokenweave``) on the command's standard output, as it is
+    when each message is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout  # not setStream: it flushes the previous stream, which may be closed by now
+        super().emit(record)
+
+
+def show_progress() -> None:
+    """Show the progress that tokenweave's modules log (the pipelines' steps, the quickstart's stages), once."""
+    logger = logging.getLogger("tokenweave")
+    if not any(isinstance(handler, _ProgressHandler) for handler in logger.handlers):
+        logger.addHandler(_ProgressHandler())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The ``tokenweave`` command: argparse's subcommands, each with its handler (:func:`build_parser`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    if argv and argv[0] == "train":
-        _train_command(argv[1:])
+    show_progress()
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.passes_arguments:
+        args.handler(rest)
         return
-    if argv and argv[0] == "critical":
-        _critical_command(argv[1:])
-        return
-    args = build_parser().parse_args(argv)
-    if args.command in ("heatmap", "attention-heatmap") and not (args.output or args.terminal):
-        build_parser().error(f"{args.command} needs --output, --terminal or both.")
-    if args.command == "eval":
-        _eval_command(args)
-    elif args.command == "sample":
-        _sample_command(args)
-    elif args.command == "pairs":
-        _pairs_command(args)
-    elif args.command == "heatmap":
-        _heatmap_command(args)
-    elif args.command == "attention-heatmap":
-        _attention_heatmap_command(args)
-    elif args.command == "localize":
-        _localize_command(args)
-    elif args.command == "quickstart":
-        _quickstart_command(args)
-    elif args.command == "plot":
-        from .plots import plot_command
-
-        figures, table = plot_command(args.runs, args.output)
-        print("\n".join(f"wrote {path}" for path in [*figures, table]))
-    elif args.command == "env":
-        from .environment import environment, format_environment
-
-        print(format_environment(environment()), end="")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.needs_output and not (args.output or args.terminal):
+        parser.error(f"{args.command} needs --output, --terminal or both.")
+    args.handler(args)
 
 
 if __name__ == "__main__":

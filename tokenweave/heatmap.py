@@ -8,7 +8,8 @@ scored dataset (the ``pairs/`` output of ``tokenweave critical``, or any dataset
   dark red (``s_t = 0``: critical) to white (``s_t = 1``), its score in the ``title`` tooltip, text
   HTML-escaped and newlines kept;
 * a plain-terminal view (:func:`render_terminal`): ANSI 24-bit background colours of the same scale, or,
-  without colours (output not a TTY), tokens scoring below a threshold marked as ``[token|0.12]``.
+  without colours (output not a TTY, or ``NO_COLOR`` set), tokens scoring below a threshold marked as
+  ``[token|0.12]``; a legend line says which.
 
 Both say what they show. A task instruction that opens every question is shown once. Each completion has a summary
 line: its side and verdict (a chosen response that is the model's own or the reference solution), the most
@@ -23,6 +24,7 @@ reference ``solution``, the ground-truth first error of the rejected trajectory
 from __future__ import annotations
 
 import html
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -302,7 +304,16 @@ def render_terminal(trajectories: Sequence[ScoredTrajectory], *, color: bool, th
                 parts.append(token)
         return f"--- {trajectory.summary()}\n" + "".join(parts)
 
-    return "\n".join(_by_question(trajectories, _terminal_instruction, _terminal_question, block)) + "\n"
+    legend = ("background: critical-token score s, dark red (s = 0, likely critical) to light (s = 1)" if color else
+              f"message tokens with a critical-token score s below {threshold} marked [token|s]")
+    legend += "; cDPO weights a rejected token by 1 - s"
+    blocks = _by_question(trajectories, _terminal_instruction, _terminal_question, block)
+    return "\n".join([legend, *blocks]) + "\n"
+
+
+def terminal_color(stream) -> bool:
+    """Whether a terminal view on ``stream`` is in colour: a TTY, and no ``NO_COLOR`` set (https://no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
 # ---------------------------------------------------------------------------------------------------------------

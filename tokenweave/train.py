@@ -205,8 +205,9 @@ def train_from_args(
             (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=False))
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(model_name=output_dir.name)
-    if finish_distributed:
-        _finish_distributed(trainer.accelerator)
+    if finish_distributed:  # every rank done with the files, then Trainer.end(): trackers and the process group
+        trainer.accelerator.wait_for_everyone()
+        trainer.end()
     return info
 
 
@@ -218,15 +219,9 @@ def train(argv: list[str] | None = None) -> dict:
 
 
 def trainer_is_main_process() -> bool:
-    """True on the process that owns shared files (rank 0, or the only process)."""
+    """True on the process that owns shared files (rank 0, or the only process). Read from the launcher's ``RANK``,
+    not accelerate's state: it answers before that state exists, for a run refused while its trainer is built."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _finish_distributed(accelerator) -> None:
-    """Wait for every rank, then tear the process group down, so multi-process runs exit cleanly."""
-    accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

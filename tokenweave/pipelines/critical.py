@@ -52,6 +52,7 @@ the pipeline with what changed.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,8 @@ from ..launch import launch_argv
 from ..train import train_from_args
 from .localization import format_localization, format_rollout, localization_report, rollout_report
 from .steps import Step, run_steps
+
+logger = logging.getLogger(__name__)  # progress (INFO); the tokenweave command shows it
 
 LOG_PREFIX = "critical"
 STATISTICS_FILE = "statistics.json"  # in pairs/: sample_statistics and pair_statistics
@@ -410,7 +413,7 @@ def _warm_start(run: TrainingRun, model: str, staging: Path, launch: dict | None
         return
     run.train(model, None, staging / "adapter", launch)
     save_merged_model(str(staging / "adapter"), str(staging))
-    print(f"[{LOG_PREFIX}] warm start: LoRA adapter merged into {model}")
+    logger.info(f"[{LOG_PREFIX}] warm start: LoRA adapter merged into {model}")
 
 
 def _sampling_arguments(config: CriticalPipelineConfig) -> dict:
@@ -433,7 +436,7 @@ def _sampling_arguments(config: CriticalPipelineConfig) -> dict:
 
 def _sample(sampling: dict, staging: Path) -> None:
     samples = sample_trajectories(**sampling)
-    print(f"[{LOG_PREFIX}] sampled {len(samples)} trajectories, {sum(samples['correct'])} correct")
+    logger.info(f"[{LOG_PREFIX}] sampled {len(samples)} trajectories, {sum(samples['correct'])} correct")
     samples.save_to_disk(str(staging))
 
 
@@ -454,7 +457,7 @@ def _sft_data(config: CriticalPipelineConfig, samples_dir: Path, staging: Path) 
                 + (", or set reference_fallback: true." if side == "positive" else ".")
             )
         Dataset.from_list(rows).save_to_disk(str(staging / side))
-    print(f"[{LOG_PREFIX}] SFT sets: {len(positive)} positive, {len(negative)} negative examples")
+    logger.info(f"[{LOG_PREFIX}] SFT sets: {len(positive)} positive, {len(negative)} negative examples")
 
 
 def _pairs(config: CriticalPipelineConfig, work_dir: Path, staging: Path) -> None:
@@ -479,7 +482,7 @@ def _pairs(config: CriticalPipelineConfig, work_dir: Path, staging: Path) -> Non
     scored.save_to_disk(str(staging))
     statistics = {"samples": sample_statistics(load_from_disk(str(samples_dir))), "pairs": pair_statistics(scored)}
     (staging / STATISTICS_FILE).write_text(json.dumps(statistics, indent=2) + "\n")
-    print(
+    logger.info(
         f"[{LOG_PREFIX}] scored {len(scored)} preference pairs; "
         f"{statistics['samples']['with_both_share']:.0%} of questions have correct and incorrect samples, "
         f"{statistics['pairs']['own_chosen_share']:.0%} of the chosen responses are the model's own"
@@ -491,7 +494,7 @@ def _localization(pairs: Path, staging: Path) -> None:
     report = localization_report(load_from_disk(str(pairs)))
     staging.mkdir(parents=True)
     (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"[{LOG_PREFIX}] localization: {format_localization(report)}")
+    logger.info(f"[{LOG_PREFIX}] localization: {format_localization(report)}")
 
 
 def _rollout_arguments(config: CriticalPipelineConfig) -> dict:
@@ -514,4 +517,4 @@ def _rollout(policy: str, pairs: Path, arguments: dict, staging: Path) -> None:
     report = rollout_report(load_from_disk(str(pairs)), model, tokenizer, **arguments)
     staging.mkdir(parents=True)
     (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"[{LOG_PREFIX}] rollout test: {format_rollout(report)}")
+    logger.info(f"[{LOG_PREFIX}] rollout test: {format_rollout(report)}")

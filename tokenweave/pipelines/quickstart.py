@@ -19,6 +19,7 @@ pipeline step is resumable (rerunning skips finished steps; a changed config sto
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..config import read_config_file
@@ -33,6 +34,8 @@ from .critical import (
     run_critical_pipeline,
 )
 from .localization import format_localization, format_rollout
+
+logger = logging.getLogger(__name__)  # progress (INFO); the tokenweave command shows it
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "configs" / "critical_smollm2.yaml"  # its run configs: relative to REPO_ROOT
@@ -88,10 +91,10 @@ def run_quickstart(
     config = quickstart_config(output_dir, seed)
     resolve_model(config.model)
 
-    print(f"[quickstart 1/3] critical-token pipeline ({CONFIG.name}) into {config.work_dir}")
+    logger.info(f"[quickstart 1/3] critical-token pipeline ({CONFIG.name}) into {config.work_dir}")
     steps = run_critical_pipeline(config)
 
-    print(f"[quickstart 2/3] greedy accuracy on {num_test_examples} held-out arithmetic problems")
+    logger.info(f"[quickstart 2/3] greedy accuracy on {num_test_examples} held-out arithmetic problems")
     rows = []
     for label, step in MODELS:
         if step is not None and step not in steps:
@@ -106,7 +109,7 @@ def run_quickstart(
         )
         rows.append({"model": label, "name": name, "accuracy": result["accuracy"], "correct": result["num_correct"],
                      "total": result["num_examples"]})
-        print(f"  {label}: {result['accuracy']:.1%}")
+        logger.info(f"  {label}: {result['accuracy']:.1%}")
     results = {
         "seed": seed,
         "statistics": _read_json(steps["pairs"] / STATISTICS_FILE),

@@ -17,11 +17,14 @@ record is written as ``step_config.json`` inside the step's directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)  # progress (INFO); the tokenweave command shows it
 
 STEP_RECORD = "step_config.json"
 
@@ -65,11 +68,11 @@ def run_steps(work_dir: Path, steps: Sequence[Step], log_prefix: str) -> dict[st
     for step in steps:
         target = outputs[step.name]
         if (target / STEP_RECORD).exists():
-            print(f"[{log_prefix}] {step.name}: done already ({target}), skipped")
+            logger.info(f"[{log_prefix}] {step.name}: done already ({target}), skipped")
             continue
         staging = target.with_name(f".{target.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"[{log_prefix}] {step.name}: running")
+        logger.info(f"[{log_prefix}] {step.name}: running")
         step.build(staging)
         staging.mkdir(parents=True, exist_ok=True)
         (staging / STEP_RECORD).write_text(json.dumps(records[step.name], indent=2) + "\n")
