@@ -67,6 +67,10 @@ def test_terminal_view_marks_credited_tokens_without_colours():
     assert "WAAD ▁▃▄█▃▅▅" in text  # 7 · WAAD / 4 rounded and "=== Add <3> & 4." in text
     coloured = render_credit_terminal([TRAJECTORY], color=True)
     assert "\x1b[48;2;" in coloured and "[3|1.50]" not in coloured
+    # the same colour as the page's (one renderer): hsl(140,70%,71%) of token 2 (strength 0.5) is rgb(129,233,164)
+    # (HSL to RGB by hand: C = (1 − |2·0.71 − 1|)·0.7 = 0.406, m = 0.71 − C/2 = 0.507; hue 140° lies in 120°-180°:
+    # (m, m + C, m + C/3) = (0.507, 0.913, 0.642), times 255)
+    assert "\x1b[48;2;129;233;164m\x1b[30m 4" in coloured
 
 
 def test_an_unknown_attention_credit_option_in_the_config_is_refused():

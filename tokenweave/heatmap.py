@@ -11,7 +11,8 @@ scored dataset (the ``pairs/`` output of ``tokenweave critical``, or any dataset
   without colours (output not a TTY, or ``NO_COLOR`` set), tokens scoring below a threshold marked as
   ``[token|0.12]``; a legend line says which.
 
-Both say what they show. A task instruction that opens every question is shown once. Each completion has a summary
+Both views (and the attention-credit ones) draw the same cells (:class:`Cell`: text, HSL background, hover title,
+marker) through one renderer per format. Both say what they show. A task instruction that opens every question is shown once. Each completion has a summary
 line: its side and verdict (a chosen response that is the model's own or the reference solution), the most
 critical message token, and the mean cDPO weight of its message tokens (rejected: ``1 − s_t``; chosen: ``s_t`` with
 ``weight_chosen``, else 1). Tokens outside the message text (EOS, which cDPO weights 1 whatever its score, and the
@@ -23,6 +24,7 @@ reference ``solution``, the ground-truth first error of the rejected trajectory
 
 from __future__ import annotations
 
+import colorsys
 import html
 import os
 from collections.abc import Sequence
@@ -161,36 +163,80 @@ def score_lightness(score: float) -> float:
     return DARKEST + (LIGHTEST - DARKEST) * min(max(score, 0.0), 1.0)
 
 
-def _rgb(score: float) -> tuple[int, int, int]:
-    """The background of :func:`score_lightness` in RGB (hue 0, saturation 100%), for terminals."""
-    lightness = score_lightness(score) / 100
-    low = max(0.0, 2 * lightness - 1)  # the HSL -> RGB formula for hue 0 and saturation 1
-    return round(255 * min(1.0, 2 * lightness)), round(255 * low), round(255 * low)
+@dataclass(frozen=True)
+class Cell:
+    """One token as both views draw it (one renderer: :func:`_html_cells`, :func:`_terminal_cells`): its text, its
+    background as HSL (hue in degrees, saturation and lightness in per cent; None: none), the text colour on it
+    (``"#fff"`` / ``"#000"``; None: the page's), the HTML hover ``title`` and CSS ``classes``, and the terminal's
+    ``marker`` when colours are off (None: printed as it is)."""
+
+    text: str
+    background: tuple[int, int, float] | None = None
+    text_colour: str | None = None
+    title: str = ""
+    classes: tuple[str, ...] = ()
+    marker: str | None = None
 
 
-def _token_span(trajectory: ScoredTrajectory, index: int) -> str:
-    """One token's ``<span>``: shaded by its score; grey and outlined outside the message text; outlined at the
-    first error."""
-    token, score = trajectory.tokens[index], trajectory.scores[index]
-    title = f"s = {score:.4f}"
-    classes = []
-    if not trajectory.in_message(index):
-        classes.append("template")
-        title += "; outside the message text" + (
-            " (EOS: cDPO weight 1)" if trajectory.message is not None and index == trajectory.message[1] else ""
-        )
-        style = ""
-    else:
-        lightness = score_lightness(score)
-        colour = "#fff" if lightness < 55 else "#000"
-        style = f' style="background:hsl(0,100%,{lightness:.1f}%);color:{colour}"'
-    if index == trajectory.first_error:
-        classes.append("first-error")
-        title += "; the first error (ground truth)"
-    if trajectory.weights is not None and trajectory.in_message(index):
-        title += f"; weight {trajectory.weights[index]:.3f}"
-    class_attribute = f' class="{" ".join(classes)}"' if classes else ""
-    return f'<span{class_attribute}{style} title="{html.escape(title)}">{html.escape(token)}</span>'
+def _html_cells(cells: Sequence[Cell]) -> str:
+    """One ``<span>`` per cell."""
+    spans = []
+    for cell in cells:
+        style = []
+        if cell.background is not None:
+            hue, saturation, lightness = cell.background
+            style.append(f"background:hsl({hue},{saturation}%,{lightness:.1f}%)")
+        if cell.text_colour is not None:
+            style.append(f"color:{cell.text_colour}")
+        attributes = f' class="{" ".join(cell.classes)}"' if cell.classes else ""
+        attributes += f' style="{";".join(style)}"' if style else ""
+        spans.append(f'<span{attributes} title="{html.escape(cell.title)}">{html.escape(cell.text)}</span>')
+    return "".join(spans)
+
+
+def _terminal_cells(cells: Sequence[Cell], color: bool) -> str:
+    """The cells as text: on their background in 24-bit ANSI colour (``color``; the HSL converted by
+    ``colorsys``, stopped at each line end, where a background running on would paint the rest of the line), or
+    with their markers."""
+    parts = []
+    for cell in cells:
+        if color and cell.background is not None:
+            hue, saturation, lightness = cell.background
+            rgb = colorsys.hls_to_rgb(hue / 360, lightness / 100, saturation / 100)
+            red, green, blue = (round(255 * channel) for channel in rgb)
+            style = f"\x1b[48;2;{red};{green};{blue}m\x1b[{'97' if cell.text_colour == '#fff' else '30'}m"
+            parts.append(style + cell.text.replace("\n", _ANSI_RESET + "\n" + style) + _ANSI_RESET)
+        elif not color and cell.marker is not None:
+            parts.append(cell.marker)
+        else:
+            parts.append(cell.text)
+    return "".join(parts)
+
+
+def _critical_cells(trajectory: ScoredTrajectory, threshold: float = 0.5) -> list[Cell]:
+    """Each token shaded by its score (:func:`score_lightness`), marked below ``threshold``; grey and outlined
+    outside the message text; outlined at the first error; its score (and weight) on hover."""
+    cells = []
+    for index, (token, score) in enumerate(zip(trajectory.tokens, trajectory.scores)):
+        title = f"s = {score:.4f}"
+        classes = []
+        if not trajectory.in_message(index):
+            classes.append("template")
+            title += "; outside the message text" + (
+                " (EOS: cDPO weight 1)" if trajectory.message is not None and index == trajectory.message[1] else ""
+            )
+            background = text_colour = marker = None
+        else:
+            lightness = score_lightness(score)
+            background, text_colour = (0, 100, lightness), "#fff" if lightness < 55 else "#000"
+            marker = f"[{token}|{score:.2f}]" if score < threshold else None
+        if index == trajectory.first_error:
+            classes.append("first-error")
+            title += "; the first error (ground truth)"
+        if trajectory.weights is not None and trajectory.in_message(index):
+            title += f"; weight {trajectory.weights[index]:.3f}"
+        cells.append(Cell(token, background, text_colour, title, tuple(classes), marker))
+    return cells
 
 
 _PAGE = """<!DOCTYPE html>
@@ -252,13 +298,6 @@ def _terminal_question(question: str) -> str:
     return f"=== {question}"
 
 
-def _ansi(token: str, red: int, green: int, blue: int, light_text: bool) -> str:
-    """``token`` on a 24-bit background colour; stopped at each line end, where a background running on would paint
-    the rest of the line."""
-    style = f"\x1b[48;2;{red};{green};{blue}m\x1b[{'97' if light_text else '30'}m"
-    return style + token.replace("\n", _ANSI_RESET + "\n" + style) + _ANSI_RESET
-
-
 _CRITICAL_STYLE = """.trajectory.unused { opacity: 0.45; }
 .template { background: #e4e4e4; color: #666; outline: 1px dashed #888; }
 .first-error { outline: 3px solid #1565c0; outline-offset: 1px; }"""
@@ -276,7 +315,7 @@ def render_html(trajectories: Sequence[ScoredTrajectory], title: str = "Critical
     """A self-contained HTML page: each trajectory a block with one ``<span>`` per token (module docstring)."""
 
     def block(trajectory: ScoredTrajectory) -> str:
-        spans = "".join(_token_span(trajectory, index) for index in range(len(trajectory.tokens)))
+        spans = _html_cells(_critical_cells(trajectory))
         unused = "" if trajectory.scores_used else " unused"
         return (f"<h3>{html.escape(trajectory.side)}</h3>\n<p class=\"summary\">{html.escape(trajectory.summary())}"
                 f'</p>\n<div class="trajectory{unused}">{spans}</div>')
@@ -292,17 +331,7 @@ def render_terminal(trajectories: Sequence[ScoredTrajectory], *, color: bool, th
     summary line; the task instruction shared by every question is printed once."""
 
     def block(trajectory: ScoredTrajectory) -> str:
-        parts = []
-        for index, (token, score) in enumerate(zip(trajectory.tokens, trajectory.scores)):
-            if not trajectory.in_message(index):
-                parts.append(token)
-            elif color:
-                parts.append(_ansi(token, *_rgb(score), light_text=score_lightness(score) < 55))
-            elif score < threshold:
-                parts.append(f"[{token}|{score:.2f}]")
-            else:
-                parts.append(token)
-        return f"--- {trajectory.summary()}\n" + "".join(parts)
+        return f"--- {trajectory.summary()}\n" + _terminal_cells(_critical_cells(trajectory, threshold), color)
 
     legend = ("background: critical-token score s, dark red (s = 0, likely critical) to light (s = 1)" if color else
               f"message tokens with a critical-token score s below {threshold} marked [token|s]")
@@ -347,13 +376,17 @@ def _credit_svg(trajectory: CreditTrajectory) -> str:
             f'aria-label="WAAD and FAI per token">{"".join(lines)}</svg>')
 
 
-def _credit_span(trajectory: CreditTrajectory, index: int) -> str:
-    strength = trajectory.strength(index)
-    lightness = LIGHTEST - (LIGHTEST - 45.0) * strength
-    style = f' style="background:hsl({CREDIT_HUE},70%,{lightness:.1f}%)"' if strength > 0 else ""
-    title = (f"γ = {trajectory.gamma[index]:.3f}; WAAD = {trajectory.waad[index]:.3f}; "
-             f"FAI = {trajectory.fai[index]:.4f}")
-    return f'<span{style} title="{html.escape(title)}">{html.escape(trajectory.tokens[index])}</span>'
+def _credit_cells(trajectory: CreditTrajectory) -> list[Cell]:
+    """Each token on green, darker as its γ goes from 1 to γ_amp (none at γ = 1), marked where γ ≠ 1; γ, WAAD and
+    FAI on hover."""
+    cells = []
+    for index, token in enumerate(trajectory.tokens):
+        strength = trajectory.strength(index)
+        background = (CREDIT_HUE, 70, LIGHTEST - (LIGHTEST - 45.0) * strength) if strength > 0 else None
+        gamma = trajectory.gamma[index]
+        title = f"γ = {gamma:.3f}; WAAD = {trajectory.waad[index]:.3f}; FAI = {trajectory.fai[index]:.4f}"
+        cells.append(Cell(token, background, title=title, marker=None if gamma == 1.0 else f"[{token}|{gamma:.2f}]"))
+    return cells
 
 
 _CREDIT_STYLE = """.curves { width: 100%; height: 40px; display: block; background: #fafafa; border: 1px solid #eee; }
@@ -370,7 +403,7 @@ def render_credit_html(trajectories: Sequence[CreditTrajectory], *, rule: str, t
     """A self-contained HTML page: per completion its summary, the WAAD / FAI curves and the tokens shaded by γ."""
 
     def block(trajectory: CreditTrajectory) -> str:
-        spans = "".join(_credit_span(trajectory, index) for index in range(len(trajectory.tokens)))
+        spans = _html_cells(_credit_cells(trajectory))
         return (f'<p class="summary">{html.escape(trajectory.summary())}</p>\n{_credit_svg(trajectory)}\n'
                 f'<div class="trajectory">{spans}</div>')
 
@@ -386,17 +419,8 @@ def render_credit_terminal(trajectories: Sequence[CreditTrajectory], *, color: b
     green background (``color``) or marked ``[token|γ]``."""
 
     def block(trajectory: CreditTrajectory) -> str:
-        parts = []
-        for index, token in enumerate(trajectory.tokens):
-            if trajectory.gamma[index] == 1.0:
-                parts.append(token)
-            elif color:
-                green = round(255 - 110 * trajectory.strength(index))
-                parts.append(_ansi(token, round(green * 0.6), green, round(green * 0.6), light_text=False))
-            else:
-                parts.append(f"[{token}|{trajectory.gamma[index]:.2f}]")
         return (f"--- {trajectory.summary()}\nWAAD {sparkline(trajectory.waad)}\nFAI  {sparkline(trajectory.fai)}\n"
-                + "".join(parts))
+                + _terminal_cells(_credit_cells(trajectory), color))
 
     legend = ("credited tokens (γ > 1) on green, darker as γ grows" if color else
               "credited tokens marked [token|γ]") + "; WAAD / FAI sparklines from each completion's minimum to maximum"
