@@ -197,3 +197,17 @@ def test_ranking_evaluation_scores_each_list_by_hand():
     assert result["recall@3"] == pytest.approx(2 / r / 2)  # the mean over the two requests
     assert result["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / ideal / 2)
     assert result["well_formed"] == 0.5 and result["num_examples"] == 2
+
+
+def test_eval_takes_any_dataset_with_prompt_and_answer_columns_and_refuses_a_missing_split(tmp_path):
+    from tokenweave.cli import main as cli_main
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "answer": str(a + 1)} for a in range(3)]
+    (tmp_path / "questions.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    output = tmp_path / "eval.json"
+    cli_main(["eval", "--model", "tiny-llama", "--task", str(tmp_path / "questions.jsonl"), "--split", "train",
+              "--max_new_tokens", "4", "--output", str(output)])
+    written = json.loads(output.read_text())
+    assert [sample["answer"] for sample in written["samples"]] == ["1", "2", "3"] and written["num_examples"] == 3
+    with pytest.raises(ValueError, match=r"has no split 'test'; it has \['train'\]"):
+        cli_main(["eval", "--model", "tiny-llama", "--task", str(tmp_path / "questions.jsonl")])

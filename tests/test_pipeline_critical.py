@@ -369,7 +369,9 @@ def test_quickstart_runs_the_pipeline_and_reports_five_models(tmp_path, monkeypa
     plots = tmp_path / "out" / QUICKSTART_PLOTS_DIR
     assert Image.open(plots / "loss.png").size[0] > 100
     table = (plots / "runs.md").read_text().splitlines()
-    assert len(table) == 2 + len(results["runs"]) and set(results["runs"]) >= {"positive", "negative", "cdpo"}
+    assert len(table) == 2 + len(results["runs"])
+    assert set(results["runs"]) == {"warm_start", "positive", "negative", "cdpo", "dpo", "cdpo_shuffled"}
+    assert any(line.startswith("| warm_start | sft |") for line in table)  # its run: the adapter before the merge
     cdpo_row = next(line for line in table if line.startswith("| cdpo |"))
     accuracy = next(row["accuracy"] for row in rows if row["name"] == "cdpo")
     assert f"| {accuracy:.4g} |" in cdpo_row and "| dpo | cdpo |" in cdpo_row

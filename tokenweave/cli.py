@@ -174,7 +174,8 @@ def _quickstart_command(args) -> None:
     heatmap = Path(args.output_dir) / QUICKSTART_HEATMAP_FILE
     _write_heatmap_page(heatmap, trajectories, title="Critical tokens found by the contrastive estimate")
     figures, table = plot_command(list(results["runs"].values()), str(Path(args.output_dir) / QUICKSTART_PLOTS_DIR),
-                                  accuracies={row["name"]: row["accuracy"] for row in results["rows"]})
+                                  accuracies={row["name"]: row["accuracy"] for row in results["rows"]},
+                                  names=list(results["runs"]))
     print(format_summary(results))
     print(f"Heatmap of {len(trajectories)} scored trajectories: {heatmap}")
     print(f"Training curves: {', '.join(str(path) for path in figures)}; runs compared: {table}")

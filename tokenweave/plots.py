@@ -49,16 +49,18 @@ class RunLog:
         return values[-1] if values else None
 
 
-def load_run(directory: str | Path) -> RunLog:
-    """The log of the run in ``directory`` (module docstring); ``FileNotFoundError`` naming it if it has none."""
+def load_run(directory: str | Path, name: str | None = None) -> RunLog:
+    """The log of the run in ``directory`` (module docstring), named ``name`` (default: the directory's name);
+    ``FileNotFoundError`` naming the directory if it has none."""
     directory = Path(directory)
+    name = name or directory.name
     if (directory / RUN_INFO_FILE).is_file():
         info = json.loads((directory / RUN_INFO_FILE).read_text())
-        return RunLog(directory.name, info, info.get("log_history", []))
+        return RunLog(name, info, info.get("log_history", []))
     states = [checkpoint / TRAINER_STATE_NAME for checkpoint in checkpoints_newest_first(directory)
               if (checkpoint / TRAINER_STATE_NAME).is_file()]
     if states:
-        return RunLog(directory.name, {}, json.loads(states[0].read_text()).get("log_history", []))
+        return RunLog(name, {}, json.loads(states[0].read_text()).get("log_history", []))
     raise FileNotFoundError(f"{str(directory)!r} has no {RUN_INFO_FILE} and no checkpoint-N/trainer_state.json: "
                             "not a tokenweave run directory.")
 
@@ -149,11 +151,13 @@ def comparison_table(runs: list[RunLog], directories: list[Path], accuracies: di
 
 
 def plot_command(
-    directories: list[str], output_dir: str, accuracies: dict[str, float] | None = None
+    directories: list[str], output_dir: str, accuracies: dict[str, float] | None = None,
+    names: list[str] | None = None,
 ) -> tuple[list[Path], Path]:
-    """``tokenweave plot``: the figures and ``runs.md`` of the runs in ``directories``, into ``output_dir``."""
+    """``tokenweave plot``: the figures and ``runs.md`` of the runs in ``directories`` (named ``names``, default
+    their directories' names), into ``output_dir``."""
     paths = [Path(directory) for directory in directories]
-    runs = [load_run(path) for path in paths]
+    runs = [load_run(path, name) for path, name in zip(paths, names or [None] * len(paths), strict=True)]
     figures = plot_runs(runs, output_dir)
     table = Path(output_dir) / "runs.md"
     table.write_text(comparison_table(runs, paths, accuracies))

@@ -81,8 +81,8 @@ def run_quickstart(
 ) -> dict:
     """The pipeline and the evaluations (module docstring); returns what ``quickstart_results.json`` holds: ``seed``,
     ``statistics`` (of the samples and pairs), ``localization`` and ``rollout`` (the reports, or None when the
-    pipeline config turns them off), ``rows`` (the accuracy table) and ``runs`` (the training steps' output
-    directories, by step name).
+    pipeline config turns them off), ``rows`` (the accuracy table) and ``runs`` (the training steps' run
+    directories, by step name; a merged warm start's is its ``adapter/``).
 
     ``seed`` seeds sampling, the positive/negative SFT runs and the shuffle (the test problems, the warm start and
     the DPO runs' own ``seed`` stay the same).
@@ -116,7 +116,8 @@ def run_quickstart(
         "localization": _read_json(steps["localization"] / REPORT_FILE) if "localization" in steps else None,
         "rollout": _read_json(steps["rollout"] / REPORT_FILE) if "rollout" in steps else None,
         "rows": rows,
-        "runs": {name: str(path) for name, path in steps.items() if (path / RUN_INFO_FILE).is_file()},
+        "runs": {name: str(run) for name, path in steps.items()
+                 for run in [path, path / "adapter"] if (run / RUN_INFO_FILE).is_file()},  # a merged warm start
     }
     (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     return results
