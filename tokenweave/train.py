@@ -127,6 +127,8 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
         "num_processes": accelerator.num_processes,
         "model_wrapper": type(trainer.model_wrapped).__name__,
         "zero_stage": deepspeed_plugin.zero_stage if deepspeed_plugin is not None else None,
+        "activation_checkpointing": trainer.args.activation_checkpointing,
+        "activation_checkpointing_kwargs": trainer.args.activation_checkpointing_kwargs,
         "global_step": trainer.state.global_step,
         "train_metrics": train_metrics,
         "log_history": trainer.state.log_history,

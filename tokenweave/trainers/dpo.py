@@ -54,6 +54,7 @@ from trl.trainer.utils import pad, use_adapter
 
 from ..checks import check_options
 from .card import ModelCardMixin
+from .checkpointing import CheckpointingMixin
 from .finite import FiniteTrainingMixin
 from ..data.token_columns import completion_token_weights
 from ..losses.preference import (
@@ -237,7 +238,7 @@ class DataCollatorForTokenWeightedPreference(DataCollatorForPreference):
         return output
 
 
-class TokenDPOTrainer(FiniteTrainingMixin, ModelCardMixin, DPOTrainer):
+class TokenDPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` with the registered preference losses of :class:`TokenDPOConfig`.
 
     With a TRL ``loss_type`` nothing changes. With ``cdpo``, ``tdpo1`` or ``tdpo2`` (any name registered with

@@ -44,6 +44,7 @@ from ..losses.policy import (
 )
 from .attention import AttentionCreditConfig
 from .card import ModelCardMixin
+from .checkpointing import CheckpointingMixin
 from .finite import FiniteTrainingMixin, NonFiniteError, any_non_finite
 from .hapo import HapoConfig
 from .rank import RankGrpoConfig
@@ -174,7 +175,7 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
         )
 
 
-class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, GRPOTrainer):
+class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, GRPOTrainer):
     """TRL's ``GRPOTrainer`` with the policy losses and token signals of :class:`TokenGRPOConfig` (module docstring).
 
     Given a plain ``GRPOConfig`` it is TRL's trainer. ``signals``: the token signals that are on, by name. Metrics

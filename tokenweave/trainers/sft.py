@@ -9,6 +9,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..checks import check_options
 from .card import ModelCardMixin
+from .checkpointing import CheckpointingMixin
 from .finite import FiniteTrainingMixin
 
 
@@ -21,5 +22,5 @@ class TokenSFTConfig(SFTConfig):
         super().__post_init__()
 
 
-class TokenSFTTrainer(FiniteTrainingMixin, ModelCardMixin, SFTTrainer):
+class TokenSFTTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` under tokenweave's name, so runs and later token weighting share one class."""
