@@ -11,6 +11,7 @@ import yaml
 from datasets import load_from_disk
 from PIL import Image
 
+import tokenweave.launch as launch_module
 import tokenweave.pipelines.critical as pipeline
 import tokenweave.pipelines.quickstart as quickstart
 from tokenweave.cli import QUICKSTART_HEATMAP_FILE, QUICKSTART_PLOTS_DIR
@@ -111,7 +112,7 @@ def test_pipeline_rerun_skips_done_steps_and_redoes_a_deleted_one(pipeline_run, 
     files = [path for step in ("samples", "sft_data", "positive", "negative") for path in (work / step).rglob("*")]
     mtimes = {path: path.stat().st_mtime_ns for path in files}
 
-    for name in ("sample_trajectories", "train_from_args", "score_dataset"):
+    for name in ("sample_trajectories", "train_from_args", "score_with_models"):
         monkeypatch.setattr(pipeline, name, must_not_run)
     cli_main(["critical", "--config", str(pipeline_run)])
 
@@ -132,7 +133,7 @@ def test_pipeline_rerun_skips_done_steps_and_redoes_a_deleted_one(pipeline_run, 
 def test_a_changed_config_stops_the_pipeline_naming_what_changed(pipeline_run, tmp_path, monkeypatch):
     work = pipeline_run.parent / "work"
     records = {step: (work / step / STEP_RECORD).read_text() for step in STEPS_A_TO_E}
-    for name in ("sample_trajectories", "train_from_args", "score_dataset"):
+    for name in ("sample_trajectories", "train_from_args", "score_with_models"):
         monkeypatch.setattr(pipeline, name, must_not_run)
 
     with pytest.raises(StepConfigChanged) as changed:
@@ -217,7 +218,7 @@ def test_a_launched_training_step_runs_the_configs_it_would_run_in_process(tmp_p
         launched.append((command, parse_run_config(["--config", config_file])))
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
+    monkeypatch.setattr(launch_module.subprocess, "run", fake_run)
     runs = training_runs(config)
     assert {"sft", "cdpo", "dpo", "cdpo_shuffled"} <= set(runs)
     for name, run in runs.items():

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 ACCELERATE_CONFIGS = Path(__file__).with_name("accelerate_configs")
@@ -74,6 +76,14 @@ def split_launch_arguments(argv: list[str]) -> tuple[dict, list[str]]:
 def launch_argv(launch: dict) -> list[str]:
     """The command-line flags of the launch flags ``launch`` (as :func:`split_launch_arguments` returns them)."""
     return [part for name, value in launch.items() for part in (f"--{name}", str(value))]
+
+
+def run_launched(module: str, argv: list[str], launch: dict) -> None:
+    """``python -m <module> <argv> <launch flags>`` in a process of its own (a module whose main calls
+    :func:`relaunch`, so it runs under ``accelerate launch``); ``RuntimeError`` if it fails."""
+    command = [sys.executable, "-m", module, *argv, *launch_argv(launch)]
+    if subprocess.run(command).returncode != 0:
+        raise RuntimeError(f"The launched command {' '.join(command)} failed (its output is above).")
 
 
 def relaunch(module: str, argv: list[str]) -> bool:

@@ -40,11 +40,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "tokenweave" / "accelerate_configs"
 
 
-def run_subprocess(command: list[str], timeout: int) -> None:
-    """Run ``command`` from the repository root with one OpenMP thread per process; fail with its output's tail."""
+def run_subprocess(command: list[str], timeout: int) -> str:
+    """Run ``command`` from the repository root with one OpenMP thread per process; fail with its output's tail.
+    Returns its standard output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout
 
 
 def accelerate_launch(launch_config: str, args: list[str], timeout: int = 600) -> None:

@@ -6,6 +6,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .shards import Shard, batch_seed
+
 
 @torch.no_grad()
 def generate_with_shared_prefix(model, input_ids, attention_mask, num_samples: int, **generate_kwargs):
@@ -38,6 +40,13 @@ def generate_with_shared_prefix(model, input_ids, attention_mask, num_samples: i
     )
 
 
+def chat_prompt_ids(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
+    """The token ids of each chat prompt with the generation prompt, as every sampler here tokenises it (the chat
+    template's text, tokenised without adding special tokens again)."""
+    texts = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) for prompt in prompts]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
 @torch.no_grad()
 def generate_completions(
     model,
@@ -50,30 +59,33 @@ def generate_completions(
     temperature: float | None = None,
     seed: int = 0,
     desc: str = "generating",
+    shard: Shard = Shard(),
 ) -> list[list[str]]:
     """Complete each chat ``prompt`` ``num_samples`` times; returns one list of texts per prompt.
 
-    Greedy when ``temperature`` is None, otherwise sampling at that temperature (seeded). Prompts are
-    batched by length (left padding) and the results are returned in the input order. Special tokens
-    are stripped from the texts.
+    Greedy when ``temperature`` is None, otherwise sampling at that temperature, each batch seeded by
+    :func:`.shards.batch_seed`. Prompts are batched by length (left padding) and the results are returned in the input
+    order. Special tokens are stripped from the texts. With a ``shard`` of several processes, each generates its
+    batches and every process returns all the texts (:mod:`.shards`: the same texts whatever the number of processes).
     """
     if tokenizer.padding_side != "left":
         raise ValueError("Batched generation needs a tokenizer with padding_side='left'.")
-    texts = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) for prompt in prompts]
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    encoded = chat_prompt_ids(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda index: len(encoded[index]))
     if temperature is None:
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     else:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-    if temperature is not None:
-        torch.manual_seed(seed)
     device = next(model.parameters()).device
-    completions: list[list[str]] = [[] for _ in prompts]
     prompts_per_batch = max(1, batch_size // num_samples)
-    with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
-        for start in range(0, len(order), prompts_per_batch):
-            indices = order[start : start + prompts_per_batch]
+    batches = [order[start : start + prompts_per_batch] for start in range(0, len(order), prompts_per_batch)]
+    generated = []  # (prompt index, its texts) of this process's batches
+    mine = shard.batches(len(batches))
+    with tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, unit="prompt", disable=not shard.is_main) as bar:
+        for batch_index in mine:
+            indices = batches[batch_index]
+            if temperature is not None:
+                torch.manual_seed(batch_seed(seed, batch_index))
             batch = tokenizer.pad({"input_ids": [encoded[index] for index in indices]}, return_tensors="pt").to(device)
             output = generate_with_shared_prefix(
                 model,
@@ -84,9 +96,12 @@ def generate_completions(
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
             )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for row, text in enumerate(decoded):
-                completions[indices[row // num_samples]].append(text.strip())
-            progress.update(len(indices))
+            decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            for position, index in enumerate(indices):
+                rows = decoded[position * num_samples : (position + 1) * num_samples]
+                generated.append((index, [text.strip() for text in rows]))
+            bar.update(len(indices))
+    completions: list[list[str]] = [[] for _ in prompts]
+    for index, prompt_texts in shard.gather(generated):
+        completions[index] = prompt_texts
     return completions

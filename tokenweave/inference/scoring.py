@@ -11,7 +11,8 @@ Contents, top to bottom:
   named adapter of a PEFT model); two LoRA adapters of one base share that base, loaded once.
 * :func:`score_sequences`: scores of the completion tokens of a batch of token sequences.
 * :func:`score_dataset`: a conversational dataset in, one score list (and one token-text list) per
-  completion out, with a progress bar.
+  completion out, with a progress bar; split over processes by a :class:`~.shards.Shard`.
+* :func:`score_with_models`: the same from the two models' directories.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from ..data.token_columns import token_texts, tokenize_like_dpo
 from ..models import causal_lm, check_direct_head_calls, resolve_model
 from .loading import load_model_and_tokenizer
+from .shards import Shard
 from ..tokens.critical import chunked_contrastive_scores
 
 
@@ -70,7 +72,7 @@ class ScoringModel:
 
 
 def load_contrastive_models(
-    positive: str, negative: str, dtype: torch.dtype = torch.float32
+    positive: str, negative: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> tuple[ScoringModel, ScoringModel, object]:
     """Load the positive and negative models for scoring; returns ``(positive, negative, tokenizer)``.
 
@@ -78,18 +80,18 @@ def load_contrastive_models(
     LoRA adapter directory. Two adapters of the same base model (cDPO's set-up) share one base,
     loaded once, as adapters ``"positive"`` and ``"negative"`` of one ``PeftModel``, and the tokenizer is
     that base model's (the one a DPO run of the base model tokenises with); otherwise it is the positive
-    model's.
+    model's. The models are put on ``device``.
     """
     positive_base, negative_base = _adapter_base(positive), _adapter_base(negative)
     if positive_base is not None and positive_base == negative_base:
         base, tokenizer = load_model_and_tokenizer(positive_base, dtype=dtype)
         model = PeftModel.from_pretrained(base, positive, adapter_name="positive")
         model.load_adapter(negative, adapter_name="negative")
-        model.eval()
+        model.to(device).eval()
         return ScoringModel(model, "positive"), ScoringModel(model, "negative"), tokenizer
     positive_model, tokenizer = load_model_and_tokenizer(positive, dtype=dtype)
     negative_model, _ = load_model_and_tokenizer(negative, dtype=dtype)
-    return ScoringModel(positive_model), ScoringModel(negative_model), tokenizer
+    return ScoringModel(positive_model.to(device)), ScoringModel(negative_model.to(device)), tokenizer
 
 
 def _adapter_base(path: str) -> str | None:
@@ -153,6 +155,7 @@ def score_dataset(
     b: float = 1.0,
     batch_size: int = 8,
     chunk_size: int = 256,
+    shard: Shard = Shard(),
 ) -> Dataset:
     """Score every completion token of a conversational dataset; returns it with two columns per completion.
 
@@ -163,7 +166,8 @@ def score_dataset(
     * ``{column}_scores``: one score ``s_t`` per completion token (module docstring), in token order;
     * ``{column}_tokens``: the text of each of those tokens (:func:`token_texts`), for the heatmap.
 
-    Sequences are batched by length, ``batch_size`` at a time, with a progress bar.
+    Sequences are batched by length, ``batch_size`` at a time, with a progress bar. With a ``shard`` of several
+    processes, each scores its batches and every process returns the whole dataset (:mod:`.shards`).
     """
     items = []  # (row, column, token ids, completion start)
     for row, example in enumerate(dataset):
@@ -172,12 +176,14 @@ def score_dataset(
         for column in completion_columns:
             items.append((row, column, prompt_ids + tokenized[f"{column}_ids"], len(prompt_ids)))
     items.sort(key=lambda item: len(item[2]))
-    scores = {column: [None] * len(dataset) for column in completion_columns}
-    texts = {column: [None] * len(dataset) for column in completion_columns}
+    batches = [items[begin : begin + batch_size] for begin in range(0, len(items), batch_size)]
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with tqdm(total=len(items), desc="scoring critical tokens", unit="sequence") as progress:
-        for begin in range(0, len(items), batch_size):
-            batch = items[begin : begin + batch_size]
+    scored = []  # (row, column, scores, token texts) of this process's batches
+    mine = shard.batches(len(batches))
+    with tqdm(total=sum(len(batches[b]) for b in mine), desc="scoring critical tokens", unit="sequence",
+              disable=not shard.is_main) as progress:
+        for batch_index in mine:
+            batch = batches[batch_index]
             batch_scores = score_sequences(
                 positive,
                 negative,
@@ -188,10 +194,36 @@ def score_dataset(
                 chunk_size=chunk_size,
             )
             for (row, column, ids, start), row_scores in zip(batch, batch_scores, strict=True):
-                scores[column][row] = row_scores
-                texts[column][row] = token_texts(tokenizer, ids[start:])
+                scored.append((row, column, row_scores, token_texts(tokenizer, ids[start:])))
             progress.update(len(batch))
+    scores = {column: [None] * len(dataset) for column in completion_columns}
+    texts = {column: [None] * len(dataset) for column in completion_columns}
+    for row, column, row_scores, row_texts in shard.gather(scored):
+        scores[column][row] = row_scores
+        texts[column][row] = row_texts
     for column in completion_columns:
         dataset = dataset.add_column(f"{column}_scores", scores[column])
         dataset = dataset.add_column(f"{column}_tokens", texts[column])
     return dataset
+
+
+def score_with_models(
+    dataset: Dataset,
+    positive: str,
+    negative: str,
+    *,
+    b: float = 1.0,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    dtype: str = "float32",
+    shard: Shard = Shard(),
+) -> Dataset:
+    """:func:`score_dataset` of preference pairs with the positive and negative models at the paths ``positive`` and
+    ``negative`` (:func:`load_contrastive_models`, in ``dtype``, on the shard's device)."""
+    positive_model, negative_model, tokenizer = load_contrastive_models(
+        positive, negative, getattr(torch, dtype), shard.torch_device
+    )
+    return score_dataset(
+        dataset, positive_model, negative_model, tokenizer, b=b, batch_size=batch_size, chunk_size=chunk_size,
+        shard=shard,
+    )

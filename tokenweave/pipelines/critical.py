@@ -36,6 +36,10 @@ cdpo_shuffled  ``cdpo_shuffled/``   only with ``compare_shuffled``: the cDPO run
                                     (each completion's weights on random tokens: the random-signal control)
 =============  ===================  ====================================================================================
 
+Sampling and scoring are split over the processes of the launch flags (``--accelerate_config``, ``--num_processes``:
+:mod:`tokenweave.pipelines.workers`), and give the same dataset whatever their number; the training steps run under
+the same flags. ``sampler: vllm`` samples with vLLM's offline engine instead, in this process.
+
 Scoring and pairing are one step because the completion tokens of a pair depend on both of its responses
 (DPOTrainer starts the completion after the shortest common prefix of prompt and prompt+chosen /
 prompt+rejected), so only the pair fixes which tokens get scores.
@@ -53,7 +57,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -68,18 +71,20 @@ from ..checks import check_options
 from ..config import RunArguments, config_file_of, config_keys, load_run_config, read_config_file
 from ..data.preferences import build_preference_pairs, build_sft_sets, pair_statistics, sample_statistics
 from ..inference.loading import load_model_and_tokenizer, save_merged_model
-from ..inference.sampling import sample_trajectories
-from ..inference.scoring import load_contrastive_models, score_dataset
-from ..launch import launch_argv
+from ..inference.sampling import SAMPLERS, sample_trajectories
+from ..inference.scoring import score_with_models
+from ..launch import run_launched
 from ..train import train_from_args
 from .localization import format_localization, format_rollout, localization_report, rollout_report
 from .steps import Step, run_steps
+from .workers import run_launched_work
 
 logger = logging.getLogger(__name__)  # progress (INFO); the tokenweave command shows it
 
 LOG_PREFIX = "critical"
 STATISTICS_FILE = "statistics.json"  # in pairs/: sample_statistics and pair_statistics
 REPORT_FILE = "report.json"  # in localization/ and rollout/
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
 # Run-config keys the pipeline sets itself (the SFT runs' seed too: ``seed``); left out of a step's record.
 _PIPELINE_RUN_KEYS = ("model_name_or_path", "dataset_name", "output_dir")
 
@@ -124,6 +129,23 @@ class CriticalPipelineConfig:
     max_new_tokens: int = field(default=96, metadata={"help": "Maximum tokens per sampled trajectory."})
     sample_batch_size: int = field(default=32, metadata={"help": "Sequences generated per batch."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling and of the SFT runs (replaces their `seed`)."})
+    sampler: str = field(
+        default="transformers",
+        metadata={
+            "help": "What samples the trajectories: transformers' generate (split over the processes of the launch "
+            "flags) or vllm (vLLM's offline engine, in the pipeline's process, on vllm_tensor_parallel_size GPUs; "
+            "needs `pip install vllm`). Same output format.",
+            "choices": list(SAMPLERS),
+        },
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "With sampler vllm: GPUs of its engine."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "With sampler vllm: share of each GPU's memory its engine may take."}
+    )
+    inference_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the models that sample and score.", "choices": list(INFERENCE_DTYPES)},
+    )
     reference_fallback: bool = field(
         default=False,
         metadata={
@@ -275,9 +297,7 @@ class TrainingRun:
             with tempfile.TemporaryDirectory() as directory:
                 config = Path(directory) / "run.yaml"
                 config.write_text(yaml.safe_dump(self.launch_config(model, dataset, output_dir), sort_keys=False))
-                command = [sys.executable, "-m", "tokenweave.cli", "train", "--config", str(config), *launch_argv(launch)]
-                if subprocess.run(command).returncode != 0:
-                    raise RuntimeError(f"The launched training run {' '.join(command)} failed (its output is above).")
+                run_launched("tokenweave.cli", ["train", "--config", str(config)], launch)
             return
         run_args = self.run_args if dataset is None else replace(self.run_args, dataset_name=str(dataset))
         train_from_args(
@@ -338,9 +358,11 @@ def _training_run(path: str, method: str, seed: int | None = None, own_dataset: 
 
 def run_critical_pipeline(config: CriticalPipelineConfig, launch: dict | None = None) -> dict[str, Path]:
     """Run every step not done yet (module docstring); returns each step's output directory. ``launch``: launch
-    flags (``--accelerate_config``, ``--num_processes``, ...) the training steps run under (:meth:`TrainingRun.train`);
-    sampling and scoring stay in this process. They are not in the steps' records: a step trained on 2 processes is
-    reused by a rerun on 1."""
+    flags (``--accelerate_config``, ``--num_processes``, ...) the training steps run under (:meth:`TrainingRun.train`),
+    and sampling (with ``sampler: transformers``) and scoring too, each process its share
+    (:mod:`tokenweave.pipelines.workers`: the same samples and scores whatever the number of processes). The rollout
+    test runs in this process. The flags are not in the steps' records: a step made on 2 processes is reused by a
+    rerun on 1."""
     work_dir = Path(config.work_dir)
     runs = training_runs(config)
     samples, sft_data, pairs = work_dir / "samples", work_dir / "sft_data", work_dir / "pairs"
@@ -358,7 +380,8 @@ def run_critical_pipeline(config: CriticalPipelineConfig, launch: dict | None = 
             )
         )
     steps += [
-        Step("samples", sampling, lambda staging: _sample({**sampling, "model": policy}, staging), inputs=warm),
+        Step("samples", sampling, lambda staging: _sample({**sampling, "model": policy}, staging, launch),
+             inputs=warm),
         Step(
             "sft_data",
             {
@@ -378,8 +401,9 @@ def run_critical_pipeline(config: CriticalPipelineConfig, launch: dict | None = 
                 "score_b": config.score_b,
                 "score_batch_size": config.score_batch_size,
                 "score_chunk_size": config.score_chunk_size,
+                "inference_dtype": config.inference_dtype,
             },
-            lambda staging: _pairs(config, work_dir, staging),
+            lambda staging: _pairs(config, work_dir, staging, launch),
             inputs=("samples", "positive", "negative"),
         ),
     ]
@@ -431,13 +455,26 @@ def _sampling_arguments(config: CriticalPipelineConfig) -> dict:
         max_new_tokens=config.max_new_tokens,
         batch_size=config.sample_batch_size,
         seed=config.seed,
+        dtype=config.inference_dtype,
+        sampler=config.sampler,
+        vllm_options=(
+            dict(tensor_parallel_size=config.vllm_tensor_parallel_size,
+                 gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+            if config.sampler == "vllm" else None
+        ),
     )
 
 
-def _sample(sampling: dict, staging: Path) -> None:
-    samples = sample_trajectories(**sampling)
+def _sample(sampling: dict, staging: Path, launch: dict | None) -> None:
+    """Step (a, b): in the processes of the launch flags (transformers), else in this process (vLLM's engine
+    places itself on its GPUs)."""
+    if launch and sampling["sampler"] == "transformers":
+        run_launched_work("sample", sampling, staging, launch)
+        samples = load_from_disk(str(staging))
+    else:
+        samples = sample_trajectories(**sampling)
+        samples.save_to_disk(str(staging))
     logger.info(f"[{LOG_PREFIX}] sampled {len(samples)} trajectories, {sum(samples['correct'])} correct")
-    samples.save_to_disk(str(staging))
 
 
 def _sft_data(config: CriticalPipelineConfig, samples_dir: Path, staging: Path) -> None:
@@ -460,8 +497,9 @@ def _sft_data(config: CriticalPipelineConfig, samples_dir: Path, staging: Path) 
     logger.info(f"[{LOG_PREFIX}] SFT sets: {len(positive)} positive, {len(negative)} negative examples")
 
 
-def _pairs(config: CriticalPipelineConfig, work_dir: Path, staging: Path) -> None:
-    """Preference pairs from the samples, every completion token scored by the positive/negative models."""
+def _pairs(config: CriticalPipelineConfig, work_dir: Path, staging: Path, launch: dict | None) -> None:
+    """Preference pairs from the samples, every completion token scored by the positive/negative models (in the
+    processes of the launch flags, if given)."""
     samples_dir = work_dir / "samples"
     pairs = build_preference_pairs(load_from_disk(str(samples_dir)), reference_fallback=config.reference_fallback)
     if len(pairs) == 0:
@@ -469,17 +507,22 @@ def _pairs(config: CriticalPipelineConfig, work_dir: Path, staging: Path) -> Non
             f"No preference pair in {samples_dir}: no question has both a correct (or, with "
             "reference_fallback, a reference) and an incorrect trajectory."
         )
-    positive, negative, tokenizer = load_contrastive_models(str(work_dir / "positive"), str(work_dir / "negative"))
-    scored = score_dataset(
-        pairs,
-        positive,
-        negative,
-        tokenizer,
+    scoring = dict(
+        positive=str(work_dir / "positive"),
+        negative=str(work_dir / "negative"),
         b=config.score_b,
         batch_size=config.score_batch_size,
         chunk_size=config.score_chunk_size,
+        dtype=config.inference_dtype,
     )
-    scored.save_to_disk(str(staging))
+    if launch:
+        with tempfile.TemporaryDirectory(dir=work_dir, prefix=".pairs-unscored-") as unscored:
+            pairs.save_to_disk(unscored)
+            run_launched_work("score", {"dataset": unscored, **scoring}, staging, launch)
+        scored = load_from_disk(str(staging))
+    else:
+        scored = score_with_models(pairs, **scoring)
+        scored.save_to_disk(str(staging))
     statistics = {"samples": sample_statistics(load_from_disk(str(samples_dir))), "pairs": pair_statistics(scored)}
     (staging / STATISTICS_FILE).write_text(json.dumps(statistics, indent=2) + "\n")
     logger.info(

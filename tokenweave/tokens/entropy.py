@@ -100,3 +100,21 @@ def adaptive_temperature(
     if stats is None:
         return torch.full(entropy.shape, base_temperature, dtype=torch.float32, device=entropy.device)
     return base_temperature * (1.0 + tau * stats.signal(entropy).clamp(-1.0, 1.0))
+
+
+@torch.no_grad()
+def adaptive_temperature_logits(
+    logits: torch.Tensor, stats: EntropyStats | None, base_temperature: float = 1.0, tau: float = 0.05
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of HAPO's adaptive sampling: ``(logits / T, T)`` per row of ``[R, V]`` logits.
+
+    ``H = entropy(softmax(logits / T_base))`` (the entropy at the base temperature, as the statistics' entropies are;
+    the released sampler, with T_base = 1, takes it on the raw logits), ``T = adaptive_temperature(H, stats, T_base,
+    τ)`` ``[R]``. ``-inf`` logits (masked tokens) stay ``-inf`` and add nothing to ``H``. The one formula of both
+    samplers: ``trainers.hapo.AdaptiveTemperatureLogitsProcessor`` (transformers) and
+    ``trainers.hapo_vllm.HapoTemperatureProcessor`` (vLLM).
+    """
+    probs = torch.softmax(logits.float() / base_temperature, dim=-1)
+    entropy = torch.special.entr(probs).sum(-1)  # entr(0) = 0 for −inf logits
+    temperature = adaptive_temperature(entropy, stats, base_temperature, tau)
+    return logits / temperature.unsqueeze(-1).to(logits.dtype), temperature

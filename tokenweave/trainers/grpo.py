@@ -23,6 +23,7 @@ only the signals that are on are called::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import operator
@@ -47,6 +48,7 @@ from .card import ModelCardMixin
 from .checkpointing import CheckpointingMixin
 from .finite import FiniteTrainingMixin, NonFiniteError, any_non_finite
 from .hapo import HapoConfig
+from .hapo_vllm import engine_with_hapo_processor
 from .rank import RankGrpoConfig
 from .signals import TOKEN_SIGNALS, Generation, LossForward, gather_values, get_token_signal, loss_sees_generation_batch
 
@@ -187,7 +189,11 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, 
     loss_is_scaled_for_ga = True  # as GRPOTrainer: _compute_loss divides by the accumulation steps itself
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        hapo_in_vllm = bool(getattr(training_args, "hapo_adaptive_temperature", False)
+                            and getattr(training_args, "use_vllm", False))
+        with engine_with_hapo_processor() if hapo_in_vllm else contextlib.nullcontext():
+            super().__init__(*args, **kwargs)
         options = self.args if isinstance(self.args, TokenGRPOConfig) else None
         self.policy_loss_fn = get_policy_loss(options.policy_loss) if options and options.policy_loss else None
         self.policy_loss_config = options.policy_loss_config() if self.policy_loss_fn else None

@@ -10,8 +10,9 @@ turns the signal on), and where they enter TRL::
                                       batch under the policy that sampled it,
                                       gathered over all processes
     adaptive temperature (3.1)        sample: a logits processor given to         AdaptiveTemperatureLogitsProcessor
-                                      model.generate, with the previous           (tokens.entropy.adaptive_temperature)
-                                      generation's statistics
+                                      model.generate, or registered in TRL's      (tokens.entropy.
+                                      colocated vLLM engine (hapo_vllm), with     adaptive_temperature_logits)
+                                      the previous generation's statistics
     token-level group advantage (3.2) after_generation: [B, T] "advantages"       tokens.advantage.
                                       from the gathered rewards and lengths       token_group_advantage_values
     advantage redistribution (3.3)    loss_kwargs → policy loss "hapo"            losses.policy.redistribute_advantage
@@ -47,7 +48,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..tokens.advantage import token_group_advantage_values
-from ..tokens.entropy import EntropyStats, adaptive_temperature, entropy_stats
+from ..tokens.entropy import EntropyStats, adaptive_temperature_logits, entropy_stats
+from .hapo_vllm import hapo_extra_args
 from .signals import Generation, LossForward, TokenSignal, gather_values, register_token_signal
 
 HAPO_ENTROPY_STATS = ("generation_batch", "micro_batch")
@@ -66,7 +68,8 @@ class HapoConfig:
         default=None,
         metadata={
             "help": "HAPO 3.1: sample each token at T·(1 + temperature_tau·ĥ), ĥ from its entropy under the previous "
-            "generation batch's statistics. Needs policy_loss; not with vLLM or continuous batching. None: on with "
+            "generation batch's statistics. Needs policy_loss; with vLLM in colocate mode only (trainers/hapo_vllm.py), "
+            "not with continuous batching. None: on with "
             "the hapo signal."
         },
     )
@@ -137,9 +140,8 @@ def entropy_signal_from_generation(args) -> bool:
 class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
     """Divides each row of logits by its HAPO adaptive temperature (the patched vLLM sampler, for ``generate``).
 
-    At every decoding step: ``H = entropy(softmax(scores / T_base))`` per row (the entropy at the base temperature,
-    as the trainer's statistics are; the released sampler, with T_base = 1, takes it on the raw logits),
-    ``T = adaptive_temperature(H, stats, T_base, τ)``, ``scores / T``. It replaces the temperature warper, so
+    At every decoding step, :func:`~tokenweave.tokens.entropy.adaptive_temperature_logits` of the scores (``H`` at
+    T_base, ``T = T_base·(1 + τ·ĥ)``, ``scores / T``; vLLM's path is ``trainers.hapo_vllm``). It replaces the temperature warper, so
     generate with ``temperature=1.0`` and put this processor before top-k / top-p / min-p (``generate`` runs the
     ``logits_processor`` it is given before its warpers). Update ``stats`` between rollouts (``None``: plain
     ``base_temperature``). With ``record_temperatures=True``, each call appends its ``[B]`` temperatures to
@@ -160,12 +162,10 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
         self.temperatures: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.base_temperature, dim=-1)
-        entropy = torch.special.entr(probs).sum(-1)  # entr(0) = 0 for −inf logits
-        temperature = adaptive_temperature(entropy, self.stats, self.base_temperature, self.tau)
+        scaled, temperature = adaptive_temperature_logits(scores, self.stats, self.base_temperature, self.tau)
         if self.record_temperatures:
             self.temperatures.append(temperature)
-        return scores / temperature.unsqueeze(-1).to(scores.dtype)
+        return scaled
 
     def pop_temperatures(self) -> torch.Tensor:
         """The recorded temperatures ``[B, steps]`` (one column per decoding step), and clear the record."""
@@ -207,9 +207,13 @@ class HapoSignal(TokenSignal):
         if args.hapo_token_advantage and args.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("hapo_token_advantage uses the weighted reward sum: multi_objective_aggregation must be "
                              "'sum_then_normalize'.")
-        if args.hapo_adaptive_temperature and (args.use_vllm or args.use_transformers_continuous_batching):
-            raise ValueError("hapo_adaptive_temperature samples with transformers' generate (a logits processor): "
-                             "not with use_vllm or use_transformers_continuous_batching.")
+        if args.hapo_adaptive_temperature and args.use_transformers_continuous_batching:
+            raise ValueError("hapo_adaptive_temperature samples through a logits processor of transformers' generate "
+                             "or of vLLM: not with use_transformers_continuous_batching.")
+        if args.hapo_adaptive_temperature and args.use_vllm and args.vllm_mode != "colocate":
+            raise ValueError("hapo_adaptive_temperature with vLLM needs vllm_mode: colocate. In server mode the "
+                             "engine is started by `trl vllm-serve`, outside the trainer, which can neither register "
+                             "HAPO's logits processor there nor hand it each generation's entropy statistics.")
         return bool(args.hapo_adaptive_temperature or args.hapo_token_advantage or entropy_signal_from_generation(args))
 
     def __init__(self, trainer):
@@ -230,9 +234,13 @@ class HapoSignal(TokenSignal):
         return self.entropy_signal_from_generation or (training and self.temperature_processor is not None)
 
     def sample(self, generate, training: bool):
-        """In training with the adaptive temperature, ``generate`` through HAPO's logits processor."""
+        """In training with the adaptive temperature, ``generate`` through HAPO's logits processor (vLLM's:
+        :mod:`.hapo_vllm`, whose temperatures stay in the engine and are not logged)."""
         if self.temperature_processor is None or not training:
             return generate()
+        if self.trainer.use_vllm:
+            with self._vllm_adaptive_temperature_sampling():
+                return generate()
         with self._adaptive_temperature_sampling():
             completion_ids, logprobs = generate()
         temperatures = self.temperature_processor.pop_temperatures()  # [B, decoding steps]
@@ -270,11 +278,27 @@ class HapoSignal(TokenSignal):
             else:
                 model.generate = previous
 
+    @contextmanager
+    def _vllm_adaptive_temperature_sampling(self):
+        """While open, TRL's colocated vLLM engine samples with HAPO's temperature: the statistics, T_base and τ go
+        into every request's ``extra_args`` and its temperature is 1 (:mod:`.hapo_vllm`) through TRL's
+        ``generation_kwargs``, which TRL puts into the ``SamplingParams`` last."""
+        generation = self.trainer.vllm_generation
+        previous = generation.generation_kwargs
+        processor = self.temperature_processor
+        extra_args = {**(previous.get("extra_args") or {}),
+                      **hapo_extra_args(processor.stats, processor.base_temperature, processor.tau)}
+        generation.generation_kwargs = {**previous, "temperature": 1.0, "extra_args": extra_args}
+        try:
+            yield
+        finally:
+            generation.generation_kwargs = previous
+
     def after_generation(self, generation: Generation) -> dict[str, torch.Tensor]:
         """The sampling temperature metric; ĥ of the generation batch (column ``entropy_signal``) and the sampler's
         next statistics, unless the loss's forward gives them; the token-level group advantage."""
         training, output, columns = generation.training, generation.output, {}
-        if training and self.temperature_processor is not None:
+        if training and self.temperature_processor is not None and not self.trainer.use_vllm:
             totals = self.trainer.accelerator.reduce(self._sampling_temperature_totals, reduction="sum")
             mean_temperature = (totals[0] / totals[1].clamp(min=1)).item()
             self.trainer._metrics["train"]["hapo/sampling_temperature"].append(mean_temperature)
