@@ -114,6 +114,12 @@ PIPELINE_CASES = [
     ("temperature", {"temperature": -0.7}, "temperature must be > 0"),
     ("float-tokens", {"max_new_tokens": 2.5}, "max_new_tokens must be int, got 2.5"),
     ("rollout-samples", {"rollout_samples": 0}, "rollout_samples must be >= 1"),
+    ("sampler", {"sampler": "sglang"}, "sampler must be one of"),
+    ("inference-dtype", {"inference_dtype": "int8"}, "inference_dtype must be one of"),
+    ("vllm-memory", {"sampler": "vllm", "vllm_gpu_memory_utilization": 1.5},
+     r"vllm_gpu_memory_utilization must be in \(0, 1\]"),
+    ("vllm-tensor-parallel", {"sampler": "vllm", "vllm_tensor_parallel_size": 0},
+     "vllm_tensor_parallel_size must be >= 1"),
 ]
 
 

@@ -4,6 +4,9 @@ request, the checks, the engine registration in TRL's colocate mode, and the tra
 comparison of both samplers is ``benchmarks/hapo_vllm_sampler.py``."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -159,3 +162,11 @@ def test_vllm_colocate_is_accepted_and_server_mode_refused_with_a_reason(tmp_pat
     with pytest.raises(ValueError, match="not with use_transformers_continuous_batching"):
         _config(tmp_path, use_transformers_continuous_batching=True)
     _config(tmp_path, use_vllm=True, vllm_mode="server", hapo_adaptive_temperature=False)  # the other parts work
+
+
+def test_the_gpu_benchmark_parses_and_stops_without_a_gpu():
+    """``benchmarks/hapo_vllm_sampler.py`` (run on a GPU machine) imports everything it uses and says why it stops
+    here."""
+    script = Path(__file__).parents[1] / "benchmarks" / "hapo_vllm_sampler.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode != 0 and "needs a GPU" in result.stderr

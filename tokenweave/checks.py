@@ -104,7 +104,8 @@ RANGES: dict[str, Range] = {
     "batch_size": AT_LEAST_ONE, "sample_batch_size": AT_LEAST_ONE, "score_batch_size": AT_LEAST_ONE,
     "score_chunk_size": AT_LEAST_ONE, "score_b": NON_NEGATIVE, "positive_per_question": AT_LEAST_ONE,
     "negative_top_p": Range(0, 1, low_open=True), "rollout_trajectories": NON_NEGATIVE, "rollout_samples": AT_LEAST_ONE,
-    "rollout_temperature": POSITIVE, "rollout_max_new_tokens": AT_LEAST_ONE,
+    "rollout_temperature": POSITIVE, "rollout_max_new_tokens": AT_LEAST_ONE, "vllm_tensor_parallel_size": AT_LEAST_ONE,
+    "vllm_gpu_memory_utilization": Range(0, 1, low_open=True),
     # tokenweave: attention credit
     "attention_credit_window": AT_LEAST_ONE, "attention_credit_head_fraction": Range(0, 0.5, low_open=True),
     "attention_credit_quantile": UNIT, "attention_credit_amplification": POSITIVE, "attention_credit_alpha": UNIT,

@@ -2,7 +2,8 @@
 
 The built-in ``arithmetic`` task is formatted for the method (SFT: prompt/completion; DPO: prompt/chosen/
 rejected; GRPO: prompt/answer). The built-in ``recommendation`` task (ranked-list answers, for Rank-GRPO) has
-SFT (prompt/completion) and GRPO (prompt/relevant_items/...) formats, and no preference format. Any other dataset
+SFT (prompt/completion) and GRPO (prompt/relevant_items/...) formats, and no preference format; so has ``gsm8k``
+(the hub's ``openai/gsm8k``, formatted like the arithmetic task: :mod:`.gsm8k`). Any other dataset
 must already have the columns the method needs.
 """
 
@@ -16,15 +17,17 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from ..checks import Range, check_values
 
 from .arithmetic import load_arithmetic
+from .gsm8k import GSM8K_CONFIG, GSM8K_HUB_ID, format_gsm8k
 from .recommendation import load_recommendation
 
-BUILTIN_TASKS = ("arithmetic", "recommendation")
+BUILTIN_TASKS = ("arithmetic", "recommendation", "gsm8k")
 DEFAULT_NUM_TRAIN_EXAMPLES = 1000
 DEFAULT_NUM_TEST_EXAMPLES = 200
 
 # The built-in task's format for each method.
 _ARITHMETIC_FORMAT = {"sft": "sft", "dpo": "preference", "grpo": "prompt"}
 _RECOMMENDATION_FORMAT = {"sft": "sft", "grpo": "prompt"}
+_GSM8K_FORMAT = {"sft": "sft", "grpo": "prompt"}
 # Column sets a method accepts (any one of them), as TRL's trainers read them.
 REQUIRED_COLUMNS = {
     "sft": (("messages",), ("prompt", "completion"), ("text",)),
@@ -78,6 +81,14 @@ def load_run_dataset(
             difficulty=difficulty,
             seed=seed,
         )
+    elif dataset_name == "gsm8k":
+        if method not in _GSM8K_FORMAT:
+            raise ValueError(f"The built-in gsm8k task has no format for method {method!r} (it has no preference "
+                             f"pairs); it supports {', '.join(map(repr, _GSM8K_FORMAT))}.")
+        dataset = _load_external(GSM8K_HUB_ID, split, GSM8K_CONFIG)
+        if num_examples is not None:
+            dataset = dataset.select(range(min(num_examples, len(dataset))))
+        dataset = format_gsm8k(dataset, _GSM8K_FORMAT[method])
     else:
         dataset = _load_external(dataset_name, split, dataset_config)
         if num_examples is not None:

@@ -38,7 +38,7 @@ cdpo_shuffled  ``cdpo_shuffled/``   only with ``compare_shuffled``: the cDPO run
 
 Sampling and scoring are split over the processes of the launch flags (``--accelerate_config``, ``--num_processes``:
 :mod:`tokenweave.pipelines.workers`), and give the same dataset whatever their number; the training steps run under
-the same flags. ``sampler: vllm`` samples with vLLM's offline engine instead, in this process.
+the same flags. ``sampler: vllm`` samples with vLLM's offline engine instead, in a process of its own.
 
 Scoring and pairing are one step because the completion tokens of a pair depend on both of its responses
 (DPOTrainer starts the completion after the shortest common prefix of prompt and prompt+chosen /
@@ -133,7 +133,7 @@ class CriticalPipelineConfig:
         default="transformers",
         metadata={
             "help": "What samples the trajectories: transformers' generate (split over the processes of the launch "
-            "flags) or vllm (vLLM's offline engine, in the pipeline's process, on vllm_tensor_parallel_size GPUs; "
+            "flags) or vllm (vLLM's offline engine, in one process of its own, on vllm_tensor_parallel_size GPUs; "
             "needs `pip install vllm`). Same output format.",
             "choices": list(SAMPLERS),
         },
@@ -466,10 +466,11 @@ def _sampling_arguments(config: CriticalPipelineConfig) -> dict:
 
 
 def _sample(sampling: dict, staging: Path, launch: dict | None) -> None:
-    """Step (a, b): in the processes of the launch flags (transformers), else in this process (vLLM's engine
-    places itself on its GPUs)."""
-    if launch and sampling["sampler"] == "transformers":
-        run_launched_work("sample", sampling, staging, launch)
+    """Step (a, b): with transformers, in the processes of the launch flags (else in this process); with vLLM, in
+    one process of its own (the engine takes its GPUs itself, and they are all free again when it exits, before
+    the training steps)."""
+    if sampling["sampler"] == "vllm" or launch:
+        run_launched_work("sample", sampling, staging, launch if sampling["sampler"] == "transformers" else {})
         samples = load_from_disk(str(staging))
     else:
         samples = sample_trajectories(**sampling)

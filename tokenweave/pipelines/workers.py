@@ -49,7 +49,7 @@ WORKS = {"sample": _sample, "score": _score}
 
 def run_launched_work(work: str, arguments: dict, output: Path, launch: dict) -> None:
     """Run ``work`` (module docstring) with ``arguments`` under ``accelerate launch`` with the launch flags
-    ``launch``, into ``output`` (which must not exist yet)."""
+    ``launch`` (none: in one process of its own), into ``output`` (which must not exist yet)."""
     with tempfile.TemporaryDirectory() as directory:
         arguments_file = Path(directory) / "arguments.json"
         arguments_file.write_text(json.dumps(arguments))
