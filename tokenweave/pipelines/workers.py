@@ -50,7 +50,8 @@ WORKS = {"sample": _sample, "score": _score}
 def run_launched_work(work: str, arguments: dict, output: Path, launch: dict) -> None:
     """Run ``work`` (module docstring) with ``arguments`` under ``accelerate launch`` with the launch flags
     ``launch`` (none: in one process of its own), into ``output`` (which must not exist yet)."""
-    with tempfile.TemporaryDirectory() as directory:
+    # beside the output, so that the processes of other machines read it too (a shared filesystem)
+    with tempfile.TemporaryDirectory(dir=Path(output).parent, prefix=f".{work}-arguments-") as directory:
         arguments_file = Path(directory) / "arguments.json"
         arguments_file.write_text(json.dumps(arguments))
         run_launched(MODULE, [work, "--arguments", str(arguments_file), "--output", str(output)], launch)
