@@ -148,7 +148,7 @@ def test_trls_colocated_engine_is_built_with_the_processor(monkeypatch):
     assert trl_vllm.LLM is engine
     assert built == [{"model": "some/model", "seed": 0, "logits_processors": [PROCESSOR_PATH]}]
     module, name = PROCESSOR_PATH.split(":")
-    assert getattr(__import__(module, fromlist=[name]), name) is HapoTemperatureProcessor is hapo_vllm.HapoTemperatureProcessor
+    assert getattr(__import__(module, fromlist=[name]), name) is hapo_vllm.HapoTemperatureProcessor
 
 
 def _config(tmp_path, **kwargs):

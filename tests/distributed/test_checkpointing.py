@@ -12,8 +12,7 @@ from .runs import assert_trained, deepspeed_run_info, launch_runs
 
 pytestmark = pytest.mark.slow
 
-RUNS = {"sft": ("sft_tiny.yaml", []), "cdpo": ("cdpo_tiny.yaml", []), "tdpo2": ("tdpo_tiny.yaml", []),
-        "hapo": ("hapo_tiny.yaml", [])}
+RUNS = {"sft": "sft_tiny.yaml", "cdpo": "cdpo_tiny.yaml", "tdpo2": "tdpo_tiny.yaml", "hapo": "hapo_tiny.yaml"}
 LORA_CHECKPOINTING = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
                       "--lora_target_modules", "q_proj", "v_proj", "--activation_checkpointing", "true"]
 
@@ -22,10 +21,10 @@ LORA_CHECKPOINTING = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16
 def launched(tmp_path_factory, scored_pairs) -> Path:
     root = tmp_path_factory.mktemp("checkpointing-zero3")
     spec = []
-    for name, (config, extra) in RUNS.items():
+    for name, config in RUNS.items():
         dataset = ["--dataset_name", scored_pairs] if name == "cdpo" else []
         spec.append(["--config", str(CONFIGS / config), "--output_dir", str(root / name), "--max_steps", "2",
-                     *dataset, *extra, *LORA_CHECKPOINTING])
+                     *dataset, *LORA_CHECKPOINTING])
     launch_runs("cpu_zero3.yaml", spec, root)
     return root
 

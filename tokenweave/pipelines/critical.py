@@ -469,12 +469,13 @@ def _sample(sampling: dict, staging: Path, launch: dict | None) -> None:
     """Step (a, b): with transformers, in the processes of the launch flags (else in this process); with vLLM, in
     one process of its own (the engine takes its GPUs itself, and they are all free again when it exits, before
     the training steps)."""
-    if sampling["sampler"] == "vllm" or launch:
-        run_launched_work("sample", sampling, staging, launch if sampling["sampler"] == "transformers" else {})
-        samples = load_from_disk(str(staging))
+    if sampling["sampler"] == "vllm":
+        run_launched_work("sample", sampling, staging, launch={})
+    elif launch:
+        run_launched_work("sample", sampling, staging, launch)
     else:
-        samples = sample_trajectories(**sampling)
-        samples.save_to_disk(str(staging))
+        sample_trajectories(**sampling).save_to_disk(str(staging))
+    samples = load_from_disk(str(staging))
     logger.info(f"[{LOG_PREFIX}] sampled {len(samples)} trajectories, {sum(samples['correct'])} correct")
 
 

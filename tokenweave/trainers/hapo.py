@@ -68,8 +68,8 @@ class HapoConfig:
         default=None,
         metadata={
             "help": "HAPO 3.1: sample each token at T·(1 + temperature_tau·ĥ), ĥ from its entropy under the previous "
-            "generation batch's statistics. Needs policy_loss; with vLLM in colocate mode only (trainers/hapo_vllm.py), "
-            "not with continuous batching. None: on with "
+            "generation batch's statistics. Needs policy_loss; with vLLM in colocate mode only "
+            "(trainers/hapo_vllm.py), not with continuous batching. None: on with "
             "the hapo signal."
         },
     )
@@ -141,9 +141,9 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
     """Divides each row of logits by its HAPO adaptive temperature (the patched vLLM sampler, for ``generate``).
 
     At every decoding step, :func:`~tokenweave.tokens.entropy.adaptive_temperature_logits` of the scores (``H`` at
-    T_base, ``T = T_base·(1 + τ·ĥ)``, ``scores / T``; vLLM's path is ``trainers.hapo_vllm``). It replaces the temperature warper, so
-    generate with ``temperature=1.0`` and put this processor before top-k / top-p / min-p (``generate`` runs the
-    ``logits_processor`` it is given before its warpers). Update ``stats`` between rollouts (``None``: plain
+    T_base, ``T = T_base·(1 + τ·ĥ)``, ``scores / T``; vLLM's path is ``trainers.hapo_vllm``). It replaces the
+    temperature warper, so generate with ``temperature=1.0`` and put this processor before top-k / top-p / min-p
+    (``generate`` runs the ``logits_processor`` it is given before its warpers). Update ``stats`` between rollouts (``None``: plain
     ``base_temperature``). With ``record_temperatures=True``, each call appends its ``[B]`` temperatures to
     :attr:`temperatures`; :meth:`pop_temperatures` returns them as ``[B, steps]`` and starts a new record.
     """

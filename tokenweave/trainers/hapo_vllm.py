@@ -96,9 +96,6 @@ class HapoTemperatureProcessor(_VllmLogitsProcessor):
         self._slots[req_idx] = settings
         return True
 
-    def apply_staged_writes(self) -> None:
-        pass
-
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         """Scale the rows of the requests that asked for it; ``ctx.expanded_idx_mapping`` maps rows to slots."""
         if not self._slots:
