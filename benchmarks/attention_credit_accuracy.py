@@ -8,7 +8,7 @@ From it, each seed trains three LoRA runs with that ``seed`` (sampling, data ord
 settings of ``configs/attention_credit_smollm2_lora.yaml`` (one generation batch spans 4 optimizer steps):
 
 - ``GRPO``: the config without its attention-credit fields (TRL's DAPO loss, one advantage per completion);
-- ``random credit``: ``attention_credit_control: random``, each completion's γ put on random tokens of it (the same
+- ``random credit``: ``signal_control: shuffle``, each completion's γ put on random tokens of it (the same
   share credited, the same values: the control that isolates the signal, the paper's "random 40 %");
 - ``coupled credit``: the config as it is.
 
@@ -36,7 +36,7 @@ from tokenweave.train import RUN_INFO_FILE, train
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs" / "attention_credit_smollm2_lora.yaml"
 WARM_START_CONFIG = REPO_ROOT / "configs" / "sft_smollm2_lora.yaml"
-METHODS = {"GRPO": None, "random credit": ["--attention_credit_control", "random"], "coupled credit": []}
+METHODS = {"GRPO": None, "random credit": ["--signal_control", "shuffle"], "coupled credit": []}
 COMPARISONS = (("coupled credit", "GRPO"), ("coupled credit", "random credit"), ("random credit", "GRPO"))
 MAX_NEW_TOKENS = 64
 

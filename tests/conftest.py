@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = REPO_ROOT / "configs"
-LAUNCH = REPO_ROOT / "tokenweave" / "accelerate_configs"
+LAUNCH = REPO_ROOT / "launch"
 PYTHON = sys.executable
 
 

@@ -90,7 +90,7 @@ def with_generation_signals(trainer, batch: dict) -> dict:
     can carry (HAPO: ``entropy_signal``, ĥ under the statistics of the whole generation batch, gathered over
     processes; Rank-GRPO: ``rank_ids``, :func:`hand_made_rank_ids`), as ``_generate_and_score_completions`` adds
     them. A collective under several processes (HAPO)."""
-    from tokenweave.trainers.signals import Generation
+    from tokenweave.trainers.rollout import Generation
 
     if "rank_grpo" in trainer.signals:
         batch = batch | {"rank_ids": hand_made_rank_ids(batch, trainer.args.rank_list_length)}
@@ -98,7 +98,7 @@ def with_generation_signals(trainer, batch: dict) -> dict:
     if hapo is None or not hapo.entropy_signal_from_generation:
         return batch
     entropies = Generation(trainer, batch, training=True, captured=[], inputs=[]).old_policy_entropies()
-    return batch | {"entropy_signal": hapo.entropy_statistics(entropies, batch)[1]}
+    return batch | {"entropy_signal": hapo.entropy_statistics(entropies, batch["completion_mask"])[1]}
 
 
 def hand_made_rank_ids(batch: dict, num_ranks: int) -> torch.Tensor:
@@ -176,7 +176,7 @@ def rank_generation(trainer, rows: slice = slice(None)) -> tuple[dict, list[dict
 def rank_advantages(trainer, rows: slice = slice(None)) -> torch.Tensor:
     """The rank_grpo signal's token advantages ``[rows, T]`` of :func:`rank_generation` (a collective: the rewards are
     gathered over processes)."""
-    from tokenweave.trainers.signals import Generation
+    from tokenweave.trainers.rollout import Generation
 
     output, inputs = rank_generation(trainer, rows)
     return trainer.signals["rank_grpo"].after_generation(Generation(trainer, output, True, [], inputs))["advantages"]
@@ -190,7 +190,7 @@ ATTENTION_CREDIT = dict(token_signals=["attention_credit"], attention_credit_lay
 def attention_credit_advantages(trainer, batch: dict) -> torch.Tensor:
     """The attention_credit signal's advantages ``[B, T]`` for a hand-made generation batch (a collective: the head
     spans are reduced over processes)."""
-    from tokenweave.trainers.signals import Generation
+    from tokenweave.trainers.rollout import Generation
 
     generation = Generation(trainer, batch, True, [], [])
     return trainer.signals["attention_credit"].after_generation(generation)["advantages"]

@@ -1,12 +1,19 @@
-"""The banded attention forward (trainers/attention.py): the same logits as the model's own attention, and the bands
-and row spans of eager attention's probabilities, kept for the chosen layers only, on the tiny model."""
+"""The reduced attention forward (models/attention.py) with attention credit's reduction (trainers/attention.py): the
+same logits as the model's own attention, and the bands and row spans of eager attention's probabilities, kept for
+the chosen layers only, on the tiny model."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from tokenweave.tokens.attention import attention_band, span_rows
-from tokenweave.trainers.attention import attention_bands, middle_layers
+from tokenweave.models.attention import reduced_attention
+from tokenweave.trainers.attention import credit_reduction, middle_layers
+
+
+def attention_bands(model, layers, width, chunk_size=128):
+    """The reduced forward keeping attention credit's band and row span of each row."""
+    return reduced_attention(model, layers, credit_reduction(width), chunk_size)
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +39,18 @@ def test_bands_equal_eager_attention(models, chunk_size):
     with torch.no_grad():
         reference = eager(ids, attention_mask=mask, output_attentions=True)
         plain = sdpa(ids, attention_mask=mask).logits
-        with attention_bands(sdpa, layers=[1], width=12, chunk_size=chunk_size) as bands:
+        with attention_bands(sdpa, layers=[1], width=12, chunk_size=chunk_size) as kept:
             logits = sdpa(ids, attention_mask=mask).logits
     assert sdpa.config._attn_implementation == "sdpa"  # restored
     valid = mask.bool()
     torch.testing.assert_close(logits[valid], plain[valid], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits[valid], reference.logits[valid], atol=1e-5, rtol=0)
-    assert set(bands.band) == {1} and bands.band[1].shape == (3, 4, 40, 12) and bands.span[1].shape == (3, 4, 40)
+    band, span = kept.outputs[1]
+    assert set(kept.outputs) == {1} and band.shape == (3, 4, 40, 12) and span.shape == (3, 4, 40)
     probs = reference.attentions[1].float()
     rows = valid.unsqueeze(1).unsqueeze(-1)  # compare the rows of real tokens (padding rows are masked later)
-    torch.testing.assert_close(bands.band[1] * rows, attention_band(probs, 12) * rows, atol=1e-6, rtol=0)
-    torch.testing.assert_close(bands.span[1] * rows[..., 0], span_rows(probs) * rows[..., 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(band * rows, attention_band(probs, 12) * rows, atol=1e-6, rtol=0)
+    torch.testing.assert_close(span * rows[..., 0], span_rows(probs) * rows[..., 0], atol=1e-5, rtol=0)
 
 
 def test_middle_layers():
@@ -86,7 +94,7 @@ def test_attention_credit_multiplies_the_advantages(model_dir, tmp_path):
     assert (gamma != 1).any() and trainer._metrics["train"]["attention_credit/credited_frac"][-1] > 0
 
     # the control: the same γ values per completion, on other tokens
-    control = make_trainer(model_dir, tmp_path, policy_loss="dapo", attention_credit_control="random", **options)
+    control = make_trainer(model_dir, tmp_path, policy_loss="dapo", signal_control="shuffle", **options)
     torch.manual_seed(0)
     shuffled = control._generate_and_score_completions(rows)["advantages"]
     for row in range(8):
@@ -109,11 +117,11 @@ def test_the_banded_forward_never_holds_a_full_map(models, monkeypatch):
 
     ids = torch.randint(4, 90, (2, 200), generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(torch, "softmax", recording_softmax)
-    with torch.no_grad(), attention_bands(sdpa, layers=[0], width=12, chunk_size=16) as bands:
+    with torch.no_grad(), attention_bands(sdpa, layers=[0], width=12, chunk_size=16) as kept:
         sdpa(ids)
     monkeypatch.undo()
     assert sizes and all(shape[-2] <= 16 and shape[-1] == 200 for shape in sizes) and len(sizes) == 13  # ⌈200/16⌉
-    assert bands.band[0].shape == (2, 4, 200, 12) and bands.span[0].shape == (2, 4, 200)
+    assert kept.outputs[0][0].shape == (2, 4, 200, 12) and kept.outputs[0][1].shape == (2, 4, 200)
 
 
 @pytest.mark.parametrize("policy_loss", ["grpo", "dapo", "cispo", "gspo", "hapo", "rank_grpo", None])
@@ -151,8 +159,8 @@ def test_bands_of_a_peft_model_are_those_of_its_adapted_attention(model_dir):
             policy(ids, attention_mask=mask)
         with policy.disable_adapter(), attention_bands(policy, layers=[0], width=12) as plain:
             policy(ids, attention_mask=mask)
-    torch.testing.assert_close(adapted.band[0] * valid, reference * valid, atol=1e-6, rtol=0)
-    assert (adapted.band[0] - plain.band[0]).abs().max() > 1e-3
+    torch.testing.assert_close(adapted.outputs[0][0] * valid, reference * valid, atol=1e-6, rtol=0)
+    assert (adapted.outputs[0][0] - plain.outputs[0][0]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("alignment", ["input", "prediction"])

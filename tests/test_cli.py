@@ -11,7 +11,9 @@ from tokenweave.cli import main as cli_main
 from tokenweave.environment import STACK, environment
 from tokenweave.launch import accelerate_config_names, resolve_accelerate_config, split_launch_arguments
 from tokenweave.pipelines.quickstart import NUM_TEST_EXAMPLES
-from tokenweave.plots import TOKEN_METRIC_PREFIXES, comparison_table, load_run, plot_command
+from tokenweave.plots import comparison_table, load_run, plot_command, token_metric_keys
+
+from .conftest import LAUNCH, REPO_ROOT
 
 
 def subcommands():
@@ -57,7 +59,8 @@ def test_launch_flags_are_split_from_the_run_flags():
 def test_accelerate_configs_by_name_or_path():
     assert {"ddp", "zero2", "zero3", "zero3_offload", "fsdp2", "cpu_zero2", "cpu_zero3", "cpu_ddp"} <= set(
         accelerate_config_names())
-    assert resolve_accelerate_config("zero3").name == "zero3.yaml"
+    assert resolve_accelerate_config("zero3") == LAUNCH / "zero3.yaml"  # the one copy: launch/, not in the package
+    assert not list((REPO_ROOT / "tokenweave").rglob("*.yaml"))
     assert resolve_accelerate_config(str(resolve_accelerate_config("zero2"))).name == "zero2.yaml"
     with pytest.raises(ValueError, match="one of .*cpu_zero2"):
         resolve_accelerate_config("zero4")
@@ -93,8 +96,10 @@ def test_plot_writes_pngs_and_a_table_with_one_row_per_run(tmp_path, capsys):
             for step in range(1, 6)]
     dpo = [{"step": step, "loss": 0.69 - 0.01 * step, "weights/rejected": 0.7, "rewards/margins": 0.1 * step}
            for step in range(1, 4)]
-    runs = [write_run(tmp_path, "hapo-run", grpo, method="grpo", token_method="hapo", global_step=5),
-            write_run(tmp_path, "cdpo-run", dpo, method="dpo", token_method="cdpo", global_step=3)]
+    runs = [write_run(tmp_path, "hapo-run", grpo, method="grpo", token_method="hapo", global_step=5,
+                      token_metric_prefixes=["entropy/q", "hapo/"]),
+            write_run(tmp_path, "cdpo-run", dpo, method="dpo", token_method="cdpo", global_step=3,
+                      token_metric_prefixes=["weights/", "kl/"])]
     (runs[1] / "eval.json").write_text(json.dumps({"accuracy": 0.25}))
     cli_main(["plot", *map(str, runs), "--output", str(tmp_path / "plots")])
     assert "runs.md" in capsys.readouterr().out
@@ -108,7 +113,9 @@ def test_plot_writes_pngs_and_a_table_with_one_row_per_run(tmp_path, capsys):
     # final loss 1/5, final reward 0.5, no accuracy, step time the median of 3, 2, 3, 2, 3
     assert table[2] == "| hapo-run | grpo | hapo | 5 | 0.2 | 0.5 |  | 3 |"
     assert table[3] == "| cdpo-run | dpo | cdpo | 3 | 0.66 |  | 0.25 |  |"  # the accuracy of its eval.json
-    assert {"weights/", "hapo/", "entropy/q"} <= set(TOKEN_METRIC_PREFIXES)
+    # the token metrics: the names with a prefix its run declared (run_info.json)
+    assert token_metric_keys([load_run(run) for run in runs]) == ["entropy/q50", "hapo/sampling_temperature",
+                                                                  "weights/rejected"]
     assert load_run(runs[0]).series("reward") == ([1, 2, 3, 4, 5], [0.1 * step for step in range(1, 6)])
     assert comparison_table([load_run(runs[1])], [runs[1]], accuracies={"cdpo-run": 0.5}).endswith("| 0.5 |  |\n")
 

@@ -18,12 +18,10 @@ from tokenweave.data.arithmetic import load_arithmetic
 from tokenweave.losses.preference import TokenPairs, sequential_kl, tdpo_loss
 from tokenweave.models import build_tiny_llama
 from tokenweave.train import train
-from tokenweave.trainers.dpo import (
-    TOKEN_WEIGHTS_KEY,
-    DataCollatorForTokenWeightedPreference,
-    TokenDPOConfig,
-    TokenDPOTrainer,
-)
+from tokenweave.tokens.controls import row_generator, shuffle_within_mask
+from tokenweave.trainers.collators import TokenColumnsCollator
+from tokenweave.trainers.dpo import TokenDPOConfig, TokenDPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .conftest import CONFIGS, prompt_and_completion_lengths, with_columns
 
@@ -152,7 +150,7 @@ def test_reduces_to_trl_sigmoid(tmp_path, models, loss_type, options):
     expected = loss_and_grads(trl_trainer, trl_batch)
     assert_same_loss_and_grads(loss_and_grads(trainer, batch), expected)
     if loss_type == "cdpo":
-        assert torch.equal(batch[TOKEN_WEIGHTS_KEY], batch["completion_mask"].float())
+        assert torch.equal(batch["critical_weights"], batch["completion_mask"].float())
 
     trl_metrics, metrics = logged_metrics(trl_trainer), logged_metrics(trainer)
     assert set(trl_metrics) == TRL_DPO_METRICS
@@ -378,9 +376,7 @@ def test_collator_truncates_and_pads_weights_like_completion_mask():
         {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6], "rejected_ids": [7], "cw": [0.1, 0.2, 0.3], "rw": [0.4]},
         {"prompt_ids": [8], "chosen_ids": [9], "rejected_ids": [10, 11], "cw": [0.5], "rw": [0.6, 0.7]},
     ]
-    collator = DataCollatorForTokenWeightedPreference(
-        pad_token_id=0, max_length=5, chosen_weights_key="cw", rejected_weights_key="rw"
-    )
+    collator = TokenColumnsCollator(DataCollatorForPreference(pad_token_id=0, max_length=5), {"w": ("cw", "rw")}, "dpo")
     batch = collator(examples)
     expected = torch.tensor(
         [
@@ -390,13 +386,12 @@ def test_collator_truncates_and_pads_weights_like_completion_mask():
             [0, 0.6, 0.7, 0, 0],
         ]
     )
-    torch.testing.assert_close(batch[TOKEN_WEIGHTS_KEY], expected)
-    assert torch.equal(batch[TOKEN_WEIGHTS_KEY] > 0, batch["completion_mask"].bool())
+    torch.testing.assert_close(batch["w"], expected)
+    assert torch.equal(batch["w"] > 0, batch["completion_mask"].bool())
 
-    keep_end = DataCollatorForTokenWeightedPreference(
-        pad_token_id=0, max_length=4, truncation_mode="keep_end", chosen_weights_key="cw", rejected_weights_key="rw"
-    )(examples)
-    torch.testing.assert_close(keep_end[TOKEN_WEIGHTS_KEY][0], torch.tensor([0, 0.1, 0.2, 0.3]))
+    keep_end = TokenColumnsCollator(DataCollatorForPreference(pad_token_id=0, max_length=4, truncation_mode="keep_end"),
+                                    {"w": ("cw", "rw")}, "dpo")(examples)
+    torch.testing.assert_close(keep_end["w"][0], torch.tensor([0, 0.1, 0.2, 0.3]))
 
 
 def test_config_loss_types():
@@ -487,33 +482,47 @@ def test_cdpo_yaml_config_trains_on_a_dataset_with_scores(tmp_path, tiny_model_c
 
 
 # ---------------------------------------------------------------------------------------------------
-# The random-signal control: token_weight_control "shuffle"
+# The random-signal control: signal_control "shuffle" (the host's, on the critical_tokens signal's weights)
 
 
 def random_weights(n, index):
     return torch.rand(n, generator=torch.Generator().manual_seed(100 + index)).tolist()
 
 
+def loss_token_weights(trainer, batch) -> torch.Tensor:
+    """The ``[2B, L-1]`` token weights the preference loss gets for ``batch`` (chosen rows, then rejected)."""
+    seen = []
+    fn = trainer.preference_loss.fn
+
+    def spy(pairs, config, **inputs):
+        seen.append(torch.cat(inputs["token_weights"]))
+        return fn(pairs, config, **inputs)
+
+    trainer.preference_loss = trainer.preference_loss._replace(fn=spy)
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    trainer.preference_loss = trainer.preference_loss._replace(fn=fn)
+    return seen[0]
+
+
 def test_shuffle_control_permutes_each_rows_weights_by_seed(tmp_path, models):
-    """Each prepared row keeps its own weights (the same multiset on the same tokens), in another order, and the
-    order depends on the seed (and only on it: the same seed gives the same rows)."""
+    """Each row keeps its own weights (the same multiset on the same tokens), in another order, and the order depends
+    on the seed (and only on it: the same seed gives the same rows)."""
     dataset = with_columns(pairs_dataset(), models[2], random_weights, random_weights)
-    plain = make_trainer(tmp_path, models, dataset, loss_type="cdpo").train_dataset
-    shuffled = {
-        seed: make_trainer(
-            tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle", token_weight_control_seed=seed
-        ).train_dataset
-        for seed in (0, 1)
-    }
-    again = make_trainer(
-        tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle", token_weight_control_seed=0
-    ).train_dataset
-    for column in ("chosen_weights", "rejected_weights"):
-        for row in range(len(plain)):
-            original, permuted = plain[row][column], shuffled[0][row][column]
-            assert sorted(permuted) == sorted(original) and permuted != original
-            assert again[row][column] == permuted
-        assert shuffled[1][column] != shuffled[0][column]
+    plain_trainer = make_trainer(tmp_path, models, dataset, loss_type="cdpo")
+    plain = loss_token_weights(plain_trainer, first_batch(plain_trainer))
+    shuffled = {}
+    for seed in (0, 1, 0):
+        trainer = make_trainer(tmp_path, models, dataset, loss_type="cdpo", signal_control="shuffle",
+                               signal_control_seed=seed)
+        shuffled.setdefault(seed, []).append(loss_token_weights(trainer, first_batch(trainer)))
+    mask = first_batch(plain_trainer)["completion_mask"][:, 1:].bool()
+    for row in range(plain.size(0)):
+        original, permuted = plain[row][mask[row]], shuffled[0][0][row][mask[row]]
+        assert torch.equal(torch.sort(permuted).values, torch.sort(original).values)
+        assert not torch.equal(permuted, original) and (shuffled[0][0][row][~mask[row]] == 0).all()
+        assert torch.equal(shuffled[0][1][row], shuffled[0][0][row])  # the same seed: the same order
+    assert not torch.equal(shuffled[1][0], shuffled[0][0])
 
 
 def test_shuffle_control_with_equal_weights_gives_the_unshuffled_loss(tmp_path, models):
@@ -521,32 +530,43 @@ def test_shuffle_control_with_equal_weights_gives_the_unshuffled_loss(tmp_path, 
     constant = lambda n, index: [0.25 + 0.1 * index] * n  # noqa: E731
     dataset = with_columns(pairs_dataset(), models[2], constant, constant)
     plain = make_trainer(tmp_path, models, dataset, loss_type="cdpo")
-    shuffled = make_trainer(tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle")
+    shuffled = make_trainer(tmp_path, models, dataset, loss_type="cdpo", signal_control="shuffle")
     batch = first_batch(shuffled)
-    assert torch.equal(batch[TOKEN_WEIGHTS_KEY], first_batch(plain)[TOKEN_WEIGHTS_KEY])
+    assert torch.equal(loss_token_weights(shuffled, batch), loss_token_weights(plain, first_batch(plain)))
     assert_same_loss_and_grads(loss_and_grads(shuffled, batch), loss_and_grads(plain, first_batch(plain)), atol=0)
 
 
 def test_shuffle_control_changes_the_loss_of_unequal_weights(tmp_path, models):
-    """With unequal weights the shuffled loss differs, and equals the plain loss on the permuted weights (the control
-    is only a permutation of the inputs of the same loss)."""
+    """With unequal weights the shuffled loss differs, and equals the plain loss on the weights permuted as c203bc0
+    permuted them in the dataset (each row and side by its own generator, ``row_generator(seed, row, side)``): the
+    control is only a permutation of the inputs of the same loss, which the batch split does not change."""
     dataset = with_columns(pairs_dataset(), models[2], random_weights, random_weights)
-    shuffled = make_trainer(tmp_path, models, dataset, loss_type="cdpo", token_weight_control="shuffle")
-    permuted = Dataset.from_dict(
-        {
-            **{column: dataset[column] for column in ("prompt", "chosen", "rejected")},
-            **{column: shuffled.train_dataset[column] for column in ("chosen_weights", "rejected_weights")},
-        }
-    )
+    shuffled = make_trainer(tmp_path, models, dataset, loss_type="cdpo", signal_control="shuffle",
+                            signal_control_seed=7)
+
+    def permuted_by_hand(example, index):
+        columns = {}
+        for side, column in enumerate(("chosen_weights", "rejected_weights")):
+            weights = torch.tensor(example[column]).unsqueeze(0)
+            generator = row_generator(7, index, side)
+            columns[column] = shuffle_within_mask(weights, torch.ones_like(weights), generator).squeeze(0).tolist()
+        return columns
+
     plain = make_trainer(tmp_path, models, dataset, loss_type="cdpo")
-    on_permuted = make_trainer(tmp_path, models, permuted, loss_type="cdpo")
+    on_permuted = make_trainer(tmp_path, models, dataset.map(permuted_by_hand, with_indices=True), loss_type="cdpo")
     loss, _ = loss_and_grads(shuffled, first_batch(shuffled))
     assert not torch.allclose(loss, loss_and_grads(plain, first_batch(plain))[0])
     torch.testing.assert_close(loss, loss_and_grads(on_permuted, first_batch(on_permuted))[0], atol=0, rtol=0)
+    # two micro-batches of 2 pairs see the same permutations (seeded by the dataset row, not the batch)
+    halves = [shuffled.data_collator([shuffled.train_dataset[i] for i in rows]) for rows in ((0, 1), (2, 3))]
+    expected = loss_and_grads(on_permuted, on_permuted.data_collator([on_permuted.train_dataset[i] for i in (2, 3)]))
+    torch.testing.assert_close(loss_and_grads(shuffled, halves[1])[0], expected[0], atol=0, rtol=0)
 
 
-def test_shuffle_control_needs_a_weighted_loss():
-    with pytest.raises(ValueError, match="needs a loss that uses them"):
-        TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="sigmoid", token_weight_control="shuffle")
-    with pytest.raises(ValueError, match=r"token_weight_control must be one of \['none', 'shuffle'\], got 'random'"):
-        TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="cdpo", token_weight_control="random")
+def test_shuffle_control_needs_a_signal_that_weighs_tokens():
+    with pytest.raises(ValueError, match="signal_control 'shuffle' moves token weights: it needs a token signal"):
+        TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="sigmoid", signal_control="shuffle")
+    with pytest.raises(ValueError, match=r"signal_control must be one of \['none', 'shuffle', 'inverse'\], got 'random'"):
+        TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="cdpo", signal_control="random")
+    with pytest.raises(ValueError, match="'inverse' takes the other end of a selection's ranking"):
+        TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="cdpo", signal_control="inverse")

@@ -95,10 +95,13 @@ def test_a_non_finite_gradient_norm_stops_before_the_optimizer_step(model_dir, t
 
 
 def test_every_trainer_wraps_its_loss_in_the_guard():
-    # the guard's compute_loss must come before the trainer's own in the MRO, for SFT, DPO and GRPO alike
+    # the guard's compute_loss must come before every other compute_loss in the MRO (the token signals' host, first
+    # among the bases, defines none), for SFT, DPO and GRPO alike
     from tokenweave.trainers import TokenDPOTrainer, TokenGRPOTrainer, TokenSFTTrainer
     from tokenweave.trainers.finite import FiniteTrainingMixin
+    from tokenweave.trainers.host import SignalHostMixin
 
     for trainer_class in (TokenSFTTrainer, TokenDPOTrainer, TokenGRPOTrainer):
-        assert trainer_class.__mro__[1] is FiniteTrainingMixin
-        assert "compute_loss" not in vars(trainer_class) and "_get_grad_norm" not in vars(trainer_class)
+        assert trainer_class.__mro__[1:3] == (SignalHostMixin, FiniteTrainingMixin)
+        for cls in trainer_class.__mro__[:2]:
+            assert "compute_loss" not in vars(cls) and "_get_grad_norm" not in vars(cls)

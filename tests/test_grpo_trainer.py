@@ -2,7 +2,6 @@
 effects worked out by hand, gradient-accumulation invariance, and short HAPO runs of the tiny model (CPU)."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from tokenweave.tokens.entropy import entropy_signal, entropy_stats
 from tokenweave.train import train
 from tokenweave.trainers import TokenGRPOConfig
 
-from .conftest import CONFIGS, REPO_ROOT
+from .conftest import CONFIGS
 from .grpo_harness import (
     assert_same_update,
     digit_reward,
@@ -367,7 +366,7 @@ def test_hapo_training_run(model_dir, tmp_path, steps_per_generation):
 # generation of a resumed run samples as the saved run's next one would have (not at T_base, as a fresh run does).
 # ---------------------------------------------------------------------------------------------------------------
 def test_signal_state_round_trips_through_a_checkpoint(model_dir, tmp_path):
-    from tokenweave.trainers.grpo import SIGNAL_STATE_FILE
+    from tokenweave.trainers.host import SIGNAL_STATE_FILE
 
     settings = dict(policy_loss="hapo", per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
     saved = make_trainer(model_dir, tmp_path, max_steps=2, **settings)
@@ -392,41 +391,6 @@ def test_signal_state_round_trips_through_a_checkpoint(model_dir, tmp_path):
     assert resumed.state.global_step == 3 and len(sampled_with) == 1
     for name in ("pivot", "rms", "scale_pos", "scale_neg"):
         assert torch.equal(getattr(sampled_with[0], name), getattr(stats, name)), name
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The README's worked example of a token signal ("Adding a token signal"), run as written: its weights γ^t multiply
-# the loss exactly as the same column given as token_weights_column does. Picked by module path, it registers itself.
-# ---------------------------------------------------------------------------------------------------------------
-def readme_signal_example() -> str:
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme[readme.index("### Adding a token signal"):]
-    start = section.index("```python\n") + len("```python\n")
-    return section[start:section.index("```\n", start)]
-
-
-def test_the_readme_token_signal_example(model_dir, tmp_path, monkeypatch):
-    from tokenweave.trainers.signals import TOKEN_SIGNALS, TokenSignal, register_token_signal
-
-    (tmp_path / "readme_signal.py").write_text(readme_signal_example())
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        trainer = make_trainer(model_dir, tmp_path, policy_loss="dapo", token_signals=["readme_signal:EarlyTokens"])
-        assert trainer.args.token_signals == ["early_tokens"] and list(trainer.signals) == ["early_tokens"]
-        output = trainer._generate_and_score_completions([DATASET[0]] * 4 + [DATASET[1]] * 4)
-        mask = output["completion_mask"]
-        torch.testing.assert_close(output["early_weights"], 0.9 ** torch.arange(mask.size(1)) * mask)
-        batch = output | {"advantages": torch.randn(8, generator=torch.Generator().manual_seed(0))}
-        weighted = loss_and_grads(trainer, [batch])
-        column = make_trainer(model_dir, tmp_path, policy_loss="dapo", token_weights_column="early_weights")
-        assert_same_update(weighted, loss_and_grads(column, [batch]))
-        plain = make_trainer(model_dir, tmp_path, policy_loss="dapo")
-        assert abs(loss_and_grads(plain, [batch])[0] - weighted[0]) > 1e-4
-        with pytest.raises(ValueError, match="already registered as 'early_tokens'"):
-            register_token_signal("early_tokens")(type("Other", (TokenSignal,), {}))
-    finally:
-        TOKEN_SIGNALS.pop("early_tokens", None)
-        sys.modules.pop("readme_signal", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

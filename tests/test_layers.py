@@ -1,12 +1,14 @@
-"""The package's layers: every module imports only from its own layer and the layers below it.
+"""The package's layers: every module imports only from its own layer and the layers below it, and no module imports
+itself through others (no import cycle, within a layer either).
 
 The order (DESIGN.md; the README's layout section), top to bottom::
 
     cli.py, heatmap.py  >  pipelines/  >  train.py, config.py  >  inference/  >  trainers/  >  losses/  >  tokens/
-    >  models/, data/, rewards/
+    >  models/, data/, rewards/, checks.py, registry.py
 
-Every ``import`` and ``from ... import`` of the package's modules is read with ``ast`` (those inside functions
-too), relative imports resolved against the importing module.
+Every ``import`` and ``from ... import`` of the package's modules is read with ``ast``: at module level, under
+``if TYPE_CHECKING:`` and inside functions alike (they tie the modules just the same), relative imports resolved
+against the importing module.
 """
 
 import ast
@@ -16,7 +18,7 @@ from .conftest import REPO_ROOT
 
 PACKAGE = "tokenweave"
 LAYERS = (
-    ("models", "data", "rewards", "checks"),
+    ("models", "data", "rewards", "checks", "registry"),
     ("tokens",),
     ("losses",),
     ("trainers",),
@@ -84,8 +86,76 @@ def layer_violations(package_dir: Path) -> list[str]:
     return problems
 
 
+def import_graph(package_dir: Path) -> dict[str, set[str]]:
+    """module → the package's modules it imports (each import resolved to the most specific module that exists: a
+    file, or a package's ``__init__``)."""
+    modules = {module_name(path, package_dir): path for path in sorted(package_dir.rglob("*.py"))}
+
+    def existing(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    return {module: {target for _, imported in imported_modules(path, module)
+                     if (target := existing(imported)) not in (None, module)}
+            for module, path in modules.items()}
+
+
+def import_cycles(package_dir: Path) -> list[list[str]]:
+    """Every import cycle of the package, as the modules around it (one per strongly connected component of the
+    import graph with more than one module; Tarjan's algorithm)."""
+    graph = import_graph(package_dir)
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
 def test_no_import_runs_up_the_layers():
     assert layer_violations(REPO_ROOT / PACKAGE) == []
+
+
+def test_the_package_has_no_import_cycle():
+    assert import_cycles(REPO_ROOT / PACKAGE) == []
+
+
+def test_a_cycle_through_type_checking_or_a_function_is_found(tmp_path):
+    package = tmp_path / PACKAGE
+    (package / "trainers").mkdir(parents=True)
+    (package / "trainers" / "__init__.py").write_text("")
+    (package / "trainers" / "signals.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .grpo import Trainer\n")
+    (package / "trainers" / "grpo.py").write_text("from .signals import Signal\n")
+    (package / "trainers" / "card.py").write_text("def method():\n    from .dpo import Config\n")
+    (package / "trainers" / "dpo.py").write_text("from . import card\n")
+    (package / "trainers" / "host.py").write_text("from .signals import Signal\n")  # imports, closes no cycle
+    assert import_cycles(package) == [
+        ["tokenweave.trainers.card", "tokenweave.trainers.dpo"],
+        ["tokenweave.trainers.grpo", "tokenweave.trainers.signals"],
+    ]
 
 
 def test_relative_imports_resolve_against_the_importing_module(tmp_path):

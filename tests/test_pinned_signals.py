@@ -123,5 +123,5 @@ def test_attention_credit_is_pinned(model_dir, tmp_path):
 
 @pytest.mark.parametrize("control", ["none", "shuffle"])
 def test_cdpo_is_pinned(tmp_path, control):
-    options = {} if control == "none" else {"token_weight_control": "shuffle", "token_weight_control_seed": 3}
+    options = {} if control == "none" else {"signal_control": "shuffle", "signal_control_seed": 3}
     assert_pinned(cdpo_case(tmp_path, **options), PINNED[f"cdpo_{control}"])

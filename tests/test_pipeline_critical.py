@@ -180,7 +180,8 @@ def test_pipeline_step_f_trains_cdpo_and_the_dpo_baseline_on_the_scored_pairs(pi
     differing = {
         key for key, value in cdpo_args.to_dict().items() if dpo_args.to_dict()[key] != value
     }
-    assert differing == {"loss_type", "output_dir"}
+    assert differing == {"loss_type", "token_signals", "output_dir"}  # cDPO's weights: the critical_tokens signal
+    assert (cdpo_args.token_signals, dpo_args.token_signals) == (["critical_tokens"], [])
     assert cdpo_config["loss_type"] == "cdpo"
 
 
@@ -229,7 +230,7 @@ def test_a_launched_training_step_runs_the_configs_it_would_run_in_process(tmp_p
         assert command[1:5] == ["-m", "tokenweave.cli", "train", "--config"]
         assert command[-4:] == ["--accelerate_config", "cpu_zero2", "--num_processes", "2"]
         assert as_dicts(parsed) == as_dicts(in_process[-1]), name
-    assert in_process[0][1].seed == 3 and in_process[-1][1].token_weight_control == "shuffle"
+    assert in_process[0][1].seed == 3 and in_process[-1][1].signal_control == "shuffle"
 
 
 def test_compare_dpo_needs_the_cdpo_config():
@@ -419,12 +420,12 @@ def test_a_warm_started_pipeline_starts_every_later_step_from_the_warm_start(tmp
         assert json.loads((work / side / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
             work / "warm_start"
         )
-    # The shuffled control: the cDPO run with token_weight_control shuffle, seeded by the pipeline's seed.
+    # The shuffled control: the cDPO run with signal_control shuffle, seeded by the pipeline's seed.
     (_, cdpo_args, _), (_, dpo_args, _), (_, shuffled_args, _) = runs[3:]
-    assert (cdpo_args.token_weight_control, shuffled_args.token_weight_control) == ("none", "shuffle")
-    assert shuffled_args.token_weight_control_seed == 5 and dpo_args.loss_type == ["sigmoid"]
+    assert (cdpo_args.signal_control, shuffled_args.signal_control) == ("none", "shuffle")
+    assert shuffled_args.signal_control_seed == 5 and dpo_args.loss_type == ["sigmoid"]
     differing = {key for key, value in cdpo_args.to_dict().items() if shuffled_args.to_dict()[key] != value}
-    assert differing == {"token_weight_control", "token_weight_control_seed", "output_dir"}
+    assert differing == {"signal_control", "signal_control_seed", "output_dir"}
     # The records: every step after the warm start reads it; the evidence steps read the pairs.
     records = {step: json.loads((work / step / STEP_RECORD).read_text()) for step in ("warm_start", "samples", "rollout")}
     assert records["samples"]["inputs"]["warm_start"] == records["warm_start"]

@@ -30,7 +30,7 @@ RUNS = {
     # enough from T_base that a lost sampler state changes the samples
     "hapo": ["--config", str(CONFIGS / "hapo_tiny.yaml"), "--temperature_tau", "0.9"],
     "rank_grpo": ["--config", str(CONFIGS / "rank_grpo_tiny.yaml")],
-    "attention_credit": ["--config", str(CONFIGS / "attention_credit_tiny.yaml"), "--attention_credit_control", "random"],
+    "attention_credit": ["--config", str(CONFIGS / "attention_credit_tiny.yaml"), "--signal_control", "shuffle"],
 }
 
 

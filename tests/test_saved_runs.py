@@ -12,16 +12,17 @@ from tokenweave.config import parse_run_config
 from tokenweave.data.loading import load_run_dataset
 from tokenweave.models import public_model_id
 from tokenweave.train import RUN_CONFIG_FILE, RUN_INFO_FILE, train
-from tokenweave.trainers.card import PAPERS
+from tokenweave.losses.policy import HAPO_PAPER
+from tokenweave.losses.preference import CDPO_PAPER, TDPO_PAPER
 
 from .conftest import CONFIGS
 
 pytestmark = pytest.mark.usefixtures("tiny_model_cache", "one_torch_thread")
 
 RUNS = {  # name: (config, extra flags, token method, loss_type, policy_loss, token signals, papers)
-    "cdpo": ("cdpo_tiny.yaml", [], "cdpo", ["cdpo"], None, [], ["cdpo"]),
-    "tdpo2": ("tdpo_tiny.yaml", [], "tdpo2", ["tdpo2"], None, [], ["tdpo"]),
-    "hapo": ("hapo_tiny.yaml", [], "hapo", "dapo", "hapo", ["hapo"], ["hapo"]),
+    "cdpo": ("cdpo_tiny.yaml", [], "cdpo", ["cdpo"], None, ["critical_tokens"], [CDPO_PAPER]),
+    "tdpo2": ("tdpo_tiny.yaml", [], "tdpo2", ["tdpo2"], None, [], [TDPO_PAPER]),
+    "hapo": ("hapo_tiny.yaml", [], "hapo", "dapo", "hapo", ["hapo"], [HAPO_PAPER]),
 }
 
 
@@ -39,14 +40,14 @@ def test_a_saved_run_names_its_method(name, tmp_path, scored_pairs):
     front_matter = yaml.safe_load(card.split("---")[1])
     assert {"tokenweave", method} <= set(front_matter["tags"])
     for paper in papers:
-        assert f"eprint        = {{{PAPERS[paper][1]}}}" in card
+        assert f"eprint        = {{{paper.arxiv}}}" in card
     assert "## tokenweave method options" in card
 
     saved = json.loads((output_dir / RUN_INFO_FILE).read_text())
     assert saved == json.loads(json.dumps(info, default=str))
     assert (saved["token_method"], saved["loss_type"], saved["policy_loss"], saved["token_signals"]) == (
         method, loss_type, policy_loss, signals)
-    assert saved["papers"] == [f"arXiv:{PAPERS[paper][1]}" for paper in papers]
+    assert saved["papers"] == [f"arXiv:{paper.arxiv}" for paper in papers]
 
     # the run config: the file's keys and the flags, parsed; it parses to the same configs
     run_config = yaml.safe_load((output_dir / RUN_CONFIG_FILE).read_text())

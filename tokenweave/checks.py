@@ -7,9 +7,12 @@ component's fields such as ``AttentionCreditConfig``) and raises one :class:`Con
    them (argparse converts string defaults only), so ``8.5`` or ``[8]`` for an ``int``, or ``"4"`` for a list, would
    otherwise fail deep inside training.
 2. **choices**: a field whose metadata lists ``choices`` (argparse checks them for command-line values only).
-3. **ranges**: :data:`RANGES` (by field name; :data:`METHOD_RANGES` where a method reads a field differently, as
-   DPO's β > 0 against GRPO's β ≥ 0); a ranged float must also be finite.
-4. **combinations**: :data:`COMBINATIONS`, rules over several fields of one config.
+3. **ranges**: the ``option_ranges`` of the config's classes (a class attribute ``{field: Range}``: each method's
+   config mixin declares its own fields' ranges), else :data:`RANGES` (the fields of TRL, transformers and the
+   pipelines, by name; :data:`METHOD_RANGES` where a trainer reads a field differently, as DPO's β > 0 against
+   GRPO's β ≥ 0); a ranged float must also be finite.
+4. **rules**: the ``option_rules`` of the config's classes (``{field: its value → a message, or None when it
+   holds}``), and :data:`COMBINATIONS`, rules over several fields of one config.
 
 The configs call it first thing in ``__post_init__`` (so the command line, YAML files, the pipelines'
 ``dataclasses.replace`` and the Python API all pass through it, before TRL's own ``__post_init__`` divides by a batch
@@ -70,7 +73,8 @@ POSITIVE = Range(0, low_open=True)
 UNIT = Range(0, 1)
 FINITE = Range()
 
-# field name -> its range, whatever the config (a field absent from a config is skipped)
+# field name -> its range, whatever the config (a field absent from a config is skipped); a method's own fields declare
+# their range in their metadata instead
 RANGES: dict[str, Range] = {
     # RunArguments
     "num_train_examples": AT_LEAST_ONE, "num_test_examples": AT_LEAST_ONE, "task_list_length": AT_LEAST_ONE,
@@ -91,14 +95,6 @@ RANGES: dict[str, Range] = {
     "temperature": POSITIVE, "top_p": Range(0, 1, low_open=True), "top_k": NON_NEGATIVE, "min_p": UNIT,
     "repetition_penalty": POSITIVE, "epsilon": NON_NEGATIVE, "epsilon_high": NON_NEGATIVE, "delta": POSITIVE,
     "top_entropy_quantile": UNIT,
-    # tokenweave: token-level DPO
-    "tdpo_alpha": NON_NEGATIVE, "tdpo_kl_chunk_size": AT_LEAST_ONE,
-    # tokenweave: policy losses and HAPO
-    "dual_clip_c": Range(1, low_open=True), "temperature_tau": Range(-1, 1, low_open=True, high_open=True),
-    "adv_beta": NON_NEGATIVE, "clip_alpha": NON_NEGATIVE, "entropy_pivot": UNIT,
-    # tokenweave: Rank-GRPO
-    "rank_list_length": AT_LEAST_ONE, "rank_overflow_penalty": FINITE, "rank_eos_bonus": FINITE,
-    "rank_early_stop_penalty": FINITE,
     # tokenweave: the critical-token pipeline, sampling, evaluation
     "num_examples": AT_LEAST_ONE, "num_samples_per_prompt": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE, "sample_batch_size": AT_LEAST_ONE, "score_batch_size": AT_LEAST_ONE,
@@ -106,10 +102,6 @@ RANGES: dict[str, Range] = {
     "negative_top_p": Range(0, 1, low_open=True), "rollout_trajectories": NON_NEGATIVE, "rollout_samples": AT_LEAST_ONE,
     "rollout_temperature": POSITIVE, "rollout_max_new_tokens": AT_LEAST_ONE, "vllm_tensor_parallel_size": AT_LEAST_ONE,
     "vllm_gpu_memory_utilization": Range(0, 1, low_open=True),
-    # tokenweave: attention credit
-    "attention_credit_window": AT_LEAST_ONE, "attention_credit_head_fraction": Range(0, 0.5, low_open=True),
-    "attention_credit_quantile": UNIT, "attention_credit_amplification": POSITIVE, "attention_credit_alpha": UNIT,
-    "attention_credit_lookback": AT_LEAST_ONE, "attention_credit_chunk_size": AT_LEAST_ONE,
 }
 
 # config class name (or a base class's) -> field name -> its range there, over RANGES
@@ -121,14 +113,6 @@ METHOD_RANGES: dict[str, dict[str, Range]] = {
 }
 
 
-def _horizon(config) -> str | None:
-    horizon = config.attention_credit_horizon
-    if not (isinstance(horizon, list) and len(horizon) == 2 and all(type(v) is int for v in horizon)
-            and 0 <= horizon[0] <= horizon[1]):
-        return f"attention_credit_horizon must be two integers 0 <= H_lo <= H_hi, got {horizon!r}"
-    return None
-
-
 def _candidates(config) -> str | None:
     if config.task_num_candidates <= config.task_list_length:
         return (f"task_num_candidates ({config.task_num_candidates}) must exceed task_list_length "
@@ -136,18 +120,9 @@ def _candidates(config) -> str | None:
     return None
 
 
-def _layers(config) -> str | None:
-    layers = config.attention_credit_layers
-    if layers is not None and (not layers or any(type(layer) is not int or layer < 0 for layer in layers)):
-        return f"attention_credit_layers must be a non-empty list of layer indices >= 0 (or None), got {layers!r}"
-    return None
-
-
 # (the fields a rule reads, the rule: a message for a broken combination, else None)
 COMBINATIONS: list[tuple[tuple[str, ...], Callable[[object], str | None]]] = [
-    (("attention_credit_horizon",), _horizon),
     (("task_num_candidates", "task_list_length"), _candidates),
-    (("attention_credit_layers",), _layers),
 ]
 
 
@@ -193,7 +168,19 @@ def _matches(value, hint) -> bool:
     return True  # an annotation this checker does not read
 
 
+def _declared(config, attribute: str) -> dict:
+    """The ``option_ranges`` or ``option_rules`` the classes of ``config`` declare (module docstring)."""
+    declared = {}
+    for base in reversed(type(config).__mro__):
+        declared.update(vars(base).get(attribute, {}))
+    return declared
+
+
 def _range_of(config, name: str) -> Range | None:
+    """A field's range: its config's declared one, else the trainer's or the common one by name."""
+    declared = _declared(config, "option_ranges")
+    if name in declared:
+        return declared[name]
     for base in type(config).__mro__:
         override = METHOD_RANGES.get(base.__name__, {})
         if name in override:
@@ -204,6 +191,7 @@ def _range_of(config, name: str) -> Range | None:
 def option_problems(config) -> list[str]:
     """Every problem of ``config``'s options (module docstring), one message each; empty when all hold."""
     hints = typing.get_type_hints(type(config))
+    rules = _declared(config, "option_rules")
     problems, broken = [], set()
     for item in fields(config):
         if not item.init:
@@ -221,6 +209,12 @@ def option_problems(config) -> list[str]:
         allowed = _range_of(config, name)
         if allowed is not None and isinstance(value, (int, float)) and not allowed.holds(value):
             problems.append(f"{name} must be {allowed}, got {value!r}")
+            broken.add(name)
+            continue
+        rule = rules.get(name)
+        message = rule(value) if rule is not None else None
+        if message:
+            problems.append(message)
             broken.add(name)
     names = {item.name for item in fields(config)}
     for needed, rule in COMBINATIONS:

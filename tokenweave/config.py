@@ -103,10 +103,21 @@ def config_keys(*dataclass_types) -> set[str]:
     return {item.name for dataclass_type in dataclass_types for item in fields(dataclass_type) if item.init} | {"env"}
 
 
+RENAMED_KEYS = {
+    "token_weight_control": "signal_control (shuffle or inverse, for every token signal)",
+    "token_weight_control_seed": "signal_control_seed",
+    "attention_credit_control": "signal_control (shuffle or inverse, for every token signal; 'random' is 'shuffle')",
+    "attention_credit_control_seed": "signal_control_seed",
+}
+"""Keys of earlier versions: their new name, said instead of a guess."""
+
+
 def did_you_mean(unknown: list[str], known: set[str]) -> str:
-    """`` Did you mean: 'lerning_rate' -> 'learning_rate'?`` for the unknown names close to a known one (or "")."""
-    guesses = [f"{name!r} -> {close[0]!r}" for name in unknown
-               if (close := difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75))]
+    """`` Did you mean: 'lerning_rate' -> 'learning_rate'?`` for the unknown names close to a known one (or ""); a
+    renamed key (:data:`RENAMED_KEYS`) gets its new name."""
+    guesses = [f"{name!r} -> {RENAMED_KEYS[name]}" if name in RENAMED_KEYS else f"{name!r} -> {close[0]!r}"
+               for name in unknown if name in RENAMED_KEYS
+               or (close := difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75))]
     return f" Did you mean: {', '.join(guesses)}?" if guesses else ""
 
 

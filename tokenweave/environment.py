@@ -1,5 +1,5 @@
 """``tokenweave env``: what to paste into a bug report, as ``trl env`` prints it, plus tokenweave's own facts (the
-built-in model cache and what is in it, the shipped accelerate configs)."""
+built-in model cache and what is in it, the shipped accelerate configs and the folder they are read from)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def accelerate_default_config() -> str:
 
 def environment() -> dict[str, str]:
     """Every fact ``tokenweave env`` prints, by label."""
-    from .launch import accelerate_config_names
+    from .launch import accelerate_config_names, accelerate_configs_dir
     from .models.registry import cache_dir
 
     cache = cache_dir()
@@ -69,7 +69,7 @@ def environment() -> dict[str, str]:
         **{f"{label} version": installed_version(name) for name, label in STACK},
         "Devices": devices(),
         "Accelerate default config": accelerate_default_config(),
-        "Shipped accelerate configs": ", ".join(accelerate_config_names()),
+        "Shipped accelerate configs": f"{', '.join(accelerate_config_names())} (in {accelerate_configs_dir()})",
         "Built-in model cache": f"{cache} ({', '.join(cached) if cached else 'empty'})",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "unset"),
     }

@@ -1,7 +1,8 @@
 """Launching several processes as ``trl`` does: ``tokenweave train --config run.yaml --accelerate_config zero3
 --num_processes 8`` re-runs the command through ``accelerate launch`` (in this process, which becomes the launcher).
 
-``--accelerate_config`` takes a path, or the name of a config shipped in ``tokenweave/accelerate_configs``:
+``--accelerate_config`` takes a path, or the name of a config shipped in the repository's ``launch/`` folder (installed
+as the package ``tokenweave.launch_configs``: :func:`accelerate_configs_dir`):
 
 ==================  ===========================================================================================
 name                what it launches
@@ -10,7 +11,8 @@ ddp                 data parallelism, one machine, 8 GPUs, bf16
 zero2, zero3        DeepSpeed ZeRO-2 / ZeRO-3, one machine, 8 GPUs, bf16 (ZeRO-3 gathers the 16-bit model on save)
 zero3_offload       ZeRO-3 with optimizer state and parameters in CPU memory
 fsdp2               PyTorch FSDP2 (``fully_shard``), one machine, 8 GPUs, bf16
-multinode_zero3     ZeRO-3 on two machines of 8 GPUs (``--machine_rank``, ``--main_process_ip`` on each)
+multinode_zero3     ZeRO-3 on two machines of 8 GPUs (``--machine_rank``, ``--main_process_ip`` on each; on SLURM,
+                    ``launch/slurm_multinode.sh`` sets them)
 cpu_ddp, cpu_zero2, CPU variants with 2 processes (no GPU), for tests and laptops; run configs with
 cpu_zero3           ``use_cpu: true`` and ``bf16: false``
 ==================  ===========================================================================================
@@ -30,19 +32,29 @@ import argparse
 import os
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
-ACCELERATE_CONFIGS = Path(__file__).with_name("accelerate_configs")
+
+def accelerate_configs_dir() -> Path:
+    """The folder of the shipped accelerate configs: the repository's ``launch/``. pyproject.toml and setup.py map it
+    to the package ``tokenweave.launch_configs``, so a wheel install has it as ``tokenweave/launch_configs/`` and an
+    editable install imports it from ``launch/``; a checkout that is on ``sys.path`` but not installed has no such
+    package, and the folder is then ``launch/`` next to the ``tokenweave`` folder."""
+    try:
+        return Path(str(files("tokenweave.launch_configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "launch"
 
 
 def accelerate_config_names() -> list[str]:
     """The names ``--accelerate_config`` accepts besides a path."""
-    return sorted(path.stem for path in ACCELERATE_CONFIGS.glob("*.yaml"))
+    return sorted(path.stem for path in accelerate_configs_dir().glob("*.yaml"))
 
 
 def resolve_accelerate_config(name_or_path: str) -> Path:
     """A shipped config by name (``zero3``), else an existing file; otherwise a ``ValueError`` listing the names."""
-    shipped = ACCELERATE_CONFIGS / f"{name_or_path}.yaml"
+    shipped = accelerate_configs_dir() / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
     if Path(name_or_path).is_file():

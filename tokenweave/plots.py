@@ -8,7 +8,9 @@ file                   what it shows
 =====================  ===============================================================================================
 ``loss.png``           the training loss per step
 ``rewards.png``        GRPO: the mean reward per step, and each reward function's; DPO: reward margins and accuracies
-``token_metrics.png``  the token-aware metrics the runs logged (:data:`TOKEN_METRIC_PREFIXES`), one panel each
+``token_metrics.png``  the token-aware metrics the runs logged, one panel each: those whose names start with a prefix
+                       the run declared (its trainer's and its token signals', in ``run_info.json`` or a
+                       checkpoint's ``token_metrics.json``)
 =====================  ===============================================================================================
 
 ``runs.md``: one row per run: its name, method, token-level method, steps, final loss, final mean reward, eval
@@ -25,20 +27,20 @@ from pathlib import Path
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .train import RUN_INFO_FILE, checkpoints_newest_first
+from .trainers.host import TOKEN_METRICS_FILE
 
-# name prefixes of the token-aware metrics (README, "Logging and curves", says what each is and where it comes from)
-TOKEN_METRIC_PREFIXES = ("weights/", "kl/", "entropy/q", "entropy_signal/", "hapo/", "clip_ratio/", "rank/",
-                         "attention_credit/", "rewards/non_finite")
 MAX_TOKEN_PANELS = 16
 
 
 @dataclass
 class RunLog:
-    """One run's name (its directory's), its ``run_info.json`` (empty for a checkpoint only) and log history."""
+    """One run's name (its directory's), its ``run_info.json`` (empty for a checkpoint only), log history and the
+    name prefixes of its token-aware metrics."""
 
     name: str
     info: dict
     history: list[dict]
+    token_metric_prefixes: tuple[str, ...] = ()
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         points = [(entry["step"], entry[key]) for entry in self.history if key in entry and "step" in entry]
@@ -56,19 +58,22 @@ def load_run(directory: str | Path, name: str | None = None) -> RunLog:
     name = name or directory.name
     if (directory / RUN_INFO_FILE).is_file():
         info = json.loads((directory / RUN_INFO_FILE).read_text())
-        return RunLog(name, info, info.get("log_history", []))
-    states = [checkpoint / TRAINER_STATE_NAME for checkpoint in checkpoints_newest_first(directory)
-              if (checkpoint / TRAINER_STATE_NAME).is_file()]
-    if states:
-        return RunLog(name, {}, json.loads(states[0].read_text()).get("log_history", []))
+        return RunLog(name, info, info.get("log_history", []), tuple(info.get("token_metric_prefixes", ())))
+    checkpoints = [checkpoint for checkpoint in checkpoints_newest_first(directory)
+                   if (checkpoint / TRAINER_STATE_NAME).is_file()]
+    if checkpoints:
+        metrics = checkpoints[0] / TOKEN_METRICS_FILE
+        prefixes = tuple(json.loads(metrics.read_text())) if metrics.is_file() else ()
+        return RunLog(name, {}, json.loads((checkpoints[0] / TRAINER_STATE_NAME).read_text()).get("log_history", []),
+                      prefixes)
     raise FileNotFoundError(f"{str(directory)!r} has no {RUN_INFO_FILE} and no checkpoint-N/trainer_state.json: "
                             "not a tokenweave run directory.")
 
 
 def token_metric_keys(runs: list[RunLog]) -> list[str]:
-    """The token-aware metrics (:data:`TOKEN_METRIC_PREFIXES`) any of ``runs`` logged, in a stable order."""
+    """The token-aware metrics any of ``runs`` logged (names with a prefix the run declared), in a stable order."""
     keys = {key for run in runs for entry in run.history for key in entry
-            if not key.startswith("eval_") and key.startswith(TOKEN_METRIC_PREFIXES)}
+            if not key.startswith("eval_") and key.startswith(run.token_metric_prefixes)}
     return sorted(keys)[:MAX_TOKEN_PANELS]
 
 

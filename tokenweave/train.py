@@ -2,7 +2,7 @@
 
 The same entry point runs under accelerate / DeepSpeed::
 
-    accelerate launch --config_file tokenweave/accelerate_configs/zero3.yaml -m tokenweave.train --config configs/X.yaml
+    accelerate launch --config_file launch/zero3.yaml -m tokenweave.train --config configs/X.yaml
 
 Code that trains (the pipelines, the tests) calls the typed entry point :func:`train_from_args` with the three
 config dataclasses; :func:`train` is the command line, which parses them and calls it.
@@ -30,13 +30,14 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl import get_peft_config, get_quantization_config
 
-from .checks import NON_NEGATIVE, UNIT, ConfigError, check_options
+from .checks import ConfigError, check_options
 from .config import given_run_config, parse_run_config
-from .data.loading import check_token_values, load_run_dataset
+from .data.loading import load_run_dataset
 from .models import resolve_model
 from .rewards import get_reward_func
 from .trainers import METHODS
-from .trainers.card import PAPERS, token_method
+from .trainers.card import token_method
+from .trainers.signals import active_signal_classes
 
 RUN_INFO_FILE = "run_info.json"
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -71,11 +72,6 @@ def build_trainer(run_args, training_args, model_args):
         list_length=run_args.task_list_length,
         num_candidates=run_args.task_num_candidates,
     )
-    rank_signal = "rank_grpo" in (getattr(training_args, "token_signals", None) or [])
-    if rank_signal and run_args.dataset_name == "recommendation":
-        if training_args.rank_list_length != run_args.task_list_length:
-            raise ValueError(f"rank_list_length ({training_args.rank_list_length}) must equal the recommendation "
-                             f"task's task_list_length ({run_args.task_list_length}).")
     train_dataset = load_run_dataset(
         run_args.dataset_name, run_args.dataset_train_split, num_examples=run_args.num_train_examples, **dataset_kwargs
     )
@@ -84,12 +80,9 @@ def build_trainer(run_args, training_args, model_args):
         eval_dataset = load_run_dataset(
             run_args.dataset_name, run_args.dataset_test_split, num_examples=run_args.num_test_examples, **dataset_kwargs
         )
-    if run_args.method == "dpo":  # cDPO's per-token scores s_t in [0, 1], weights finite and >= 0
-        ranges = {training_args.chosen_scores_column: UNIT, training_args.rejected_scores_column: UNIT,
-                  training_args.chosen_weights_column: NON_NEGATIVE, training_args.rejected_weights_column: NON_NEGATIVE}
-        for split, dataset in ((run_args.dataset_train_split, train_dataset), (run_args.dataset_test_split, eval_dataset)):
-            if dataset is not None:
-                check_token_values(dataset, f"{run_args.dataset_name} (split {split!r})", ranges)
+    for split, dataset in ((run_args.dataset_train_split, train_dataset), (run_args.dataset_test_split, eval_dataset)):
+        for signal in active_signal_classes(training_args) if dataset is not None else ():
+            signal.check_dataset(dataset, training_args, f"{run_args.dataset_name} (split {split!r})")
     peft_config = get_peft_config(model_args)
     if run_args.lora_layers is not None:
         if peft_config is None:
@@ -112,7 +105,7 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
     """What the run was: method, model, how it was distributed, and what it logged."""
     accelerator = trainer.accelerator
     deepspeed_plugin = accelerator.state.deepspeed_plugin
-    method = token_method(trainer.args)
+    method = token_method(trainer.args, trainer.trainer_kind)
     return {
         "method": run_args.method,
         "token_method": method["method"],
@@ -120,7 +113,8 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
         "policy_loss": method["policy_loss"],
         "token_signals": method["token_signals"],
         "method_options": method["options"],
-        "papers": [f"arXiv:{PAPERS[name][1]}" for name in method["papers"]],
+        "papers": [f"arXiv:{paper.arxiv}" for paper in method["papers"]],
+        "token_metric_prefixes": list(trainer.token_metric_prefixes),
         "model_name_or_path": model_args.model_name_or_path,
         "use_peft": model_args.use_peft,
         "distributed_type": str(accelerator.distributed_type),

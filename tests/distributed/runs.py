@@ -5,7 +5,7 @@ Several runs in one launch. A 2-process CPU launch spends 20-50 s importing torc
 ranks, and a tiny 2-step run trains in a few seconds, so the runs of a ZeRO stage share ONE launch of this file as a
 script (:func:`launch_runs`)::
 
-    accelerate launch --config_file tokenweave/accelerate_configs/cpu_zero3.yaml tests/distributed/runs.py RUNS.json
+    accelerate launch --config_file launch/cpu_zero3.yaml tests/distributed/runs.py RUNS.json
 
 ``RUNS.json`` is a list of argument lists, each the command line of ``python -m tokenweave.train``, parsed and run
 one after another by :func:`tokenweave.train.train_from_args`. Each run is a full run (its own trainer,
@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = REPO_ROOT / "tokenweave" / "accelerate_configs"
+LAUNCH = REPO_ROOT / "launch"
 
 
 def run_subprocess(command: list[str], timeout: int) -> str:
@@ -50,7 +50,7 @@ def run_subprocess(command: list[str], timeout: int) -> str:
 
 
 def accelerate_launch(launch_config: str, args: list[str], timeout: int = 600) -> None:
-    """``accelerate launch --config_file tokenweave/accelerate_configs/<launch_config> <args>``."""
+    """``accelerate launch --config_file launch/<launch_config> <args>``."""
     run_subprocess(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / launch_config), *args],
         timeout=timeout,

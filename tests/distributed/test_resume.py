@@ -25,7 +25,7 @@ from .runs import LAUNCH, REPO_ROOT, kill_tree, launch_runs
 pytestmark = pytest.mark.slow
 
 METHODS = ["sft", "cdpo", "tdpo2", "hapo", "rank_grpo", "attention_credit"]
-ATTENTION_CREDIT = ["--attention_credit_control", "none"]  # the coupled rule itself, not the single-process control
+ATTENTION_CREDIT = ["--signal_control", "none"]  # the coupled rule itself, not the single-process control
 
 
 def argv(name: str, scored_pairs: str, output_dir: Path) -> list[str]:

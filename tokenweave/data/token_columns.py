@@ -1,9 +1,12 @@
-"""Per-token dataset columns aligned to the completion tokens TRL 1.16's DPOTrainer sees.
+"""Per-token dataset columns aligned to the tokens TRL 1.16's trainers see, for SFT and DPO alike.
 
-A per-token column (critical-token scores, cDPO weights) holds one value per token of the completion *as
-DPOTrainer tokenises it* (its ``chosen_ids``/``rejected_ids``: the tokens of ``prompt + completion`` after the
-tokenised prompt, template tokens and EOS included), not per raw position of ``question + response``
-(methods.md, cDPO ambiguity 3).
+A per-token column (critical-token scores, cDPO weights, a user's weights) holds one value per *completion token* as
+the trainer tokenises it, not per raw position of ``question + response`` (methods.md, cDPO ambiguity 3):
+
+- DPO: one value per token of ``chosen_ids`` / ``rejected_ids`` (the tokens of ``prompt + completion`` after the
+  tokenised prompt, template tokens and EOS included), in a chosen and a rejected column;
+- SFT: one value per token TRL labels (``labels != -100``: the completion tokens of a prompt-completion example, the
+  assistant tokens with ``assistant_only_loss``, every token of a language-modelling example), before truncation.
 
 Contents, top to bottom:
 
@@ -11,15 +14,19 @@ Contents, top to bottom:
 * :func:`token_texts`: the text each token adds to the decoded sequence (for the heatmap).
 * :func:`content_tokens`: which of a completion's tokens carry its message text (not the template, not EOS), and
   which token holds a given character of that text.
-* :func:`completion_token_weights`: a ``dataset.map`` function that checks cDPO's per-token weights (or
-  scores, turned into weights) against the tokenised completions.
+* :func:`completion_token_counts` and :func:`check_token_columns`: the completion tokens of an example, and a
+  ``dataset.map`` check that every per-token column has one value per token of them.
+* :func:`labelled_positions`: an SFT column's values at its example's labelled positions.
+* :func:`token_char_spans`, :func:`message_texts` and :func:`rule_weights`: span rules, a regular expression on
+  the assistant's text → a weight for the completion tokens that carry a match.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,49 +118,98 @@ def content_tokens(tokens: Sequence[str], content: str) -> ContentTokens | None:
     return ContentTokens(start, first, end, ends)
 
 
-# (chosen_values, rejected_values, chosen_ids, rejected_ids) -> (chosen_weights, rejected_weights), lists.
-ScoresToWeights = Callable[[list, list, list, list], tuple[list[float], list[float]]]
+def completion_token_counts(example: Mapping[str, Any], kind: str) -> list[int]:
+    """The number of completion tokens of a tokenised example, one per completion (module docstring): SFT, its
+    labelled tokens; DPO, its chosen and rejected tokens."""
+    if kind == "dpo":
+        return [len(example["chosen_ids"]), len(example["rejected_ids"])]
+    return [sum(label != -100 for label in example["labels"])]
 
 
-def completion_token_weights(
-    example: dict[str, Any],
-    index: int,
-    weights_columns: tuple[str, str],
-    scores_columns: tuple[str, str],
-    scores_to_weights: ScoresToWeights,
-    dataset_name: str,
-) -> dict[str, list[float]]:
-    """cDPO weights of one tokenised example, checked against its completion tokens (``dataset.map`` function).
+def check_token_columns(example: dict[str, Any], index: int, *, columns: Mapping[str, Sequence[str]], kind: str,
+                        dataset_name: str) -> dict:
+    """``dataset.map`` check: each of ``columns`` (batch key → dataset column names, one per completion) has one
+    number per completion token of the tokenised ``example`` (:func:`completion_token_counts`). A ``ValueError``
+    names the row, the column, the counts and what the values must align with."""
+    counts = completion_token_counts(example, kind)
+    sides = ("chosen", "rejected") if kind == "dpo" else ("",)
+    for names in columns.values():
+        for name, count, side in zip(names, counts, sides, strict=True):
+            value = example.get(name)
+            if value is None or len(value) != count:
+                found = "no value" if value is None else f"{len(value)} values"
+                if kind == "dpo":
+                    has = (f"its {side} completion has {count} tokens ({side}_ids). Per-token values must align "
+                           "with the completion tokens as DPOTrainer tokenises them (after the prompt, template "
+                           "tokens and EOS included)")
+                else:
+                    has = (f"it has {count} labelled tokens. Per-token values must align with the tokens "
+                           "SFTTrainer labels (labels != -100), before truncation")
+                raise ValueError(f"row {index} of the tokenised {dataset_name} dataset has {found} in column "
+                                 f"{name!r}, but {has}. Prompt: {str(example.get('prompt'))[:80]!r}")
+    return {}
 
-    Reads the weights columns, or else the scores columns turned into weights by ``scores_to_weights``
-    (called with the chosen and rejected scores and ``chosen_ids``/``rejected_ids``; the DPO trainer passes
-    cDPO's ``critical_token_weights``); returns them under the weights column names. Raises ``ValueError``
-    naming the row and column when a column is missing, a value is None, or its length is not the number
-    of tokens in ``chosen_ids``/``rejected_ids``.
-    """
-    if all(column in example for column in weights_columns):
-        columns = weights_columns
-    elif all(column in example for column in scores_columns):
-        columns = scores_columns
-    else:
-        raise ValueError(
-            f"loss_type 'cdpo': the {dataset_name} dataset has no per-token weights: it needs columns "
-            f"{list(weights_columns)} (weights) or {list(scores_columns)} (critical-token scores), with one value "
-            "per completion token."
-        )
-    values = []
-    for side, column in zip(("chosen", "rejected"), columns, strict=True):
-        num_tokens = len(example[f"{side}_ids"])
-        value = example[column]
-        if value is None or len(value) != num_tokens:
-            found = "no value" if value is None else f"{len(value)} values"
-            raise ValueError(
-                f"loss_type 'cdpo': row {index} of the tokenised {dataset_name} dataset has {found} in column "
-                f"{column!r}, but its {side} completion has {num_tokens} tokens ({side}_ids). Per-token values "
-                "must align with the completion tokens as DPOTrainer tokenises them (after the prompt, template "
-                f"tokens and EOS included). Prompt: {str(example.get('prompt'))[:80]!r}"
-            )
-        values.append([float(v) for v in value])
-    if columns == scores_columns:
-        values = scores_to_weights(*values, example["chosen_ids"], example["rejected_ids"])
-    return dict(zip(weights_columns, values, strict=True))
+
+def labelled_positions(values: Sequence[float], labels: Sequence[int]) -> list[float]:
+    """An SFT column's values (one per labelled token) at their positions of the sequence: ``labels``' length, 0
+    where the label is -100."""
+    remaining = iter(values)
+    return [next(remaining) if label != -100 else 0.0 for label in labels]
+
+
+def token_char_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """``(text, spans)``: the decoded sequence ``ids`` and each token's ``[start, end)`` characters in it.
+
+    From the fast tokenizer's offsets of the decoded text when it tokenises back to ``ids`` (the usual case: a chat
+    template's text); otherwise from :func:`token_texts`, exact but quadratic in the length."""
+    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(encoded["input_ids"]) == list(ids):
+            return text, [tuple(span) for span in encoded["offset_mapping"]]
+    ends = list(itertools.accumulate(len(piece) for piece in token_texts(tokenizer, ids)))
+    return "".join(token_texts(tokenizer, ids)), list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def message_texts(completion: Any) -> list[str]:
+    """The assistant's texts of a completion: the contents of its assistant messages (conversational), or the
+    string itself."""
+    if isinstance(completion, str):
+        return [completion]
+    return [message["content"] for message in completion if message.get("role") == "assistant"
+            and isinstance(message.get("content"), str)]
+
+
+@dataclass(frozen=True)
+class RuleMatches:
+    """What :func:`rule_weights` found: a weight per token, and the tokens of each match (to check truncation)."""
+
+    weights: list[float]
+    matches: list[tuple[str, int, int]]
+    """``(pattern, first token, last token + 1)`` of each match."""
+
+
+def rule_weights(text: str, spans: Sequence[tuple[int, int]], contents: Sequence[str], rules: Mapping[str, float],
+                 first_content_char: int = 0) -> RuleMatches:
+    """Span rules (ms-swift's ``loss_scale`` idea): each token of ``spans`` (its characters in ``text``) gets the
+    weight of the first rule (a regular expression → a weight, in order) with a match in the assistant's ``contents``
+    that overlaps the token's characters; 1 for a token that no match overlaps. The contents are found in ``text`` in
+    order, from ``first_content_char`` (after the prompt); a content missing from the text is a ``ValueError``."""
+    weights: list[float | None] = [None] * len(spans)
+    matches = []
+    position = first_content_char
+    for content in contents:
+        start = text.find(content, position)
+        if start < 0:
+            raise ValueError(f"weight rules: the assistant's text {content[:60]!r} is not in the tokenised sequence.")
+        position = start + len(content)
+        for pattern, weight in rules.items():
+            for match in re.finditer(pattern, content):
+                low, high = start + match.start(), start + match.end()
+                tokens = [i for i, (begin, end) in enumerate(spans) if begin < high and end > low]
+                if tokens:
+                    matches.append((pattern, tokens[0], tokens[-1] + 1))
+                for i in tokens:
+                    if weights[i] is None:
+                        weights[i] = float(weight)
+    return RuleMatches([1.0 if weight is None else weight for weight in weights], matches)

@@ -17,7 +17,7 @@ and looked up with :func:`get_policy_loss`. All share one signature::
     entropy_signal    [B, T]  HAPO's ĥ from a token signal (trainers.hapo: statistics of the whole generation batch);
                               hapo uses it, grpo / dapo / gspo only split their clip metrics by its sign
 
-A token signal's other loss inputs (``TokenSignal.loss_kwargs``, e.g. Rank-GRPO's ``rank_ids`` and ``num_ranks``)
+A token signal's other loss inputs (``TokenSignal.token_inputs``, e.g. Rank-GRPO's ``rank_ids`` and ``num_ranks``)
 arrive as further keyword arguments, which the loss that needs them names (``rank_grpo``). Contents: the registry, :class:`PolicyLossConfig`,
 :func:`aggregate_loss` and TRL's normalisers (:func:`trl_aggregate_loss`), :func:`importance_ratio`, the clipped
 surrogate :func:`ppo_clip` (no method flags), HAPO's loss math (:func:`adaptive_clip_bounds`, Sec. 3.4, and
@@ -56,13 +56,13 @@ TRL's config maps as ``epsilon_low = args.epsilon``, ``epsilon_high = args.epsil
 loss: add ``beta · per_token_kl`` to the per-token loss before aggregating.
 """
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from tokenweave.registry import Paper, lookup
 from tokenweave.tokens import entropy as token_entropy
 from tokenweave.tokens.ranks import rank_log_ratio
 
@@ -71,6 +71,16 @@ PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 POLICY_LOSSES: dict[str, PolicyLossFn] = {}
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+DAPO_PAPER = Paper("DAPO: An Open-Source LLM Reinforcement Learning System at Scale", "2503.14476", "yu2025dapo",
+                   "Qiying Yu and others", 2025)
+CISPO_PAPER = Paper("MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", "2506.13585",
+                    "minimax2025m1", "MiniMax", 2025)
+GSPO_PAPER = Paper("Group Sequence Policy Optimization", "2507.18071", "zheng2025gspo", "Chujie Zheng and others", 2025)
+HAPO_PAPER = Paper("Heterogeneous Adaptive Policy Optimization: Tailoring Optimization to Every Token's Nature",
+                   "2509.16591", "liu2025hapo", "Liu and others", 2025)
+RANK_GRPO_PAPER = Paper("Rank-GRPO: Training LLM-based Conversational Recommender Systems with Reinforcement Learning",
+                        "2510.20150", "zhu2025rankgrpo", "Zhu and others", 2025)
 
 @dataclass(frozen=True)
 class PolicyLossDefaults:
@@ -87,6 +97,8 @@ class PolicyLossDefaults:
     with the loss that runs (HAPO with its parts off is DAPO); None: ``loss_type`` is left as given."""
     importance_sampling_level: Literal["token", "sequence"] | None = None
     """A level the loss fixes (GSPO: ``"sequence"``); None: TRL's ``importance_sampling_level``."""
+    paper: Paper | None = None
+    """The paper the model card cites for it (None: GRPO's, which TRL's card cites already)."""
 
     def __post_init__(self):
         if self.loss_agg_mode not in LOSS_AGG_MODES:
@@ -104,10 +116,12 @@ def register_policy_loss(
     epsilon_high: float | None = None,
     trl_loss_type: str | None = None,
     importance_sampling_level: Literal["token", "sequence"] | None = None,
+    paper: Paper | None = None,
 ) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator: register a policy loss under ``name`` (a name can be taken only once), with the settings its paper
-    fixes (:class:`PolicyLossDefaults`: aggregation mode, default upper clip, TRL ``loss_type``, ratio level)."""
-    defaults = PolicyLossDefaults(loss_agg_mode, epsilon_high, trl_loss_type, importance_sampling_level)
+    fixes (:class:`PolicyLossDefaults`: aggregation mode, default upper clip, TRL ``loss_type``, ratio level) and the
+    paper itself."""
+    defaults = PolicyLossDefaults(loss_agg_mode, epsilon_high, trl_loss_type, importance_sampling_level, paper)
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         if POLICY_LOSSES.get(name, fn) is not fn:
@@ -124,20 +138,14 @@ def get_policy_loss(name: str) -> PolicyLossFn:
     registers a decorated function, which this name then aliases; an undecorated one is registered under this name,
     with the defaults of :func:`register_policy_loss`); ``ValueError`` listing the registered names otherwise."""
     if ":" in name and name not in POLICY_LOSSES:
-        module, _, attribute = name.partition(":")
-        loss = getattr(importlib.import_module(module), attribute, None)
-        if not callable(loss):
-            raise ValueError(f"policy loss {name!r}: {module} has no function {attribute!r}")
+        loss = lookup(name, POLICY_LOSSES, "policy loss")
         registered_as = next((key for key, value in POLICY_LOSSES.items() if value is loss), None)
         if registered_as is None:
             register_policy_loss(name)(loss)
         else:  # decorated in its module: this name is an alias, with the decorator's settings
             POLICY_LOSSES[name], POLICY_LOSS_DEFAULTS[name] = loss, POLICY_LOSS_DEFAULTS[registered_as]
         return loss
-    try:
-        return POLICY_LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy loss {name!r}; registered: {', '.join(sorted(POLICY_LOSSES))}") from None
+    return lookup(name, POLICY_LOSSES, "policy loss")
 
 
 @dataclass(frozen=True)
@@ -410,7 +418,7 @@ def _weighted_with_metrics(per_token_loss, dual_clipped, token_weights, ratio, a
     return per_token_loss, metrics
 
 
-@register_policy_loss("dapo", epsilon_high=0.28, trl_loss_type="dapo")
+@register_policy_loss("dapo", epsilon_high=0.28, trl_loss_type="dapo", paper=DAPO_PAPER)
 @register_policy_loss("grpo", loss_agg_mode="seq-mean-token-mean", trl_loss_type="grpo")
 def clipped_policy_loss(
     logps: torch.Tensor,
@@ -439,7 +447,8 @@ def clipped_policy_loss(
     )
 
 
-@register_policy_loss("gspo", loss_agg_mode="seq-mean-token-mean", trl_loss_type="grpo", importance_sampling_level="sequence")
+@register_policy_loss("gspo", loss_agg_mode="seq-mean-token-mean", trl_loss_type="grpo", importance_sampling_level="sequence",
+                      paper=GSPO_PAPER)
 def gspo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -464,7 +473,7 @@ def gspo_policy_loss(
     return _clipped_surrogate(logps, old_logps, advantages, mask, config, token_weights, "sequence", entropy_signal)
 
 
-@register_policy_loss("cispo", epsilon_high=5.0, trl_loss_type="cispo")
+@register_policy_loss("cispo", epsilon_high=5.0, trl_loss_type="cispo", paper=CISPO_PAPER)
 def cispo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -497,7 +506,7 @@ def cispo_policy_loss(
     return per_token_loss, {"cispo_clip_ratio": _masked_mean(clipped, mask)}
 
 
-@register_policy_loss("hapo", epsilon_high=0.28, trl_loss_type="dapo")
+@register_policy_loss("hapo", epsilon_high=0.28, trl_loss_type="dapo", paper=HAPO_PAPER)
 def hapo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -548,7 +557,7 @@ def hapo_policy_loss(
     )
 
 
-@register_policy_loss("rank_grpo", epsilon_high=0.08, trl_loss_type="dapo")
+@register_policy_loss("rank_grpo", epsilon_high=0.08, trl_loss_type="dapo", paper=RANK_GRPO_PAPER)
 def rank_grpo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

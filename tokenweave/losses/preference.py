@@ -14,13 +14,15 @@ one signature::
 
     pairs    TokenPairs             the six per-token tensors of the batch
     config   PreferenceLossConfig   β and the method's knobs
-    inputs   the extra inputs named in ``needs``, each a (chosen, rejected) pair:
-             token_weights   ([B, T_w], [B, T_l])   one weight per completion token (cDPO)
+    inputs   the extra inputs named in ``needs``, each a (chosen, rejected) pair, e.g.:
+             token_weights   ([B, T_w], [B, T_l])   one weight per completion token (cDPO; from a token signal)
              sequential_kl   ([B], [B])             SeqKL = Σ_t KL(π_ref ‖ π_θ), from the final hidden states of
                                                     both models (TDPO; chunked_sequential_kl(...).sum(-1))
 
-Registered: ``cdpo`` (needs token_weights), ``tdpo1`` and ``tdpo2`` (need sequential_kl). The DPO trainer
-(:class:`tokenweave.trainers.dpo.TokenDPOTrainer`) gathers the inputs a loss needs and nothing else.
+``needs`` is open: the DPO trainer (:class:`tokenweave.trainers.dpo.TokenDPOTrainer`) computes ``sequential_kl``
+itself, and every other input must be given by a token signal that is on (the config refuses a run where none
+does, before anything loads). Registered: ``cdpo`` (needs token_weights), ``tdpo1`` and ``tdpo2`` (need
+sequential_kl); your own, as ``@register_preference_loss`` or ``loss_type: package.module:function``.
 
 Contents, top to bottom:
 
@@ -43,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..registry import Paper, lookup
 from ..tokens.chunked import map_masked_chunks
 
 
@@ -97,44 +100,54 @@ class PreferenceLossConfig:
 
 PreferenceLossFn = Callable[..., PreferenceLossOutput]
 
-PREFERENCE_INPUTS = ("token_weights", "sequential_kl")
-"""The extra inputs a preference loss may need (module docstring), besides :class:`TokenPairs`."""
+CDPO_PAPER = Paper("Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning Capability",
+                   "2411.19943", "lin2024critical", "Zicheng Lin and others", 2024)
+TDPO_PAPER = Paper("Token-level Direct Preference Optimization", "2404.11999", "zeng2024token",
+                   "Yongcheng Zeng and others", 2024)
 
 
 class PreferenceLoss(NamedTuple):
-    """A registered preference loss: its function and the extra inputs (:data:`PREFERENCE_INPUTS`) it needs."""
+    """A registered preference loss: its function, the extra inputs it needs (module docstring) and its paper (for
+    the model card; None: none)."""
 
     fn: PreferenceLossFn
     needs: frozenset[str]
+    paper: Paper | None = None
 
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
 
 
-def register_preference_loss(name: str, needs: tuple[str, ...] = ()) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
+def register_preference_loss(name: str, needs: tuple[str, ...] = (), paper: Paper | None = None,
+                             ) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
     """Decorator: register a preference loss under ``name`` (a name can be taken only once), with the extra inputs
-    it needs; the trainer computes those and passes them as keyword arguments."""
-    unknown = set(needs) - set(PREFERENCE_INPUTS)
-    if unknown:
-        raise ValueError(f"unknown preference-loss inputs {sorted(unknown)}; expected some of {PREFERENCE_INPUTS}")
+    it needs (the trainer's own, or a token signal's; passed as keyword arguments) and its paper."""
 
     def decorator(fn: PreferenceLossFn) -> PreferenceLossFn:
         if name in PREFERENCE_LOSSES and PREFERENCE_LOSSES[name].fn is not fn:
             raise ValueError(f"a preference loss is already registered as {name!r}")
-        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, frozenset(needs))
+        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, frozenset(needs), paper)
         return fn
 
     return decorator
 
 
 def get_preference_loss(name: str) -> PreferenceLoss:
-    """The preference loss registered as ``name``; ``ValueError`` listing the registered names otherwise."""
-    try:
+    """The preference loss registered as ``name``, or ``package.module:function`` (the module is imported, which
+    registers a decorated function, which this name then aliases; an undecorated one is registered under this name,
+    needing nothing); ``ValueError`` listing the registered names otherwise."""
+    if name in PREFERENCE_LOSSES:
         return PREFERENCE_LOSSES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown preference loss {name!r}; registered: {', '.join(sorted(PREFERENCE_LOSSES))}"
-        ) from None
+    fn = lookup(name, {key: loss.fn for key, loss in PREFERENCE_LOSSES.items()}, "preference loss")
+    registered = next((loss for loss in PREFERENCE_LOSSES.values() if loss.fn is fn), None)
+    PREFERENCE_LOSSES[name] = registered or PreferenceLoss(fn, frozenset())
+    return PREFERENCE_LOSSES[name]
+
+
+def is_preference_loss(name: str) -> bool:
+    """Whether ``name`` names a token-level preference loss (registered, or ``package.module:function``), as opposed
+    to one of TRL's ``loss_type`` values."""
+    return name in PREFERENCE_LOSSES or ":" in name
 
 
 def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
@@ -271,7 +284,7 @@ def tdpo_loss(
     )
 
 
-@register_preference_loss("cdpo", needs=("token_weights",))
+@register_preference_loss("cdpo", needs=("token_weights",), paper=CDPO_PAPER)
 def cdpo_loss(
     pairs: TokenPairs, config: PreferenceLossConfig, *, token_weights: tuple[Tensor, Tensor]
 ) -> PreferenceLossOutput:
@@ -280,7 +293,7 @@ def cdpo_loss(
     return token_weighted_dpo_loss(pairs, *token_weights, beta=config.beta, label_smoothing=config.label_smoothing)
 
 
-@register_preference_loss("tdpo1", needs=("sequential_kl",))
+@register_preference_loss("tdpo1", needs=("sequential_kl",), paper=TDPO_PAPER)
 def tdpo1_loss(
     pairs: TokenPairs, config: PreferenceLossConfig, *, sequential_kl: tuple[Tensor, Tensor]
 ) -> PreferenceLossOutput:
@@ -288,7 +301,7 @@ def tdpo1_loss(
     return tdpo_loss(pairs, *sequential_kl, beta=config.beta, variant="tdpo1")
 
 
-@register_preference_loss("tdpo2", needs=("sequential_kl",))
+@register_preference_loss("tdpo2", needs=("sequential_kl",), paper=TDPO_PAPER)
 def tdpo2_loss(
     pairs: TokenPairs, config: PreferenceLossConfig, *, sequential_kl: tuple[Tensor, Tensor]
 ) -> PreferenceLossOutput:

@@ -32,8 +32,8 @@ rollout        ``rollout/``         with ``rollout_trajectories > 0``: ``report.
 cdpo           ``cdpo/``            (f) only with ``cdpo_config``: that run of the policy on ``pairs/``
 dpo            ``dpo/``             only with ``compare_dpo``: the same run with ``loss_type: sigmoid`` (plain DPO on
                                     the same pairs and budget: the baseline of cDPO)
-cdpo_shuffled  ``cdpo_shuffled/``   only with ``compare_shuffled``: the cDPO run with ``token_weight_control: shuffle``
-                                    (each completion's weights on random tokens: the random-signal control)
+cdpo_shuffled  ``cdpo_shuffled/``   only with ``compare_shuffled``: the cDPO run with ``signal_control: shuffle`` (each
+                                    completion's weights on random tokens: the random-signal control)
 =============  ===================  ====================================================================================
 
 Sampling and scoring are split over the processes of the launch flags (``--accelerate_config``, ``--num_processes``:
@@ -226,7 +226,7 @@ class CriticalPipelineConfig:
     compare_shuffled: bool = field(
         default=False,
         metadata={
-            "help": "With cdpo_config: also train cDPO with token_weight_control 'shuffle' (each completion's own "
+            "help": "With cdpo_config: also train cDPO with signal_control 'shuffle' (each completion's own "
             "weights on random tokens, seeded by `seed`), into cdpo_shuffled/: the random-signal control."
         },
     )
@@ -333,12 +333,10 @@ def training_runs(config: CriticalPipelineConfig) -> dict[str, TrainingRun]:
         runs["warm_start"] = _training_run(config.warm_start_config, "sft", own_dataset=True)
     if config.cdpo_config is not None:
         runs["cdpo"] = _training_run(config.cdpo_config, "dpo")
-    if config.compare_dpo:
-        runs["dpo"] = runs["cdpo"].variant(loss_type="sigmoid")
+    if config.compare_dpo:  # plain DPO: TRL's loss, no token signal
+        runs["dpo"] = runs["cdpo"].variant(loss_type="sigmoid", token_signals=None)
     if config.compare_shuffled:
-        runs["cdpo_shuffled"] = runs["cdpo"].variant(
-            token_weight_control="shuffle", token_weight_control_seed=config.seed
-        )
+        runs["cdpo_shuffled"] = runs["cdpo"].variant(signal_control="shuffle", signal_control_seed=config.seed)
     return runs
 
 

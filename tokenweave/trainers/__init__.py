@@ -1,10 +1,11 @@
 """Thin subclasses of TRL's trainers, one per TRL trainer; a method is picked by config, not by class. What a method
-adds around TRL's GRPO loop is a token-signal component (:mod:`.signals`; HAPO's: :mod:`.hapo`)."""
+adds around a TRL trainer's loop is a token signal (:mod:`.signals`, hosted alike by the three trainers:
+:mod:`.host`; HAPO's: :mod:`.hapo`), and, where it needs one, a registered loss (``tokenweave.losses``)."""
 
 from .dpo import TokenDPOConfig, TokenDPOTrainer
 from .grpo import TokenGRPOConfig, TokenGRPOTrainer
-from .signals import TokenSignal, register_token_signal
 from .sft import TokenSFTConfig, TokenSFTTrainer
+from .signals import TokenBatch, TokenSignal, register_token_signal
 
 # ``method:`` in a run config -> (trainer class, config class).
 METHODS = {
@@ -21,6 +22,7 @@ __all__ = [
     "TokenGRPOTrainer",
     "TokenSFTConfig",
     "TokenSFTTrainer",
+    "TokenBatch",
     "TokenSignal",
     "register_token_signal",
 ]

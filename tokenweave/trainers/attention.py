@@ -1,45 +1,32 @@
-"""Attention-derived credit as a token signal (Li et al., arXiv 2510.13554, the preplan-and-anchor rhythm), and the
-attention forward it needs: one no-grad forward that keeps, for a few layers, only the band of each attention row
-that the credit reads (``tokens.attention``), never the N × N maps.
+"""Attention-derived credit as a token signal (Li et al., arXiv 2510.13554, the preplan-and-anchor rhythm).
 
 The signal ``attention_credit`` (:class:`AttentionCreditSignal`), after each generation: the policy that sampled
-(π_old, with its adapter) runs once over prompt + completion inside :func:`attention_bands` (the chosen layers: 5
-evenly spaced in the middle third by default); the heads of those layers are grouped by span (30 % local, 30 %
-global, over the response rows of the whole generation batch, all processes), WAAD comes from the local group's
-mean band, FAI from the global group's, and the credit rule gives γ per completion token (:func:`attention_credit`;
-which row of the forward stands for token t is ``attention_credit_alignment``: by default its own). The advantages
-become ``A · γ`` (``[B, T]``), for both signs by default (v2), so every registered policy loss (and TRL's
-``loss_type`` path) takes them. ``attention_credit_control: random`` puts each row's γ on random completion tokens
-(the same values, so the same share credited: ``tokens.controls.shuffle_within_mask``). Logged:
-``attention_credit/credited_frac``, ``attention_credit/gamma_mean``, ``attention_credit/waad_mean``,
-``attention_credit/fai_mean`` (over the completion tokens of all processes). ``tokenweave attention-heatmap``
-(:mod:`tokenweave.inference.attention_credit`) shows γ, WAAD and FAI of sampled completions.
-
-``with attention_bands(model, layers, width) as bands: model(input_ids, attention_mask=...)`` runs the model's
-forward with the attention implementation ``tokenweave_bands`` (registered with transformers' ``AttentionInterface``
-and, for its masks, ``AttentionMaskInterface`` as eager's additive masks): in the chosen ``layers`` it computes the
-attention probabilities in chunks of ``chunk_size`` query rows, as eager attention does (float32 softmax, grouped
-key/value heads repeated), and reduces each chunk at once to ``tokens.attention.attention_band`` (``[B, heads, N,
-width]``) and ``span_rows`` (``[B, heads, N]``) before the next; every other layer runs sdpa. So the memory of a
-chosen layer is ``heads · chunk_size · N`` while it runs and ``heads · N · (width + 1)`` kept, not ``heads · N²``.
-The model's own implementation is restored on exit. Works on the module that holds the config (a PEFT model's base
-model too: the adapters are in its linear layers), and, under ZeRO-3, through the ordinary forward that gathers each
-layer's parameters.
+(π_old, with its adapter) runs once over prompt + completion with its attention reduced as it is computed
+(:func:`tokenweave.models.attention.reduced_forward`, the chosen layers: 5 evenly spaced in the middle third by
+default), keeping of each row only the band the credit reads and the row's span (:func:`credit_reduction`), never the
+N × N maps; the heads of those layers are grouped by span (30 % local, 30 % global, over the response rows of the
+whole generation batch, all processes), WAAD comes from the local group's mean band, FAI from the global group's, and
+the credit rule gives γ per completion token (:func:`attention_credit`; which row of the forward stands for token t
+is ``attention_credit_alignment``: by default its own). The advantages become ``A · γ`` (``[B, T]``), for both signs
+by default (v2), so every registered policy loss (and TRL's ``loss_type`` path) takes them. ``signal_control:
+shuffle`` (the host's random control) puts each row's γ on random completion tokens (the same values, so the same
+share credited). Logged: ``attention_credit/credited_frac``, ``attention_credit/gamma_mean``,
+``attention_credit/waad_mean``, ``attention_credit/fai_mean`` (over the completion tokens of all processes).
+``tokenweave attention-heatmap`` (:mod:`tokenweave.inference.attention_credit`) shows γ, WAAD and FAI of sampled
+completions.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from trl.models.utils import disable_gradient_checkpointing
 
-from ..checks import check_options
+from ..checks import AT_LEAST_ONE, POSITIVE, UNIT, Range, check_options
+from ..models.attention import Reduction, reduced_forward
+from ..registry import Paper
 from ..tokens.attention import (
     CREDIT_RULES,
     attention_band,
@@ -50,86 +37,19 @@ from ..tokens.attention import (
     span_rows,
     waad,
 )
-from ..tokens.controls import hash_seed, row_generator, shuffle_within_mask
-from .signals import Generation, TokenSignal, register_token_signal
-
-IMPLEMENTATION = "tokenweave_bands"
+from .rollout import Generation
+from .signals import TokenSignal, register_token_signal
 
 
-@dataclass
-class AttentionBands:
-    """What the banded forward keeps, by layer index: ``band[layer]`` ``[B, heads, N, width]`` and ``span[layer]``
-    ``[B, heads, N]`` (float32)."""
+def credit_reduction(width: int) -> Reduction:
+    """What attention credit keeps of each chunk of attention rows: the band of ``width`` entries left of each row's
+    diagonal (``tokens.attention.attention_band``, ``[B, heads, rows, width]``) and each row's span
+    (``span_rows``, ``[B, heads, rows]``)."""
 
-    layers: frozenset[int]
-    width: int
-    chunk_size: int = 128
-    stop_early: bool = False  # end the forward once the last chosen layer's bands are kept (:func:`banded_forward`)
-    band: dict[int, torch.Tensor] = field(default_factory=dict)
-    span: dict[int, torch.Tensor] = field(default_factory=dict)
+    def reduce(probs: torch.Tensor, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_band(probs, width, first_row=first_row), span_rows(probs, first_row=first_row)
 
-
-_ACTIVE: ContextVar[AttentionBands | None] = ContextVar("tokenweave_attention_bands", default=None)
-
-
-class _BandsKept(Exception):
-    """Raised by the last chosen layer's attention when ``stop_early``: the layers after it are not needed."""
-
-
-def _repeat_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
-    """Grouped key / value heads ``[B, kv_heads, N, D]`` repeated to the query heads (eager attention's repeat_kv)."""
-    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
-
-
-def banded_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The ``tokenweave_bands`` attention (module docstring): eager attention in row chunks, reduced to bands, in the
-    active :class:`AttentionBands`'s layers; sdpa elsewhere (and outside :func:`attention_bands`)."""
-    bands = _ACTIVE.get()
-    layer = getattr(module, "layer_idx", None)
-    if bands is None or layer not in bands.layers:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    groups = query.size(1) // key.size(1)
-    key, value = _repeat_heads(key, groups), _repeat_heads(value, groups)
-    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    outputs, band_chunks, span_chunks = [], [], []
-    for start in range(0, query.size(2), bands.chunk_size):
-        stop = min(start + bands.chunk_size, query.size(2))
-        scores = torch.matmul(query[:, :, start:stop], key.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask[:, :, start:stop, : key.size(2)]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        outputs.append(torch.matmul(probs.to(value.dtype), value))
-        band_chunks.append(attention_band(probs, bands.width, first_row=start))
-        span_chunks.append(span_rows(probs, first_row=start))
-    bands.band[layer] = torch.cat(band_chunks, dim=2)
-    bands.span[layer] = torch.cat(span_chunks, dim=2)
-    if bands.stop_early and len(bands.band) == len(bands.layers):
-        raise _BandsKept
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(IMPLEMENTATION, banded_attention_forward)
-AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
-
-
-@contextmanager
-def attention_bands(model, layers, width: int, chunk_size: int = 128, stop_early: bool = False):
-    """While open, forwards of ``model`` keep :class:`AttentionBands` of ``layers`` (yielded; module docstring);
-    ``stop_early``: the last chosen layer's attention ends the forward (:func:`banded_forward` catches it)."""
-    bands = AttentionBands(frozenset(layers), width, chunk_size, stop_early)
-    configs = [module.config for module in model.modules() if hasattr(getattr(module, "config", None),
-                                                                       "_attn_implementation")]
-    previous = [config._attn_implementation for config in configs]
-    token = _ACTIVE.set(bands)
-    try:
-        for config in configs:
-            config._attn_implementation = IMPLEMENTATION
-        yield bands
-    finally:
-        _ACTIVE.reset(token)
-        for config, implementation in zip(configs, previous, strict=True):
-            config._attn_implementation = implementation
+    return reduce
 
 
 def middle_layers(num_layers: int, count: int = 5) -> list[int]:
@@ -141,7 +61,6 @@ def middle_layers(num_layers: int, count: int = 5) -> list[int]:
 
 
 CREDIT_SIGNS = ("both", "positive", "negative")
-CREDIT_CONTROLS = ("none", "random")
 # Which row of the forward over prompt + completion stands for completion token t: "input", the row whose input is
 # token t (the state at token t); "prediction", the row before it, whose output distribution sampled token t. The
 # paper says "response position t" only (methods.md 7.4.3).
@@ -156,25 +75,6 @@ class AttentionCredit:
     gamma: torch.Tensor
     waad: torch.Tensor
     fai: torch.Tensor
-
-
-def banded_forward(model, ids, attention_mask, layers, width: int, chunk_size: int, batch_size: int):
-    """Bands ``[B, layers·heads, N, width]`` and row spans ``[B, layers·heads, N]`` of ``model`` over ``ids`` (no
-    gradient; micro-batches of ``batch_size`` rows). Only the decoder runs (no LM head: no logits are needed), and
-    only up to the last chosen layer's attention."""
-    decoder = model.get_decoder()  # a PEFT model's too: its adapters are inside the decoder's layers
-    bands, spans = [], []
-    with torch.no_grad():
-        for start in range(0, ids.size(0), batch_size):
-            rows = slice(start, start + batch_size)
-            with attention_bands(decoder, layers, width, chunk_size, stop_early=True) as kept:
-                try:
-                    decoder(input_ids=ids[rows], attention_mask=attention_mask[rows], use_cache=False)
-                except _BandsKept:
-                    pass
-            bands.append(torch.cat([kept.band[layer] for layer in layers], dim=1))
-            spans.append(torch.cat([kept.span[layer] for layer in layers], dim=1))
-    return torch.cat(bands), torch.cat(spans)
 
 
 def attention_credit(model, prompt_ids, prompt_mask, completion_ids, completion_mask, options, layers, *,
@@ -192,8 +92,8 @@ def attention_credit(model, prompt_ids, prompt_mask, completion_ids, completion_
     rows = torch.cat([torch.zeros_like(prompt_mask[:, shift:]), completion_mask,
                       torch.zeros_like(prompt_mask[:, :shift])], dim=1)
     width = max(options.attention_credit_window, options.attention_credit_horizon[1] + 1)
-    bands, spans = banded_forward(model, ids, attention_mask, layers, width, options.attention_credit_chunk_size,
-                                  batch_size)
+    bands, spans = reduced_forward(model, ids, attention_mask, layers, credit_reduction(width),
+                                   options.attention_credit_chunk_size, batch_size)
     local, glob = group_heads(head_spans(spans, rows, reduce_sum), options.attention_credit_head_fraction)
     waad_values = waad(bands[:, local].mean(1), options.attention_credit_window)
     fai_values = fai(bands[:, glob].mean(1), rows, tuple(options.attention_credit_horizon))
@@ -207,10 +107,30 @@ def attention_credit(model, prompt_ids, prompt_mask, completion_ids, completion_
     return AttentionCredit(gamma[:, tokens], waad_values[:, tokens] * valid, fai_values[:, tokens] * valid)
 
 
+def _check_horizon(horizon) -> str | None:
+    if not (isinstance(horizon, list) and len(horizon) == 2 and all(type(v) is int for v in horizon)
+            and 0 <= horizon[0] <= horizon[1]):
+        return f"attention_credit_horizon must be two integers 0 <= H_lo <= H_hi, got {horizon!r}"
+    return None
+
+
+def _check_layers(layers) -> str | None:
+    if layers is not None and (not layers or any(type(layer) is not int or layer < 0 for layer in layers)):
+        return f"attention_credit_layers must be a non-empty list of layer indices >= 0 (or None), got {layers!r}"
+    return None
+
+
 @dataclass
 class AttentionCreditConfig:
     """Attention credit's fields of ``TokenGRPOConfig`` (a mixin); the paper's defaults (v2), the open choices as
     fields (``tokens.attention``)."""
+
+    option_ranges: ClassVar[dict] = {  # tokenweave.checks reads them
+        "attention_credit_window": AT_LEAST_ONE, "attention_credit_head_fraction": Range(0, 0.5, low_open=True),
+        "attention_credit_quantile": UNIT, "attention_credit_amplification": POSITIVE, "attention_credit_alpha": UNIT,
+        "attention_credit_lookback": AT_LEAST_ONE, "attention_credit_chunk_size": AT_LEAST_ONE,
+    }
+    option_rules: ClassVar[dict] = {"attention_credit_layers": _check_layers, "attention_credit_horizon": _check_horizon}
 
     attention_credit_rule: str = field(
         default="coupled",
@@ -244,18 +164,13 @@ class AttentionCreditConfig:
         default="both", metadata={"help": "Attention credit: the advantages γ multiplies (v2: both signs).",
                                   "choices": list(CREDIT_SIGNS)},
     )
-    attention_credit_control: str = field(
-        default="none", metadata={"help": "Attention credit: 'random' puts each completion's γ on random tokens of "
-                                          "it (the random-signal control).", "choices": list(CREDIT_CONTROLS)},
-    )
-    attention_credit_control_seed: int = field(default=0, metadata={"help": "Attention credit: the control's seed."})
     attention_credit_alignment: str = field(
         default="input", metadata={"help": "Attention credit: the row of completion token t: 'input' (the row whose "
                                            "input is t) or 'prediction' (the row before, which sampled t).",
                                    "choices": list(CREDIT_ALIGNMENTS)},
     )
     attention_credit_chunk_size: int = field(
-        default=128, metadata={"help": "Attention credit: query rows per chunk of the banded attention forward."}
+        default=128, metadata={"help": "Attention credit: query rows per chunk of the reduced attention forward."}
     )
 
 
@@ -276,6 +191,12 @@ def credit_options(values: dict, source: str = "the config") -> AttentionCreditC
 class AttentionCreditSignal(TokenSignal):
     """Attention-derived credit (module docstring)."""
 
+    weighs_tokens = True
+    metric_prefixes = ("attention_credit/",)
+    option_prefixes = ("attention_credit_",)
+    paper = Paper("Attention Illuminates LLM Reasoning: The Preplan-and-Anchor Rhythm Enables Fine-Grained Policy "
+                  "Optimization", "2510.13554", "li2025attention", "Li and others", 2025)
+
     def __init__(self, trainer):
         super().__init__(trainer)
         num_layers = trainer.accelerator.unwrap_model(trainer.model).config.num_hidden_layers
@@ -291,8 +212,8 @@ class AttentionCreditSignal(TokenSignal):
                 reduce_sum=lambda totals: trainer.accelerator.reduce(totals, reduction="sum"),
             )
         gamma = credit.gamma
-        if args.attention_credit_control == "random":
-            gamma = self._shuffled(gamma, mask)
+        if args.signal_control != "none":  # the host's random control: each row's γ on random completion tokens
+            gamma = trainer.signal_control(gamma, mask, generation.row_keys)
         advantages = output["advantages"]
         advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand_as(gamma)
         if args.attention_credit_signs != "both":
@@ -300,16 +221,6 @@ class AttentionCreditSignal(TokenSignal):
             gamma = torch.where(applies, gamma, 1.0)
         self._log(generation, gamma, mask, credit.waad, credit.fai)
         return {"advantages": advantages * gamma * mask}
-
-    def _shuffled(self, gamma: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Each row's γ permuted over its completion tokens, seeded by (seed, step, the row's index in the
-        generation batch over all processes)."""
-        trainer = self.trainer
-        seed = hash_seed(trainer.args.attention_credit_control_seed, trainer.state.global_step)
-        first = trainer.accelerator.process_index * gamma.size(0)
-        rows = [shuffle_within_mask(gamma[i : i + 1].cpu(), mask[i : i + 1].cpu(), row_generator(seed, first + i))
-                for i in range(gamma.size(0))]
-        return torch.cat(rows).to(gamma.device)
 
     def _log(self, generation, gamma, mask, waad_values, fai_values) -> None:
         valid = mask.to(gamma.dtype)

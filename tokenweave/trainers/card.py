@@ -1,9 +1,11 @@
 """What a saved run says about itself: the token-level method it trained with, its options and its papers.
 
-:func:`token_method` reads a trainer's config: DPO's ``loss_type`` (cdpo, tdpo1, tdpo2, ...) and the random-signal
-control; GRPO's ``policy_loss``, its token signals (hapo, rank_grpo, attention_credit) and TRL's entropy mask. It is
-what ``run_info.json`` records (``tokenweave.train``) and what :class:`ModelCardMixin` writes into the model card
-(TRL's card, with the method's name, its options, the papers as BibTeX, and a ``tokenweave`` tag).
+:func:`token_method` reads a trainer's config through what each method declares (no list of methods here): the loss
+(DPO's ``loss_type``, a registered preference loss; GRPO's ``policy_loss``; their registries give the paper), the
+token signals that are on (each declares its paper, its option prefixes and the losses whose name names it), TRL's
+entropy mask, and the random control. It is what ``run_info.json`` records (``tokenweave.train``) and what
+:class:`ModelCardMixin` writes into the model card (TRL's card, with the method's name, its options, the papers as
+BibTeX, and a ``tokenweave`` tag).
 """
 
 from __future__ import annotations
@@ -11,69 +13,59 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ..losses.policy import POLICY_LOSS_DEFAULTS
+from ..losses.preference import get_preference_loss
 from ..models import public_model_id
+from ..registry import Paper
+from .signals import active_signal_classes
 
-# arXiv papers by the name of what they introduced (a loss_type, a policy loss or a token signal)
-PAPERS = {
-    "cdpo": ("Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning Capability",
-             "2411.19943", "lin2024critical", "Zicheng Lin and others", 2024),
-    "tdpo": ("Token-level Direct Preference Optimization", "2404.11999", "zeng2024token",
-             "Yongcheng Zeng and others", 2024),
-    "hapo": ("Heterogeneous Adaptive Policy Optimization: Tailoring Optimization to Every Token's Nature",
-             "2509.16591", "liu2025hapo", "Liu and others", 2025),
-    "rank_grpo": ("Rank-GRPO: Training LLM-based Conversational Recommender Systems with Reinforcement Learning",
-                  "2510.20150", "zhu2025rankgrpo", "Zhu and others", 2025),
-    "attention_credit": ("Attention Illuminates LLM Reasoning: The Preplan-and-Anchor Rhythm Enables Fine-Grained "
-                         "Policy Optimization", "2510.13554", "li2025attention", "Li and others", 2025),
-    "dapo": ("DAPO: An Open-Source LLM Reinforcement Learning System at Scale", "2503.14476", "yu2025dapo",
-             "Qiying Yu and others", 2025),
-    "cispo": ("MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", "2506.13585",
-              "minimax2025m1", "MiniMax", 2025),
-    "gspo": ("Group Sequence Policy Optimization", "2507.18071", "zheng2025gspo", "Chujie Zheng and others", 2025),
-    "entropy_mask": ("Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement Learning for "
-                     "LLM Reasoning", "2506.01939", "wang2025beyond", "Shenzhi Wang and others", 2025),
+ENTROPY_MASK_PAPER = Paper("Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement "
+                           "Learning for LLM Reasoning", "2506.01939", "wang2025beyond", "Shenzhi Wang and others", 2025)
+"""TRL's ``top_entropy_quantile`` (the entropy mask), cited when a GRPO run uses it."""
+# the fields that choose and tune the loss, by trainer (the signals' own fields come from their option_prefixes)
+LOSS_OPTIONS = {
+    "sft": (("loss_type",), ()),
+    "dpo": (("beta", "loss_type", "label_smoothing"), ("tdpo_",)),
+    "grpo": (("beta", "loss_type", "policy_loss", "policy_loss_kwargs", "loss_agg_mode", "dual_clip_c",
+              "top_entropy_quantile"), ("epsilon",)),
 }
-_PAPER_OF = {"tdpo1": "tdpo", "tdpo2": "tdpo"}  # loss names that share a paper
-
-
-def bibtex(name: str) -> str:
-    title, arxiv_id, key, authors, year = PAPERS[name]
-    return (f"@misc{{{key},\n    title         = {{{{{title}}}}},\n    author        = {{{authors}}},\n"
-            f"    year          = {year},\n    eprint        = {{{arxiv_id}}},\n    archivePrefix = {{arXiv}},\n}}")
+CONTROL_OPTIONS = ("token_signals", "signal_control", "signal_control_seed")
 
 
 def _options(args, prefixes: tuple[str, ...], names: tuple[str, ...] = ()) -> dict:
     """The config fields named ``names`` or starting with one of ``prefixes``, with their values."""
     return {field.name: getattr(args, field.name) for field in dataclasses.fields(args)
-            if field.name in names or field.name.startswith(prefixes)}
+            if field.init and (field.name in names or field.name.startswith(prefixes))}
 
 
-def token_method(args) -> dict:
-    """``{"method", "loss_type", "policy_loss", "token_signals", "options", "papers"}`` of a trainer config: the
-    token-level method a run trains with ("sft" / "dpo" / "grpo" when there is none), the fields that choose and
-    tune it, and the names of its papers (keys of :data:`PAPERS`)."""
-    from .dpo import TokenDPOConfig
-    from .grpo import TokenGRPOConfig
+def _loss(args, kind: str) -> tuple[str, Paper | None]:
+    """The name of a run's loss, as the method's first part, and its paper."""
+    if kind == "dpo":
+        name = getattr(args, "token_loss_type", None)
+        return (name, get_preference_loss(name).paper) if name else ("dpo", None)
+    if kind == "grpo":
+        name = getattr(args, "policy_loss", None)
+        return (name, POLICY_LOSS_DEFAULTS[name].paper) if name else (args.loss_type, None)
+    return "sft", None
 
-    if isinstance(args, TokenDPOConfig):
-        losses = list(args.loss_type) if isinstance(args.loss_type, list) else [args.loss_type]
-        token_losses = [loss for loss in losses if loss in ("cdpo", "tdpo1", "tdpo2")]
-        options = _options(args, ("cdpo_", "tdpo_", "token_weight_"), ("beta", "loss_type"))
-        return {"method": "+".join(token_losses) or "dpo", "loss_type": losses, "policy_loss": None,
-                "token_signals": [], "options": options,
-                "papers": sorted({_PAPER_OF.get(loss, loss) for loss in token_losses})}
-    if isinstance(args, TokenGRPOConfig):
-        signals = list(args.token_signals or [])
-        papers = [name for name in (args.policy_loss, *signals) if name in PAPERS]
-        if args.top_entropy_quantile < 1.0:
-            papers.append("entropy_mask")
-        parts = [args.policy_loss or args.loss_type, *[signal for signal in signals if signal != args.policy_loss]]
-        options = _options(args, ("hapo_", "rank_", "attention_credit_", "epsilon", "temperature_"),
-                           ("beta", "loss_type", "policy_loss", "token_signals", "top_entropy_quantile"))
-        return {"method": "+".join(parts), "loss_type": args.loss_type, "policy_loss": args.policy_loss,
-                "token_signals": signals, "options": options, "papers": sorted(set(papers))}
-    return {"method": "sft", "loss_type": getattr(args, "loss_type", None), "policy_loss": None, "token_signals": [],
-            "options": {}, "papers": []}
+
+def token_method(args, kind: str) -> dict:
+    """``{"method", "loss_type", "policy_loss", "token_signals", "options", "papers"}`` of the config of a ``kind``
+    trainer ("sft", "dpo", "grpo"): the token-level method a run trains with (the loss, then the token signals the
+    loss's name does not already name, joined by "+"; "sft" / "dpo" / TRL's GRPO loss when there is none), the fields
+    that choose and tune it, and its papers (:class:`~tokenweave.registry.Paper`)."""
+    loss, paper = _loss(args, kind)
+    signals = active_signal_classes(args)
+    parts = [loss, *[signal.name for signal in signals if signal.name != loss and loss not in signal.named_by_losses]]
+    papers = [paper, *[signal.paper for signal in signals]]
+    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
+        papers.append(ENTROPY_MASK_PAPER)
+    names, prefixes = LOSS_OPTIONS[kind]
+    prefixes += tuple(prefix for signal in signals for prefix in signal.option_prefixes)
+    return {"method": "+".join(parts), "loss_type": getattr(args, "loss_type", None),
+            "policy_loss": getattr(args, "policy_loss", None), "token_signals": [signal.name for signal in signals],
+            "options": _options(args, prefixes, names + (CONTROL_OPTIONS if signals else ())),
+            "papers": list(dict.fromkeys(paper for paper in papers if paper is not None))}
 
 
 class ModelCardMixin:
@@ -87,10 +79,10 @@ class ModelCardMixin:
 
         if not self.is_world_process_zero():
             return
-        method = token_method(self.args)
+        method = token_method(self.args, self.trainer_kind)
         tags = {"tokenweave", *([tags] if isinstance(tags, str) else tags or []), *self._tag_names}
         tags.update(part for part in method["method"].split("+"))
-        citations = [bibtex(name) for name in method["papers"]]
+        citations = [paper.bibtex() for paper in method["papers"]]
         if self._paper.get("citation"):
             citations.append(self._paper["citation"])
         card = generate_model_card(

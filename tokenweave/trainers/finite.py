@@ -6,8 +6,8 @@ value                   rule
 reward                  NaN (or None) from a reward function is "no reward from it" (TRL's rule: the functions'
                         weighted ``nansum``; a completion with no reward at all gets advantage 0); ±inf is made NaN
                         too, so it falls under the same rule, and counted: ``rewards/non_finite`` (all processes)
-token-signal output     a NaN or ±inf in what a token signal returns (advantages, weights, ...) stops the run:
-                        :class:`NonFiniteError` naming the signal and the column
+token-signal output     a NaN or ±inf in what a token signal returns (advantages, weights, ...), in any trainer,
+                        stops the run: :class:`NonFiniteError` naming the signal and the column (``trainers.host``)
 loss                    a non-finite loss on any process stops the run before its backward pass (so before any
                         optimizer step): :class:`NonFiniteError` with the step and the processes
 gradient norm           a non-finite gradient norm stops the run before the optimizer step (under DeepSpeed, which
@@ -17,7 +17,8 @@ gradient norm           a non-finite gradient norm stops the run before the opti
 Stopping raises out of ``trainer.train()``: nothing after it runs, so no non-finite loss is logged (transformers'
 ``logging_nan_inf_filter`` would log the running mean instead) and no model with non-finite weights is saved. The
 checks are collective (a flag summed over processes), so every process stops together. Data is checked before any
-of this: cDPO's per-token scores and weights when the dataset is loaded (``tokenweave.data.loading``).
+of this: each token signal's per-token values (cDPO's scores and weights, a weight column) when the dataset is
+loaded (the signals' ``check_dataset``).
 """
 
 from __future__ import annotations

@@ -9,31 +9,34 @@ signals' loss inputs, adds TRL's ``beta`` KL term, and aggregates with ``loss_ag
 (``losses.policy.trl_aggregate_loss``). The returned loss is already scaled for gradient accumulation
 (``loss_is_scaled_for_ga = True``, as TRL's).
 
-Token signals (:mod:`.signals`: the interface and its registry; :mod:`.hapo`: HAPO) enter at four TRL hooks, and
-only the signals that are on are called::
+Token signals (:mod:`.signals`: the interface; :mod:`.host`: what every trainer does for them; :mod:`.rollout`:
+GRPO's rollout hooks) enter at these TRL hooks, and only the signals that are on are called::
 
     TRL hook                          the trainer                               each signal that is on
+    __init__                          the host, around TRL's                     init_context (HAPO's vLLM engine)
     _generate_single_turn             TRL's generation, wrapped                 sample(generate, training)
     _generate_and_score_completions   keeps π_old's entropies out of TRL's       needs_generation_entropies,
-                                      old-log-prob forward when a signal asks    after_generation: batch columns
-    _compute_loss                     registry loss, token weights, KL,          loss_kwargs: the loss's inputs
+                                      old-log-prob forward when a signal asks;  after_generation: batch columns
+                                      each row's identity for the random
+                                      control (signal_row_keys)
+    _compute_loss                     registry loss, token weights, KL,          token_inputs: the loss's inputs
                                       aggregation, metrics
-    _save_rng_state / _load_rng_state checkpoint file token_signals.pt           state_dict / load_state_dict
+    _save_rng_state / _load_rng_state the host: token_signals.pt,                state_dict / load_state_dict
+                                      frozen_models.pt
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import operator
-import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from ..checks import check_options
+from ..checks import Range, check_options
 from ..losses.policy import (
     LOSS_AGG_MODES,
     POLICY_LOSS_DEFAULTS,
@@ -46,11 +49,13 @@ from ..losses.policy import (
 from .attention import AttentionCreditConfig
 from .card import ModelCardMixin
 from .checkpointing import CheckpointingMixin
-from .finite import FiniteTrainingMixin, NonFiniteError, any_non_finite
+from .finite import FiniteTrainingMixin
+from .frozen import FrozenForwards, FrozenModelsConfig
 from .hapo import HapoConfig
-from .hapo_vllm import engine_with_hapo_processor
+from .host import SignalHostMixin, uses_row_identity
 from .rank import RankGrpoConfig
-from .signals import TOKEN_SIGNALS, Generation, LossForward, gather_values, get_token_signal, loss_sees_generation_batch
+from .rollout import ROW_KEYS, Generation, gather_values, loss_sees_generation_batch
+from .signals import TokenBatch, TokenSignalConfig, resolve_token_signals
 
 # Batch keys that ``_get_per_token_logps_and_entropies`` takes besides the token ids (multimodal inputs).
 _MODEL_INPUT_KEYS = (
@@ -66,12 +71,11 @@ _MODEL_INPUT_KEYS = (
     "image_position_ids",
 )
 _ENTROPY_QUANTILES = (0.2, 0.5, 0.8)
-SIGNAL_STATE_FILE = "token_signals.pt"
-"""The token signals' states in a checkpoint directory (``{name: state_dict}``), saved with the RNG state."""
 
 
 @dataclass
-class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOConfig):
+class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, TokenSignalConfig, FrozenModelsConfig,
+                      GRPOConfig):
     """TRL's ``GRPOConfig`` plus a policy-loss registry and token signals (each signal's fields come from its config
     mixin: :class:`~tokenweave.trainers.hapo.HapoConfig`, :class:`~tokenweave.trainers.rank.RankGrpoConfig`,
     :class:`~tokenweave.trainers.attention.AttentionCreditConfig`).
@@ -85,6 +89,10 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
     are on, in the order they run: first those implied by other fields (``policy_loss: hapo`` implies hapo,
     ``policy_loss: rank_grpo`` rank_grpo: the signals that set the advantages), then those listed, in order.
     """
+
+    trainer_kind: ClassVar[str] = "grpo"
+
+    option_ranges: ClassVar[dict] = {"dual_clip_c": Range(1, low_open=True)}
 
     policy_loss: str | None = field(
         default=None,
@@ -121,24 +129,17 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
         default=None,
         metadata={
             "help": "Dual clip (arXiv 1912.09729) of the clipped losses: for A < 0 the loss is capped at -A·c. "
-            "HAPO's recipes: 10. None: off."
-        },
-    )
-    token_signals: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Token signals (tokenweave.trainers.signals) to run, in order, by registered name: hapo, or any "
-            "registered with @register_token_signal, or 'package.module:Class'. A signal implied by other fields is "
-            "added (policy_loss: hapo, or a HAPO switch set to true, implies hapo); one with none of its parts on is "
-            "dropped."
+            "HAPO's recipes: 10. None: off.",
         },
     )
 
     def __post_init__(self):
         check_options(self)  # types, choices and ranges, before TRL's own __post_init__ divides by batch sizes
         super().__post_init__()
-        # registered names (``package.module:Class`` imports and registers); a ValueError naming them otherwise
-        requested = [get_token_signal(name).name for name in self.token_signals or []]
+        self.resolve_frozen_models()
+        if self.reference_model_path is not None and self.beta != 0.0:
+            raise ValueError("reference_model_path with beta > 0: TRL's KL term keeps its own reference (the "
+                             "policy's initial weights), which the token signals then read too; set one of them.")
         if isinstance(self.policy_loss_kwargs, str):  # the command line's JSON
             self.policy_loss_kwargs = json.loads(self.policy_loss_kwargs)
         if self.policy_loss is None:
@@ -157,9 +158,7 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
                 self.epsilon_high = defaults.epsilon_high
             self.importance_sampling_level = defaults.importance_sampling_level or self.importance_sampling_level
             self.loss_type = defaults.trl_loss_type or self.loss_type
-        on = [name for name, signal in TOKEN_SIGNALS.items() if signal.configure(self, name in requested)]
-        implied = [name for name in on if name not in requested]
-        self.token_signals = implied + [name for name in requested if name in on]
+        resolve_token_signals(self)
         if self.policy_loss is not None:
             self.policy_loss_config()  # validates the loss's fields
 
@@ -177,7 +176,7 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, GRPOCon
         )
 
 
-class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, GRPOTrainer):
+class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, GRPOTrainer):
     """TRL's ``GRPOTrainer`` with the policy losses and token signals of :class:`TokenGRPOConfig` (module docstring).
 
     Given a plain ``GRPOConfig`` it is TRL's trainer. ``signals``: the token signals that are on, by name. Metrics
@@ -187,17 +186,15 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, 
     """
 
     loss_is_scaled_for_ga = True  # as GRPOTrainer: _compute_loss divides by the accumulation steps itself
+    trainer_kind = "grpo"
+    _args_position = 2
+    trainer_metric_prefixes = ("entropy/q", "clip_ratio/", "entropy_signal/", "rewards/non_finite")
 
     def __init__(self, *args, **kwargs):
-        training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
-        hapo_in_vllm = bool(getattr(training_args, "hapo_adaptive_temperature", False)
-                            and getattr(training_args, "use_vllm", False))
-        with engine_with_hapo_processor() if hapo_in_vllm else contextlib.nullcontext():
-            super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)
         options = self.args if isinstance(self.args, TokenGRPOConfig) else None
         self.policy_loss_fn = get_policy_loss(options.policy_loss) if options and options.policy_loss else None
         self.policy_loss_config = options.policy_loss_config() if self.policy_loss_fn else None
-        self.signals = {name: get_token_signal(name)(self) for name in (options.token_signals if options else [])}
         self._captured_entropies: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see signals.Generation
         self.rewards_per_func: torch.Tensor | None = None  # the last rewards, gathered over processes [N, F]
 
@@ -224,7 +221,8 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, 
         return generate()
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's generation batch, with the columns each signal adds after it, in order."""
+        """TRL's generation batch, with each row's identity when the random control is on, and the columns each
+        signal adds after it, in order."""
         if not self.signals:
             return super()._generate_and_score_completions(inputs)
         training = self.model.training
@@ -235,14 +233,21 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, 
             captured = self._captured_entropies or []
         finally:
             self._captured_entropies = None
+        if uses_row_identity(self.args):
+            output[ROW_KEYS] = self.generation_row_keys(output["completion_ids"].size(0))
         for name, signal in self.signals.items():
             columns = signal.after_generation(Generation(self, output, training, captured, inputs))
             for column, value in columns.items():  # collective: every process checks each column
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and any_non_finite(self, value):
-                    raise NonFiniteError(f"The token signal {name!r} returned a NaN or infinity in {column!r} at step "
-                                         f"{self.state.global_step}: stopped before training on it.")
+                self.check_signal_output(name, column, value)
             output.update(columns)
         return output
+
+    def generation_row_keys(self, rows: int) -> torch.Tensor:
+        """``[rows, 2]``: (the step, the row's index in the generation batch over all processes) of this process's
+        completions, their identity for the random control."""
+        first = self.accelerator.process_index * rows
+        indices = torch.arange(first, first + rows, device=self.accelerator.device)
+        return torch.stack([torch.full_like(indices, self.state.global_step), indices], dim=1)
 
     def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
         """TRL's; while ``_generate_and_score_completions`` collects entropies (a signal asked), the policy's
@@ -291,16 +296,10 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, 
         entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
                         if self.top_entropy_quantile < 1.0 else None)
         weights = self._token_weights(inputs, logps, old_logps, advantages, mask, entropy_mask)
-        forward = LossForward(
-            logps, old_logps, entropies, mask, training,
-            loss_sees_generation_batch(inputs, training, self.args.steps_per_generation),
-        )
-        loss_kwargs = {}
-        for signal in self.signals.values():
-            signal_kwargs = signal.loss_kwargs(inputs, forward)
-            if "token_weights" in signal_kwargs:
-                weights.append(signal_kwargs.pop("token_weights"))
-            loss_kwargs.update(signal_kwargs)
+        batch = self._token_batch(inputs, logps, old_logps, entropies, mask, training)
+        signal_weights, loss_kwargs = self.signal_token_inputs(batch)
+        if signal_weights is not None:
+            weights.append(signal_weights)
         token_weights = functools.reduce(operator.mul, (w.to(logps.dtype) for w in weights)) if weights else None
         per_token_loss, loss_metrics = self.policy_loss_fn(
             logps, old_logps, advantages, mask, self.policy_loss_config, token_weights=token_weights, entropy=entropies,
@@ -329,6 +328,18 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, 
 
         self._log_loss_metrics(mode, entropies, mask, per_token_kl, loss_metrics)
         return loss
+
+    def _token_batch(self, inputs, logps, old_logps, entropies, mask, training) -> TokenBatch:
+        """The micro-batch as the signals see it: the completion tokens, the batch's ``[B, T]`` columns, the frozen
+        models' log-probs of the completions (TRL's reference's as computed, ``ref_per_token_logps``)."""
+        columns = {key: value for key, value in inputs.items()
+                   if isinstance(value, torch.Tensor) and value.shape == mask.shape}
+        known = {"reference": inputs["ref_per_token_logps"]} if "ref_per_token_logps" in inputs else {}
+        frozen = FrozenForwards(self.frozen_models, lambda frozen_model: self.completion_logps_and_entropies(
+            frozen_model, inputs)[0], known)
+        return TokenBatch("grpo", logps, mask, entropies, old_logps, columns, frozen, training,
+                          loss_sees_generation_batch(inputs, training, self.args.steps_per_generation),
+                          row_keys=inputs.get(ROW_KEYS))
 
     def _with_entropy_bonus(self, loss, policy_loss, entropies, mask, entropy_mask, mode, accumulation_steps):
         """TRL's entropy bonus (``entropy_coef``; ``use_adaptive_entropy``, arXiv 2505.22312), mirrored from the end
@@ -411,22 +422,3 @@ class TokenGRPOTrainer(FiniteTrainingMixin, ModelCardMixin, CheckpointingMixin, 
                     values[i] = nan_extreme(gathered[:, i], largest=name.endswith("_max"))
             for name, value in zip(names, values.tolist(), strict=True):
                 metrics[name].append(value)
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        """Trainer's RNG state, and the signals' states (:data:`SIGNAL_STATE_FILE`): what a resumed run needs to
-        continue as this one (the main process writes; the states are the same on every process)."""
-        super()._save_rng_state(output_dir)
-        states = {name: signal.state_dict() for name, signal in self.signals.items()}
-        if any(states.values()) and self.args.should_save:
-            torch.save(states, os.path.join(output_dir, SIGNAL_STATE_FILE))
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        """Trainer's RNG state, and the signals' states saved with it (on resume, before the first generation)."""
-        super()._load_rng_state(checkpoint)
-        path = None if checkpoint is None else os.path.join(checkpoint, SIGNAL_STATE_FILE)
-        if self.signals and path is not None and os.path.isfile(path):
-            for name, state in torch.load(path, map_location="cpu", weights_only=True).items():
-                if name in self.signals:
-                    self.signals[name].load_state_dict(state)

@@ -1,11 +1,13 @@
 """HAPO's token signal: entropy statistics, adaptive-temperature sampling and token-level advantages, as one
-component of ``TokenGRPOTrainer`` (Liu et al. 2025, arXiv 2509.16591). Its loss is ``losses.policy.hapo_policy_loss``.
+token signal of ``TokenGRPOTrainer`` (Liu et al. 2025, arXiv 2509.16591). Its loss is ``losses.policy.hapo_policy_loss``.
 
 HAPO's parts, each switched on its own (:class:`HapoConfig`; ``policy_loss: hapo`` or ``token_signals: [hapo]``
 turns the signal on), and where they enter TRL::
 
     part (paper section)              hook of HapoSignal (signals.py)            computed by
-    entropy statistics (3.0)          after_generation (or loss_kwargs, see       tokens.entropy.entropy_stats
+    (vLLM engine, colocate mode)      init_context: TRL's engine built with       hapo_vllm.engine_with_hapo_processor
+                                      HAPO's logits processor
+    entropy statistics (3.0)          after_generation (or token_inputs, see      tokens.entropy.entropy_stats
                                       below): token entropies of the generation
                                       batch under the policy that sampled it,
                                       gathered over all processes
@@ -15,8 +17,8 @@ turns the signal on), and where they enter TRL::
                                       the previous generation's statistics
     token-level group advantage (3.2) after_generation: [B, T] "advantages"       tokens.advantage.
                                       from the gathered rewards and lengths       token_group_advantage_values
-    advantage redistribution (3.3)    loss_kwargs → policy loss "hapo"            losses.policy.redistribute_advantage
-    adaptive clipping (3.4)           loss_kwargs → policy loss "hapo"            losses.policy.adaptive_clip_bounds
+    advantage redistribution (3.3)    token_inputs → policy loss "hapo"           losses.policy.redistribute_advantage
+    adaptive clipping (3.4)           token_inputs → policy loss "hapo"           losses.policy.adaptive_clip_bounds
 
 Entropy statistics. The generation batch's token entropies are those of π_old, the policy that sampled it, from
 whichever forward already sees them: TRL's old-log-prob forward when TRL runs one (off-policy); the loss's own forward
@@ -43,14 +45,18 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..checks import NON_NEGATIVE, UNIT, Range
+from ..losses.policy import HAPO_PAPER
 from ..tokens.advantage import token_group_advantage_values
 from ..tokens.entropy import EntropyStats, adaptive_temperature_logits, entropy_stats
-from .hapo_vllm import hapo_extra_args
-from .signals import Generation, LossForward, TokenSignal, gather_values, register_token_signal
+from .hapo_vllm import engine_with_hapo_processor, hapo_extra_args
+from .rollout import Generation, gather_values
+from .signals import TokenBatch, TokenSignal, register_token_signal
 
 HAPO_ENTROPY_STATS = ("generation_batch", "micro_batch")
 # Parts that act at generation (on with the hapo signal) and parts of the hapo policy loss (on with policy_loss hapo).
@@ -63,6 +69,11 @@ class HapoConfig:
     """HAPO's fields of ``TokenGRPOConfig`` (a mixin). A switch left unset (None) is on when its side is: the
     generation parts (3.1, 3.2) with the hapo signal (``token_signals: [hapo]``, which ``policy_loss: hapo`` and any
     switch set to true imply), the loss parts (3.3, 3.4) with ``policy_loss: hapo``."""
+
+    option_ranges: ClassVar[dict] = {  # tokenweave.checks reads them
+        "temperature_tau": Range(-1, 1, low_open=True, high_open=True), "adv_beta": NON_NEGATIVE,
+        "clip_alpha": NON_NEGATIVE, "entropy_pivot": UNIT,
+    }
 
     hapo_adaptive_temperature: bool | None = field(
         default=None,
@@ -178,11 +189,23 @@ class HapoSignal(TokenSignal):
     """HAPO's generation-side parts and the ĥ its loss takes (module docstring). Metric:
     ``hapo/sampling_temperature`` (mean over the sampled tokens of a generation, all processes)."""
 
+    provides = frozenset({"entropy_signal"})
+    metric_prefixes = ("hapo/", "entropy_signal/")
+    option_prefixes = ("hapo_", "temperature_tau", "adv_beta", "clip_alpha", "entropy_pivot")
+    paper = HAPO_PAPER
+
     @classmethod
-    def configure(cls, args, requested: bool) -> bool:
-        """Resolve the unset switches (:class:`HapoConfig`), check them; on when some part acts here."""
+    def implied(cls, args) -> bool:
+        """On with ``policy_loss: hapo``, with any HAPO switch set to true, and with ``policy_loss: rank_grpo`` and
+        ``hapo_adaptive_clip`` (which needs ĥ)."""
+        switched = any(getattr(args, name) for name in (*GENERATION_SWITCHES, *LOSS_SWITCHES))
+        return args.policy_loss == "hapo" or switched
+
+    @classmethod
+    def configure(cls, args) -> bool:
+        """Resolve the unset switches (:class:`HapoConfig`), check them; False when no part acts here."""
         switched_on = any(getattr(args, name) for name in GENERATION_SWITCHES)
-        requested = requested or args.policy_loss == "hapo" or switched_on
+        requested = cls.name in (args.token_signals or []) or args.policy_loss == "hapo" or switched_on
         # rank_grpo with HAPO's adaptive clip needs only ĥ: the generation parts stay off unless asked for
         clip_for_rank_grpo = args.policy_loss == "rank_grpo" and bool(args.hapo_adaptive_clip)
         if args.policy_loss is None:  # TRL's loss_type path: only the token-level advantage ([B, T] is accepted)
@@ -215,6 +238,13 @@ class HapoSignal(TokenSignal):
                              "engine is started by `trl vllm-serve`, outside the trainer, which can neither register "
                              "HAPO's logits processor there nor hand it each generation's entropy statistics.")
         return bool(args.hapo_adaptive_temperature or args.hapo_token_advantage or entropy_signal_from_generation(args))
+
+    @classmethod
+    def init_context(cls, args):
+        """With vLLM and the adaptive temperature: TRL's colocated engine is built with HAPO's logits processor."""
+        if args.hapo_adaptive_temperature and args.use_vllm:
+            return engine_with_hapo_processor()
+        return super().init_context(args)
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -297,14 +327,14 @@ class HapoSignal(TokenSignal):
     def after_generation(self, generation: Generation) -> dict[str, torch.Tensor]:
         """The sampling temperature metric; ĥ of the generation batch (column ``entropy_signal``) and the sampler's
         next statistics, unless the loss's forward gives them; the token-level group advantage."""
-        training, output, columns = generation.training, generation.output, {}
+        training, columns = generation.training, {}
         if training and self.temperature_processor is not None and not self.trainer.use_vllm:
             totals = self.trainer.accelerator.reduce(self._sampling_temperature_totals, reduction="sum")
             mean_temperature = (totals[0] / totals[1].clamp(min=1)).item()
             self.trainer._metrics["train"]["hapo/sampling_temperature"].append(mean_temperature)
             self._sampling_temperature_totals.zero_()
         if self.needs_generation_entropies(training) and not generation.loss_sees_generation_batch:
-            stats, signal = self.entropy_statistics(generation.old_policy_entropies(), output)
+            stats, signal = self.entropy_statistics(generation.old_policy_entropies(), generation.completion_mask)
             if training and self.temperature_processor is not None:
                 self.temperature_processor.stats = stats  # HAPO 3.1: the next generation samples with them
             if self.entropy_signal_from_generation:
@@ -313,10 +343,11 @@ class HapoSignal(TokenSignal):
             columns["advantages"] = self.token_group_advantage(generation)
         return columns
 
-    def entropy_statistics(self, entropies: torch.Tensor, batch: dict) -> tuple[EntropyStats, torch.Tensor]:
-        """HAPO's entropy statistics over the valid tokens of ``batch`` on every process (a collective: every process
-        calls it), and ĥ ``[B, T]`` of this process's tokens under them (0 at padding)."""
-        valid = (batch["completion_mask"] * batch.get("tool_mask", 1)).bool()
+    def entropy_statistics(self, entropies: torch.Tensor, mask: torch.Tensor) -> tuple[EntropyStats, torch.Tensor]:
+        """HAPO's entropy statistics over the tokens of ``mask`` (the completion tokens that enter the loss) on every
+        process (a collective: every process calls it), and ĥ ``[B, T]`` of this process's tokens under them (0 at
+        padding)."""
+        valid = mask.bool()
         values = gather_values(self.trainer.accelerator, entropies.detach()[valid].float())
         stats = entropy_stats(
             values.unsqueeze(0), torch.ones_like(values).unsqueeze(0), self.trainer.args.entropy_pivot,
@@ -342,19 +373,19 @@ class HapoSignal(TokenSignal):
 
     # -- loss ----------------------------------------------------------------------------------------------------
 
-    def loss_kwargs(self, inputs: dict, forward: LossForward) -> dict:
+    def token_inputs(self, batch: TokenBatch) -> dict:
         """ĥ for the hapo loss with the generation batch's statistics (none: the loss's own, per micro-batch).
 
         The batch column ``entropy_signal`` when generation added it; when this micro-batch is the whole generation
-        batch of its process (``forward.sees_generation_batch``), the statistics come from the loss's entropies,
+        batch of its process (``batch.sees_generation_batch``), the statistics come from the loss's entropies,
         gathered over processes, and also go to the sampler for the next generation.
         """
-        if "entropy_signal" in inputs:
-            return {"entropy_signal": inputs["entropy_signal"]}
-        samples_adaptively = forward.training and self.temperature_processor is not None
+        if "entropy_signal" in batch.columns:
+            return {"entropy_signal": batch.columns["entropy_signal"]}
+        samples_adaptively = batch.training and self.temperature_processor is not None
         if not (self.entropy_signal_from_generation or samples_adaptively):
             return {}
-        if not forward.sees_generation_batch:
+        if not batch.sees_generation_batch:
             if self.entropy_signal_from_generation:
                 raise KeyError(
                     "hapo_entropy_stats='generation_batch' takes ĥ from the batch column 'entropy_signal', set by "
@@ -362,7 +393,7 @@ class HapoSignal(TokenSignal):
                     "batches made elsewhere)."
                 )
             return {}  # the sampler got its statistics at generation
-        stats, signal = self.entropy_statistics(forward.entropies, inputs)
+        stats, signal = self.entropy_statistics(batch.entropies, batch.mask)
         if samples_adaptively:
             self.temperature_processor.stats = stats  # HAPO 3.1: the next generation samples with them
         return {"entropy_signal": signal} if self.entropy_signal_from_generation else {}

@@ -14,7 +14,7 @@ After each generation (``after_generation``), for every completion of this proce
 and, with ``rank_length_shaping`` (the released code's), added to the token advantages: ``rank_overflow_penalty``
 on every overflow token; on the EOS token (whose own advantage is zeroed) ``rank_eos_bonus`` when the list has
 exactly N items, ``rank_early_stop_penalty`` when it has fewer. The batch gets ``advantages`` ``[B, T]`` and
-``rank_ids`` ``[B, T]``; ``loss_kwargs`` hands ``rank_ids`` and N to the rank_grpo loss. With another policy loss
+``rank_ids`` ``[B, T]``; ``token_inputs`` hands ``rank_ids`` and N to the rank_grpo loss. With another policy loss
 (or TRL's ``loss_type``), the per-rank advantages go with that loss's own ratio (the paper's "GRPO with rank
 rewards" ablation).
 
@@ -26,9 +26,12 @@ gains), ``rank/items`` (items per answer), ``rank/overflow_frac`` (answers with 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from ..checks import AT_LEAST_ONE, FINITE
+from ..losses.policy import RANK_GRPO_PAPER
 from ..rewards.ranking import (
     RANK_CREDITS,
     causal_rank_rewards,
@@ -40,12 +43,18 @@ from ..rewards.ranking import (
     relevance_rank_gains,
 )
 from ..tokens.ranks import decode_completion, rank_group_advantages, rank_ids_tensor, token_ranks
-from .signals import Generation, LossForward, TokenSignal, register_token_signal
+from .rollout import Generation
+from .signals import TokenBatch, TokenSignal, register_token_signal
 
 
 @dataclass
 class RankGrpoConfig:
     """Rank-GRPO's fields of ``TokenGRPOConfig`` (a mixin); the released code's defaults unless noted."""
+
+    option_ranges: ClassVar[dict] = {  # tokenweave.checks reads them
+        "rank_list_length": AT_LEAST_ONE, "rank_overflow_penalty": FINITE, "rank_eos_bonus": FINITE,
+        "rank_early_stop_penalty": FINITE,
+    }
 
     rank_list_length: int = field(
         default=20,
@@ -100,12 +109,19 @@ class RankGrpoConfig:
 class RankGrpoSignal(TokenSignal):
     """Rank-GRPO's rank spans and per-rank advantages (module docstring)."""
 
+    provides = frozenset({"rank_ids", "num_ranks"})
+    metric_prefixes = ("rank/",)
+    option_prefixes = ("rank_",)
+    paper = RANK_GRPO_PAPER
+
     @classmethod
-    def configure(cls, args, requested: bool) -> bool:
-        """On when listed or with ``policy_loss: rank_grpo`` (which needs it); checks the rank fields."""
-        on = requested or args.policy_loss == "rank_grpo"
-        if not on:
-            return False
+    def implied(cls, args) -> bool:
+        """``policy_loss: rank_grpo`` needs the span ids."""
+        return args.policy_loss == "rank_grpo"
+
+    @classmethod
+    def configure(cls, args) -> bool:
+        """Checks the rank fields."""
         if args.hapo_token_advantage:
             raise ValueError("hapo_token_advantage and the rank_grpo signal both set the advantages: turn one off.")
         if args.multi_objective_aggregation != "sum_then_normalize":
@@ -114,6 +130,18 @@ class RankGrpoSignal(TokenSignal):
         get_rank_gain_func(args.rank_gain_func)
         get_item_parser(args.rank_item_parser)
         return True
+
+    @classmethod
+    def check_dataset(cls, dataset, args, dataset_name: str) -> None:
+        """A task whose rows say how many items an answer lists (``list_length``, the built-in recommendation task)
+        must ask for N of them."""
+        if "list_length" not in (dataset.column_names or ()):
+            return
+        other = next((length for length in dataset["list_length"] if length != args.rank_list_length), None)
+        if other is not None:
+            raise ValueError(f"rank_list_length ({args.rank_list_length}) must equal the {dataset_name} dataset's "
+                             f"list_length ({other}), the items each answer lists (the recommendation task's "
+                             "task_list_length).")
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -195,6 +223,6 @@ class RankGrpoSignal(TokenSignal):
                                means.tolist(), strict=True):
             metrics[name].append(value)
 
-    def loss_kwargs(self, inputs: dict, forward: LossForward) -> dict:
+    def token_inputs(self, batch: TokenBatch) -> dict:
         """The span ids and N for the rank_grpo loss (other losses take the per-rank advantages only)."""
-        return {"rank_ids": inputs["rank_ids"], "num_ranks": self.num_ranks} if self.passes_rank_ids else {}
+        return {"rank_ids": batch.columns["rank_ids"], "num_ranks": self.num_ranks} if self.passes_rank_ids else {}

@@ -1,157 +1,180 @@
-"""Token-signal components of ``TokenGRPOTrainer``: what a method adds around TRL's GRPO loop, besides its loss.
+"""Token signals: what a method adds around a TRL trainer besides its loss, one interface for SFT, DPO and GRPO.
 
-A method's per-token signal (HAPO's entropy signal, Rank-GRPO's spans, attention-derived credit, critical-token
-weights, ...) is a :class:`TokenSignal` registered by name (``@register_token_signal("name")``) and picked in YAML
-(``token_signals: [name, ...]``, or ``package.module:Class``; they run in that order, so a later one sees the columns
-of an earlier one, after the signals implied by other fields, e.g. ``policy_loss: rank_grpo``). The trainer calls every signal that is on at four points and does nothing for a signal that is off::
+A method's per-token signal (HAPO's entropy signal, Rank-GRPO's spans, attention-derived credit, cDPO's critical-token
+weights, a user's weight column, ...) is a :class:`TokenSignal` registered by name (``@register_token_signal("name")``)
+and picked in YAML (``token_signals: [name, ...]``, or ``package.module:Class``). Each trainer hosts the signals of its
+config (:class:`~tokenweave.trainers.host.SignalHostMixin`); a signal says what it needs and gives, and the host does
+the rest. What a signal declares (class attributes and class methods: they are read from the config, before the
+trainer exists)::
 
-    hook                                 called in (TRL hook)                     a signal returns
-    configure(args, requested)           TokenGRPOConfig.__post_init__            whether it is on (it resolves and
-     (classmethod)                                                                checks its own config fields)
-    needs_generation_entropies(training) _generate_and_score_completions, first   True: keep π_old's token entropies
-                                                                                  (Generation.old_policy_entropies)
-    sample(generate, training)           _generate_single_turn                    generate()'s result, generated its
-                                                                                  way (e.g. with a logits processor)
-    after_generation(generation)         _generate_and_score_completions, after   per-token columns [B, ...] merged
-                                         TRL's                                    into the batch: "advantages"
-                                                                                  replaces TRL's ([B] or [B, T]);
-                                                                                  others are the signal's own
-    loss_kwargs(inputs, forward)         _compute_loss, before the policy loss    keyword arguments of the registered
-                                                                                  policy loss; "token_weights"
-                                                                                  multiplies TRL's per-token factors
-    state_dict() / load_state_dict()     checkpoint save / resume (with the RNG   what must survive a resume
-                                         state)
+    declaration                   meaning
+    supports                      the trainers it runs in, of "sft", "dpo", "grpo"; listed for another one, it is
+                                  refused by name when the config is made (before any model loads)
+    provides                      the loss inputs it returns from token_inputs ("token_weights" multiplies the
+                                  per-token loss in every trainer; others are keyword inputs of the registered loss)
+    weighs_tokens, selection      its token weights are what the random control moves (signal_control: shuffle);
+                                  selection: they select tokens ranked by its "token_scores" (signal_control: inverse)
+    columns(args)                 the per-token dataset columns it reads (SFT, DPO): batch key -> dataset column
+                                  names (SFT: one; DPO: the chosen and the rejected column)
+    check_dataset(dataset, args,  the rows' values checked when the dataset is loaded, before any model
+     dataset_name)
+    frozen_models(args)           the frozen models it reads ("reference", "history", or a teacher's name)
+    metric_prefixes, paper,       what `tokenweave plot`, run_info.json and the model card show of it
+    option_prefixes,
+    named_by_losses
 
-Columns added after generation survive TRL's buffering, shuffling and splitting into micro-batches (they index dim
-0), so a ``[B, T]`` column reaches ``loss_kwargs`` aligned with the micro-batch's completion tokens. The methods this
-is shaped for, each one more signal:
+and its hooks, every one optional::
 
-- HAPO (:mod:`.hapo`): entropy statistics after generation, an adaptive-temperature ``sample``, token-level
-  advantages, ĥ as the loss's ``entropy_signal``; its sampler statistics are its state.
-- Rank-GRPO (:mod:`.rank`): after generation, the completions decoded and scored per rank by its own gain
-  functions (TRL's reward functions return one scalar per completion; ``Generation.inputs`` gives the rows'
-  columns), span ids ``[B, T]`` (rank of each token) and per-rank advantages ``[B, T]`` as ``"advantages"``;
-  ``loss_kwargs`` passes the span ids to the registered ``rank_grpo`` loss (the span-mean importance ratio).
-- Attention-derived credit: after generation, one extra no-grad forward with attention weights (the policy at
-  that point is π_old), then ``"advantages"`` = the current advantages · γ ``[B, T]``.
-- Critical-token weights: after generation, a weight column; ``loss_kwargs`` returns it as ``token_weights``.
+    hook                                   called                                    kinds  returns
+    implied(args), configure(args)         the config's __post_init__, for a signal   all   implied: on without being
+     (class methods)                       that supports its trainer (configure:            listed; configure: checks
+                                           only if it is on)                                its fields, False: nothing
+                                                                                            to do (dropped)
+    init_context(args) (class method)      around TRL's __init__                      all   a context manager (HAPO:
+                                                                                            vLLM's logits processor)
+    prepare_dataset(dataset, tokenizer,    after TRL's tokenisation (class method)    SFT,  the dataset, with its
+     args, dataset_name)                                                              DPO   columns (one value per
+                                                                                            completion token)
+    needs_generation_entropies(training),  TRL's generation step                      GRPO  rollout.py documents them
+     sample(generate, training),
+     after_generation(generation)
+    token_inputs(batch)                    each micro-batch, before the loss          all   the loss inputs it
+                                                                                            provides, per token
+    state_dict() / load_state_dict()       each checkpoint / resume                   all   what a resume needs
+
+``token_inputs`` gets one :class:`TokenBatch` whatever the trainer: per-token ``[R, T]`` tensors aligned with ``mask``
+(DPO's rows are ``[chosen; rejected]``, shifted to the predicted tokens; SFT's the label tokens; GRPO's the completion
+tokens), the signal's dataset columns aligned the same way, and the frozen models' log-probs, computed when first
+asked for. Signals run in order (the implied ones first); their ``token_weights`` multiply, and a NaN or infinity in
+anything a signal returns stops the run naming it (``trainers.finite``).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from trl.models.utils import disable_gradient_checkpointing
+
+from ..checks import ConfigError
+from ..registry import Paper, lookup
 
 if TYPE_CHECKING:
-    from .grpo import TokenGRPOConfig, TokenGRPOTrainer
+    from .frozen import FrozenForwards
+    from .rollout import Generation
 
-# Marks padding when per-token values of different lengths are gathered across processes (entropies are >= 0).
-_GATHER_PAD = -1e9
-
-
-def gather_values(accelerator, local: torch.Tensor) -> torch.Tensor:
-    """1-D tensors of different lengths from every process, concatenated (as TRL's ``get_high_entropy_mask``)."""
-    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=_GATHER_PAD))
-    return gathered[gathered != _GATHER_PAD]
-
-
-def loss_sees_generation_batch(batch: dict, training: bool, steps_per_generation: int) -> bool:
-    """Whether the loss's own forward is π_old's forward over this process's whole generation batch.
-
-    True when TRL computed no old log-probs (on-policy: the loss's policy is the sampling policy) and each process's
-    generation batch is one micro-batch (``steps_per_generation`` 1 in training; evaluation scores a generation
-    batch at once). A signal may then compute its generation-batch statistics in ``loss_kwargs`` from the loss's
-    entropies, instead of asking for them at generation (which would cost one more forward).
-    """
-    return batch.get("old_per_token_logps") is None and (not training or steps_per_generation == 1)
-
-
-@dataclass
-class Generation:
-    """What ``after_generation`` sees: TRL's generation batch (with the columns of earlier signals) and its context."""
-
-    trainer: TokenGRPOTrainer
-    output: dict
-    training: bool
-    captured: list[tuple[torch.Tensor, torch.Tensor]]
-    """(log-probs, entropies) of the policy's forwards during TRL's generation step (when some signal asked)."""
-    inputs: list[dict]
-    """TRL's inputs of this process's generation batch: one dataset row (its columns) per completion."""
-
-    @property
-    def completion_mask(self) -> torch.Tensor:
-        """``[B, T]`` the completion tokens that enter the loss (TRL's ``completion_mask · tool_mask``)."""
-        return self.output["completion_mask"] * self.output.get("tool_mask", 1)
-
-    @property
-    def rewards_per_func(self) -> torch.Tensor:
-        """``[N, F]`` TRL's rewards of the generation batch, gathered over processes (NaN: a function did not score)."""
-        return self.trainer.rewards_per_func
-
-    @property
-    def loss_sees_generation_batch(self) -> bool:
-        """:func:`loss_sees_generation_batch` for this batch."""
-        return loss_sees_generation_batch(self.output, self.training, self.trainer.args.steps_per_generation)
-
-    def old_policy_entropies(self) -> torch.Tensor:
-        """Token entropies ``[B, T]`` of this process's completions under the policy that sampled them (at T_base).
-
-        From TRL's old-log-prob forward when it ran one (the captured forward whose log-probs TRL kept as
-        ``old_per_token_logps``; needs ``needs_generation_entropies``), else from one no-grad forward.
-        """
-        old_logps = self.output.get("old_per_token_logps")
-        entropies = next((entropies for logps, entropies in self.captured if logps is old_logps), None)
-        if entropies is not None:
-            return entropies
-        trainer = self.trainer
-        args = trainer.args
-        batch_size = args.per_device_train_batch_size if trainer.model.training else args.per_device_eval_batch_size
-        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, args.gradient_checkpointing_kwargs):
-            _, entropies, _ = trainer.completion_logps_and_entropies(
-                trainer.model, self.output, batch_size=batch_size, compute_entropy=True
-            )
-        return entropies
+TRAINER_KINDS = ("sft", "dpo", "grpo")
+SIGNAL_CONTROLS = ("none", "shuffle", "inverse")
+FROZEN_MODEL_NAMES = ("reference", "history")
+"""The frozen models every trainer knows by name (``trainers.frozen``); teachers are named by ``teacher_model_paths``."""
 
 
 @dataclass(frozen=True)
-class LossForward:
-    """What ``loss_kwargs`` sees of the loss's forward: per-token ``[B, T]`` tensors of the micro-batch."""
+class TokenBatch:
+    """One micro-batch as every signal sees it, in every trainer: ``[R, T]`` tensors whose positions are the tokens
+    the loss is about (``mask``)."""
 
+    kind: str
+    """The trainer: "sft", "dpo" or "grpo"."""
     logps: torch.Tensor
-    """log π_θ of the sampled tokens (with gradient)."""
-    old_logps: torch.Tensor
-    """log π_old (TRL's ``old_per_token_logps``, or ``logps`` detached on-policy)."""
-    entropies: torch.Tensor
-    """token entropies of π_θ."""
+    """log π_θ of each token (with gradient)."""
     mask: torch.Tensor
-    """the completion tokens that enter the loss."""
+    """1 at the tokens that enter the loss, 0 elsewhere."""
+    entropies: torch.Tensor | None
+    """Token entropies of π_θ (no gradient)."""
+    old_logps: torch.Tensor | None
+    """GRPO: log π_old (TRL's ``old_per_token_logps``, or ``logps`` detached on-policy); None elsewhere."""
+    columns: Mapping[str, torch.Tensor]
+    """Per-token columns aligned with ``mask``: SFT and DPO, the signals' dataset columns (by batch key); GRPO, the
+    generation batch's ``[B, T]`` entries (the columns signals added after generation among them)."""
+    frozen: FrozenForwards
+    """``frozen.logps(name)``: the frozen model's log-probs of the same tokens ``[R, T]``, computed when first asked
+    for (every process must ask for the same names: under ZeRO-3 a forward is a collective)."""
     training: bool
-    sees_generation_batch: bool
-    """:func:`loss_sees_generation_batch`."""
+    sees_generation_batch: bool = False
+    """GRPO: :func:`~tokenweave.trainers.rollout.loss_sees_generation_batch`."""
+    row_keys: torch.Tensor | None = field(default=None, repr=False)
+    """``[R, k]`` integers that identify each row for the random control's seeds (the host's)."""
+
+
+class SignalTrainer(Protocol):
+    """What a signal may use of its trainer: the config, the accelerator, TRL's state and metrics
+    (``_metrics[mode][name].append(float)``), and the host's random control."""
+
+    args: Any
+    accelerator: Any
+    state: Any
+    model: Any
+    _metrics: dict
+
+    def signal_control(self, weights: torch.Tensor, mask: torch.Tensor, row_keys: torch.Tensor,
+                       scores: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class TokenSignal:
-    """A token-signal component (module docstring). Every hook is optional: the defaults do nothing.
+    """A token signal (module docstring). Every hook is optional: the defaults do nothing.
 
-    Built once per trainer, after TRL's ``GRPOTrainer.__init__``, as ``cls(trainer)``; ``self.trainer`` gives the
-    accelerator, the config (``trainer.args``) and TRL's metrics (``trainer._metrics[mode][name].append(float)``).
+    Built once per trainer, after TRL's ``__init__``, as ``cls(trainer)``; ``self.trainer`` is a
+    :class:`SignalTrainer`.
     """
 
     name: ClassVar[str]
+    supports: ClassVar[frozenset[str]] = frozenset({"grpo"})
+    provides: ClassVar[frozenset[str]] = frozenset()
+    weighs_tokens: ClassVar[bool] = False
+    selection: ClassVar[bool] = False
+    metric_prefixes: ClassVar[tuple[str, ...]] = ()
+    option_prefixes: ClassVar[tuple[str, ...]] = ()
+    paper: ClassVar[Paper | None] = None
+    named_by_losses: ClassVar[frozenset[str]] = frozenset()
+    """Losses whose name names this signal too (the model card calls ``loss_type: cdpo`` "cdpo", not
+    "cdpo+critical_tokens"; a signal named like its loss, as hapo, is folded anyway)."""
 
-    def __init__(self, trainer: TokenGRPOTrainer):
+    def __init__(self, trainer: SignalTrainer):
         self.trainer = trainer
 
+    # -- declarations and configuration (from the config alone) ---------------------------------------------------
+
     @classmethod
-    def configure(cls, args: TokenGRPOConfig, requested: bool) -> bool:
-        """Resolve and check this signal's config fields; whether it is on (``requested``: listed in
-        ``token_signals``; a signal may also be implied by other fields, as ``policy_loss: hapo`` implies hapo)."""
-        return requested
+    def implied(cls, args) -> bool:
+        """Whether another field turns this signal on without it being listed (``policy_loss: hapo`` implies hapo)."""
+        return False
+
+    @classmethod
+    def configure(cls, args) -> bool:
+        """Resolve and check this signal's fields (it is on); False: it has nothing to do and is dropped."""
+        return True
+
+    @classmethod
+    def columns(cls, args) -> dict[str, tuple[str, ...]]:
+        """The per-token dataset columns it reads: batch key -> dataset column names, one per completion of an
+        example (SFT: one, aligned to the label tokens; DPO: the chosen and the rejected one)."""
+        return {}
+
+    @classmethod
+    def check_dataset(cls, dataset, args, dataset_name: str) -> None:
+        """Check a loaded dataset's rows for this signal (value ranges, a task's settings), before any model loads
+        (``tokenweave.train``); a ``ValueError`` names the dataset, row and column."""
+
+    @classmethod
+    def frozen_models(cls, args) -> tuple[str, ...]:
+        """The frozen models ``token_inputs`` reads (``batch.frozen.logps(name)``)."""
+        return ()
+
+    @classmethod
+    def init_context(cls, args):
+        """A context manager around TRL's ``__init__`` (where TRL builds what a signal must change, as vLLM's
+        engine)."""
+        return nullcontext()
+
+    @classmethod
+    def prepare_dataset(cls, dataset, tokenizer, args, dataset_name: str):
+        """The tokenised dataset with this signal's :meth:`columns` (SFT and DPO; the host checks their lengths)."""
+        return dataset
+
+    # -- GRPO's rollout hooks (trainers.rollout) -------------------------------------------------------------------
 
     def needs_generation_entropies(self, training: bool) -> bool:
         """Whether ``after_generation`` will call ``generation.old_policy_entropies()`` (then TRL's old-log-prob
@@ -163,11 +186,14 @@ class TokenSignal:
         return generate()
 
     def after_generation(self, generation: Generation) -> dict[str, torch.Tensor]:
-        """Per-token columns to add to (or replace in) the generation batch."""
+        """Per-token columns to add to (or replace in) the generation batch ("advantages" replaces TRL's)."""
         return {}
 
-    def loss_kwargs(self, inputs: dict, forward: LossForward) -> dict[str, Any]:
-        """Keyword arguments of the policy loss for this micro-batch (``token_weights``: multiplied in)."""
+    # -- the loss phase, in every trainer ------------------------------------------------------------------------
+
+    def token_inputs(self, batch: TokenBatch) -> dict[str, Any]:
+        """The loss inputs this signal provides for this micro-batch: ``token_weights`` ``[R, T]`` multiplies the
+        per-token loss; a selection also returns ``token_scores`` ``[R, T]``, its ranking."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -187,6 +213,10 @@ def register_token_signal(name: str) -> Callable[[type[TokenSignal]], type[Token
     def decorator(cls: type[TokenSignal]) -> type[TokenSignal]:
         if TOKEN_SIGNALS.get(name, cls) is not cls:
             raise ValueError(f"a token signal is already registered as {name!r}")
+        unknown = set(cls.supports) - set(TRAINER_KINDS)
+        if unknown:
+            raise ValueError(f"token signal {name!r} supports unknown trainers {sorted(unknown)}; "
+                             f"expected some of {TRAINER_KINDS}")
         cls.name = name
         TOKEN_SIGNALS[name] = cls
         return cls
@@ -196,17 +226,86 @@ def register_token_signal(name: str) -> Callable[[type[TokenSignal]], type[Token
 
 def get_token_signal(name: str) -> type[TokenSignal]:
     """The token signal registered as ``name``, or ``package.module:Class`` (the module is imported, which registers
-    a decorated class; an undecorated one is registered under this name); ``ValueError`` listing the registered
-    names otherwise."""
-    if ":" in name:
-        module, _, attribute = name.partition(":")
-        signal = getattr(importlib.import_module(module), attribute, None)
-        if not (isinstance(signal, type) and issubclass(signal, TokenSignal)):
-            raise ValueError(f"token signal {name!r} is not a TokenSignal subclass")
-        if TOKEN_SIGNALS.get(getattr(signal, "name", None)) is not signal:
-            register_token_signal(name)(signal)
-        return signal
-    try:
-        return TOKEN_SIGNALS[name]
-    except KeyError:
-        raise ValueError(f"unknown token signal {name!r}; registered: {', '.join(sorted(TOKEN_SIGNALS))}") from None
+    a decorated class; an undecorated one is registered under this name)."""
+    signal = lookup(name, TOKEN_SIGNALS, "token signal", lambda found: isinstance(found, type) and issubclass(
+        found, TokenSignal), "TokenSignal subclass")
+    if TOKEN_SIGNALS.get(getattr(signal, "name", None)) is not signal:
+        register_token_signal(name)(signal)
+    return signal
+
+
+@dataclass
+class TokenSignalConfig:
+    """The token-signal fields of the three trainers' configs (a mixin; :func:`resolve_token_signals` runs in their
+    ``__post_init__``)."""
+
+    token_signals: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Token signals (tokenweave.trainers.signals) to run, in order, by registered name (hapo, "
+            "rank_grpo, attention_credit, critical_tokens, weights, weight_rules, or any registered with "
+            "@register_token_signal) or 'package.module:Class'. A signal implied by other fields is added first "
+            "(policy_loss: hapo implies hapo, loss_type: cdpo critical_tokens); one with nothing to do is dropped; "
+            "one that does not support this trainer is refused."
+        },
+    )
+    signal_control: str = field(
+        default="none",
+        metadata={
+            "help": "The random-signal control, on the token weights of every signal that weighs tokens: 'shuffle' "
+            "puts each sequence's own weights on a random permutation of its tokens (matched random: the same "
+            "weights, on tokens chosen by chance); 'inverse', for a selection, selects the same number of tokens "
+            "of each sequence from the other end of the signal's ranking. 'none': the signals as they are.",
+            "choices": list(SIGNAL_CONTROLS),
+        },
+    )
+    signal_control_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the control's permutations (None: `seed`); each row's is derived from it and the "
+                  "row's identity (SFT, DPO: its dataset row; GRPO: the generation step and its row), so it does "
+                  "not depend on batch order, process count or resumption."},
+    )
+
+
+def active_signal_classes(args) -> list[type[TokenSignal]]:
+    """The classes of the signals that are on in a resolved config (none for a config without token signals)."""
+    return [get_token_signal(name) for name in getattr(args, "token_signals", None) or []]
+
+
+def resolve_token_signals(args) -> None:
+    """Turn on the config's signals (``args.token_signals`` becomes the signals that are on, in the order they run)
+    and check what they need, before anything loads. Only signals that support the config's trainer
+    (``args.trainer_kind``) are asked whether they are implied, and only those that are on are configured."""
+    kind = args.trainer_kind
+    requested = [get_token_signal(name).name for name in args.token_signals or []]  # names every signal
+    unsupported = [name for name in requested if kind not in TOKEN_SIGNALS[name].supports]
+    if unsupported:
+        details = ", ".join(f"{name!r} ({'/'.join(sorted(TOKEN_SIGNALS[name].supports))})" for name in unsupported)
+        raise ConfigError(f"token_signals: {details} do(es) not support the {kind} trainer.")
+    on = [name for name, signal in TOKEN_SIGNALS.items()
+          if kind in signal.supports and (name in requested or signal.implied(args)) and signal.configure(args)]
+    args.token_signals = [name for name in on if name not in requested] + [name for name in requested if name in on]
+    signals = active_signal_classes(args)
+    if args.signal_control != "none":
+        weighing = [signal for signal in signals if signal.weighs_tokens]
+        if not weighing:
+            raise ConfigError(f"signal_control {args.signal_control!r} moves token weights: it needs a token signal "
+                              f"that weighs tokens, and {args.token_signals or 'none'} do(es) not.")
+        if args.signal_control == "inverse" and not all(signal.selection for signal in weighing):
+            raise ConfigError("signal_control 'inverse' takes the other end of a selection's ranking: "
+                              f"{[signal.name for signal in weighing if not signal.selection]} select(s) no tokens.")
+    known = FROZEN_MODEL_NAMES + tuple(getattr(args, "teacher_model_paths", None) or {})
+    for signal in signals:
+        missing = [name for name in signal.frozen_models(args) if name not in known]
+        if missing:
+            raise ConfigError(f"token signal {signal.name!r} reads the frozen model(s) {missing}: name them in "
+                              f"teacher_model_paths (known: {list(known)}).")
+
+
+@contextmanager
+def signals_init_context(args) -> Iterator[None]:
+    """The ``init_context`` of every signal that is on, nested in order (around TRL's ``__init__``)."""
+    with ExitStack() as stack:
+        for signal in active_signal_classes(args):
+            stack.enter_context(signal.init_context(args))
+        yield
