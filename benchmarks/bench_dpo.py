@@ -26,7 +26,6 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenweave from this checkout
-from step_bench import memory_child, run_benchmark  # noqa: E402
+from step_bench import Bench, main  # noqa: E402
 
 METHODS = ("dpo", "weighted-dpo", "tdpo2")
 # Timed only: a second, identical TRL DPOTrainer. Its ratio to "dpo" is the noise floor of the time measurement.
@@ -65,7 +64,8 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainers and batches
 # ---------------------------------------------------------------------------------------------------------------------
-def load_base(args):
+def load(args):
+    """The base model, its tokenizer and the preference pairs, which every method's trainer shares."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenweave.models import resolve_model
@@ -73,7 +73,7 @@ def load_base(args):
     path = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model, tokenizer, preference_data(args, tokenizer)
 
 
 def preference_data(args, tokenizer):
@@ -95,12 +95,13 @@ def preference_data(args, tokenizer):
     return dataset.map(add_weights)
 
 
-def build_trainer(method, base_model, tokenizer, dataset, args, output_dir):
+def build_trainer(method, loaded, args, output_dir):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     from tokenweave.trainers.dpo import TokenDPOConfig, TokenDPOTrainer
 
+    base_model, tokenizer, dataset = loaded
     common = dict(
         output_dir=output_dir,
         use_cpu=True,
@@ -148,48 +149,21 @@ def batches(trainer, args, count):
     return [trainer.data_collator(rows[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(count)]
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.child:
-        torch.set_num_threads(args.threads)
-        base_model, tokenizer = load_base(args)
-        dataset = preference_data(args, tokenizer)
-        with tempfile.TemporaryDirectory() as output_dir:
-            trainer = build_trainer(args.child, base_model, tokenizer, dataset, args, output_dir)
-            del base_model
-            memory_child(args.child, trainer, batches(trainer, args, args.memory_steps))
-        return
+def header(args, trainers, method_batches) -> str:
+    dpo_batches = method_batches["dpo"]
+    shape = {
+        "rows": int(dpo_batches[0]["input_ids"].shape[0]),
+        "mean_tokens_per_batch": statistics.mean(int(b["attention_mask"].sum()) for b in dpo_batches),
+        "mean_completion_tokens_per_batch": statistics.mean(int(b["completion_mask"].sum()) for b in dpo_batches),
+        "max_row_length": max(int(b["input_ids"].shape[1]) for b in dpo_batches),
+    }
+    return (f"\nmodel {args.model} (vocabulary {trainers['dpo'].model.config.vocab_size}), batch {shape}, "
+            f"{args.threads} thread(s), {'full fine-tuning' if args.no_lora else 'LoRA r16 all-linear'}, "
+            f"{args.rounds} timed rounds")
 
-    output_dir = tempfile.mkdtemp()
 
-    def timed():
-        base_model, tokenizer = load_base(args)
-        dataset = preference_data(args, tokenizer)
-        trainers = {method: build_trainer(method, base_model, tokenizer, dataset, args, output_dir)
-                    for method in (*METHODS, CONTROL)}
-        method_batches = {method: batches(trainer, args, args.warmup + args.rounds)
-                          for method, trainer in trainers.items()}
-        for method, method_batch in method_batches.items():  # the same tokens for every method
-            for batch, reference in zip(method_batch, method_batches["dpo"], strict=True):
-                assert torch.equal(batch["input_ids"], reference["input_ids"]), method
-                assert torch.equal(batch["completion_mask"], reference["completion_mask"]), method
-        return trainers, method_batches
-
-    def header(trainers, method_batches) -> str:
-        dpo_batches = method_batches["dpo"]
-        shape = {
-            "rows": int(dpo_batches[0]["input_ids"].shape[0]),
-            "mean_tokens_per_batch": statistics.mean(int(b["attention_mask"].sum()) for b in dpo_batches),
-            "mean_completion_tokens_per_batch": statistics.mean(int(b["completion_mask"].sum()) for b in dpo_batches),
-            "max_row_length": max(int(b["input_ids"].shape[1]) for b in dpo_batches),
-        }
-        return (f"\nmodel {args.model} (vocabulary {trainers['dpo'].model.config.vocab_size}), batch {shape}, "
-                f"{args.threads} thread(s), {'full fine-tuning' if args.no_lora else 'LoRA r16 all-linear'}, "
-                f"{args.rounds} timed rounds")
-
-    run_benchmark(str(Path(__file__).resolve()), argv, args, METHODS, CONTROL, timed, header, TARGETS)
-
+BENCH = Bench(METHODS, CONTROL, TARGETS, load, build_trainer, batches, header,
+              same_keys=("input_ids", "completion_mask"))
 
 if __name__ == "__main__":
-    main()
+    main(str(Path(__file__).resolve()), BENCH, parse_args(sys.argv[1:]), sys.argv[1:])

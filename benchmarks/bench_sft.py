@@ -23,7 +23,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenweave from this checkout
-from step_bench import memory_child, run_benchmark  # noqa: E402
+from step_bench import Bench, main  # noqa: E402
 
 METHODS = ("sft", "token-sft")
 CONTROL = "sft-again"
@@ -55,7 +54,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_base(args):
+def load(args):
+    """The base model and its tokenizer, which every method's trainer copies."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenweave.models import resolve_model
@@ -64,13 +64,14 @@ def load_base(args):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
-def build_trainer(method, base_model, tokenizer, args, output_dir):
+def build_trainer(method, loaded, args, output_dir):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from tokenweave.data.arithmetic import load_arithmetic
     from tokenweave.trainers import TokenSFTConfig, TokenSFTTrainer
 
+    base_model, tokenizer = loaded
     num_examples = args.batch_size * max(args.warmup + args.rounds, args.memory_steps)
     dataset = load_arithmetic("train", "sft", num_examples=num_examples, difficulty=args.difficulty)
     common = dict(output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
@@ -92,41 +93,15 @@ def batches(trainer, args, count):
     return [trainer.data_collator(rows[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(count)]
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.child:
-        torch.set_num_threads(args.threads)
-        base_model, tokenizer = load_base(args)
-        with tempfile.TemporaryDirectory() as output_dir:
-            trainer = build_trainer(args.child, base_model, tokenizer, args, output_dir)
-            del base_model
-            memory_child(args.child, trainer, batches(trainer, args, args.memory_steps))
-        return
+def header(args, trainers, method_batches) -> str:
+    tokens = [int(batch["attention_mask"].sum()) for batch in method_batches["sft"]]
+    return (f"\nmodel {args.model} (vocabulary {trainers['sft'].model.config.vocab_size}), batch {args.batch_size} "
+            f"({sum(tokens) / len(tokens):.0f} tokens a batch on average), {args.threads} thread(s), LoRA r16 "
+            f"all-linear, {args.rounds} timed rounds")
 
-    output_dir = tempfile.mkdtemp()
 
-    def timed():
-        base_model, tokenizer = load_base(args)
-        trainers = {method: build_trainer(method, base_model, tokenizer, args, output_dir)
-                    for method in (*METHODS, CONTROL)}
-        method_batches = {method: batches(trainer, args, args.warmup + args.rounds)
-                          for method, trainer in trainers.items()}
-        for method, method_batch in method_batches.items():  # the same tokens for every method
-            for batch, reference in zip(method_batch, method_batches["sft"], strict=True):
-                assert torch.equal(batch["input_ids"], reference["input_ids"]), method
-                assert torch.equal(batch["labels"], reference["labels"]), method
-        return trainers, method_batches
-
-    def header(trainers, method_batches) -> str:
-        tokens = [int(batch["attention_mask"].sum()) for batch in method_batches["sft"]]
-        return (f"\nmodel {args.model} (vocabulary {trainers['sft'].model.config.vocab_size}), batch {args.batch_size} "
-                f"({sum(tokens) / len(tokens):.0f} tokens a batch on average), {args.threads} thread(s), LoRA r16 "
-                f"all-linear, {args.rounds} timed rounds")
-
-    run_benchmark(str(Path(__file__).resolve()), argv, args, METHODS, CONTROL, timed, header, TARGETS,
-                  time_statistic="ratio_of_medians")
-
+BENCH = Bench(METHODS, CONTROL, TARGETS, load, build_trainer, batches, header,
+              same_keys=("input_ids", "labels"), time_statistic="ratio_of_medians")
 
 if __name__ == "__main__":
-    main()
+    main(str(Path(__file__).resolve()), BENCH, parse_args(sys.argv[1:]), sys.argv[1:])

@@ -33,8 +33,10 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -165,19 +167,53 @@ def report(header: str, methods: tuple[str, ...], baseline: str, memory: dict, t
     return "\n".join(lines)
 
 
-def run_benchmark(script: str, argv: list[str], args, methods: tuple[str, ...], control: str,
-                  timed: Callable[[], tuple[dict, dict]], header: Callable[[dict, dict], str], targets: dict,
-                  time_statistic: str = "paired_ratio_median") -> dict:
-    """Memory (children of ``script``), then step time (``timed()`` gives the trainers and their batches by method,
-    the baseline ``methods[0]`` first and ``control`` among them), the report printed under ``header(trainers,
-    batches)``; returns the results (written to ``args.output`` too)."""
+@dataclass
+class Bench:
+    """What a benchmark script gives :func:`main`: its methods (the baseline first), the timing control, the targets
+    (``{method: {"time": limit, "memory": limit}}``), and how to load what the trainers share (``load(args)``),
+    build one (``build(method, loaded, args, output_dir)``), collate its batches (``batches(trainer, args, count)``)
+    and describe them (``header(args, trainers, batches)``); ``same_keys``: the batch keys every method must see
+    equal; ``time_statistic``: what the time targets read."""
+
+    methods: tuple[str, ...]
+    control: str
+    targets: dict
+    load: Callable
+    build: Callable
+    batches: Callable
+    header: Callable
+    same_keys: tuple[str, ...] = ("input_ids",)
+    time_statistic: str = "paired_ratio_median"
+
+
+def main(script: str, bench: Bench, args, argv: list[str]) -> dict | None:
+    """Run a benchmark (module docstring): with ``args.child`` set, the memory child of that method; otherwise the
+    memory children, then the step times, the report printed; returns the results (written to ``args.output``
+    too)."""
+    torch.set_num_threads(args.threads)
+    if args.child:
+        loaded = bench.load(args)
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainer = bench.build(args.child, loaded, args, output_dir)
+            del loaded
+            memory_child(args.child, trainer, bench.batches(trainer, args, args.memory_steps))
+        return None
     started = time.time()
     load_before = os.getloadavg()
-    memory = measure_memory(script, argv, methods, args.threads)
-    torch.set_num_threads(args.threads)
-    trainers, method_batches = timed()
-    baseline = methods[0]
-    timing = measure_time(trainers, method_batches, baseline, args.warmup)
+    memory = measure_memory(script, argv, bench.methods, args.threads)
+    loaded = bench.load(args)
+    baseline = bench.methods[0]
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainers = {method: bench.build(method, loaded, args, output_dir) for method in (*bench.methods, bench.control)}
+        del loaded
+        method_batches = {method: bench.batches(trainer, args, args.warmup + args.rounds)
+                          for method, trainer in trainers.items()}
+        for method, batches in method_batches.items():  # the same tokens for every method
+            for batch, reference in zip(batches, method_batches[baseline], strict=True):
+                for key in bench.same_keys:
+                    assert torch.equal(batch[key], reference[key]), (method, key)
+        timing = measure_time(trainers, method_batches, baseline, args.warmup)
+        header = bench.header(args, trainers, method_batches)
     results = {
         "command": f"python benchmarks/{Path(script).name} " + " ".join(argv),
         "machine": machine(),
@@ -187,8 +223,8 @@ def run_benchmark(script: str, argv: list[str], args, methods: tuple[str, ...], 
         "memory": memory,
         "time": timing,
     }
-    print(report(header(trainers, method_batches), (*methods, control), baseline, memory, timing, targets,
-                 time_statistic))
+    print(report(header, (*bench.methods, bench.control), baseline, memory, timing, bench.targets,
+                 bench.time_statistic))
     print(f"wall time {results['wall_seconds']:.0f} s")
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")

@@ -32,7 +32,8 @@ def train_dataset():
 
 def make_trainer(model_dir, output_dir, trainer_class=None, config_class=None, **overrides):
     """A ``TokenGRPOTrainer`` (or ``trainer_class`` with ``config_class``, e.g. TRL's) on the tiny model, in training
-    mode: batch 8, 4 generations per prompt, completions of at most ``max(LENGTHS)`` tokens, unless overridden."""
+    mode: batch 8, 4 generations per prompt, completions of at most ``max(LENGTHS)`` tokens, unless overridden
+    (``peft_config``: a LoRA policy)."""
     from tokenweave.trainers import TokenGRPOConfig, TokenGRPOTrainer
 
     kwargs = dict(
@@ -48,9 +49,11 @@ def make_trainer(model_dir, output_dir, trainer_class=None, config_class=None, *
         logging_steps=1,
         seed=0,
     )
+    peft_config = overrides.pop("peft_config", None)
     config = (config_class or TokenGRPOConfig)(**(kwargs | overrides))
     trainer = (trainer_class or TokenGRPOTrainer)(
-        model=model_dir, reward_funcs=[digit_reward], args=config, train_dataset=train_dataset()
+        model=model_dir, reward_funcs=[digit_reward], args=config, train_dataset=train_dataset(),
+        peft_config=peft_config,
     )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = config.gradient_accumulation_steps  # set by Trainer when training

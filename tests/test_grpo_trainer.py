@@ -1,6 +1,7 @@
 """Tests of TokenGRPOTrainer: the registered policy losses against TRL's own GRPOTrainer._compute_loss, off-policy
 effects worked out by hand, gradient-accumulation invariance, and short HAPO runs of the tiny model (CPU)."""
 
+import json
 import math
 
 import pytest
@@ -366,7 +367,7 @@ def test_hapo_training_run(model_dir, tmp_path, steps_per_generation):
 # generation of a resumed run samples as the saved run's next one would have (not at T_base, as a fresh run does).
 # ---------------------------------------------------------------------------------------------------------------
 def test_signal_state_round_trips_through_a_checkpoint(model_dir, tmp_path):
-    from tokenweave.trainers.host import SIGNAL_STATE_FILE
+    from tokenweave.trainers.host import SIGNAL_STATE_FILE, TOKEN_METRICS_FILE
 
     settings = dict(policy_loss="hapo", per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
     saved = make_trainer(model_dir, tmp_path, max_steps=2, **settings)
@@ -375,6 +376,8 @@ def test_signal_state_round_trips_through_a_checkpoint(model_dir, tmp_path):
     assert stats is not None
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / SIGNAL_STATE_FILE).exists()
+    prefixes = json.loads((checkpoint / TOKEN_METRICS_FILE).read_text())  # what `tokenweave plot` shows of it
+    assert {"entropy/q", "clip_ratio/", "hapo/", "entropy_signal/"} <= set(prefixes)
 
     resumed = make_trainer(model_dir, tmp_path, max_steps=3, **settings)
     hapo = resumed.signals["hapo"]

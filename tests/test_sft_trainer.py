@@ -184,8 +184,21 @@ def test_a_misaligned_column_or_packing_is_refused(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"row 2 of the tokenised train dataset has \d+ values in column "
                                          r"'token_weights', but it has \d+ labelled tokens"):
         make_trainer(model_dir, tmp_path, dataset=dataset, token_signals=["weights"])
-    with pytest.raises(ValueError, match="packing joins examples"):
-        TokenSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, token_signals=["weights"], packing=True)
+    for packing in ({"packing": True}, {"eval_packing": True}):
+        with pytest.raises(ValueError, match="packing joins examples"):
+            TokenSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, token_signals=["weights"], **packing)
+
+
+@pytest.mark.parametrize("control", ["none", "shuffle"])
+def test_padding_free_signals_see_one_row_per_example(model_dir, tmp_path, control):
+    """Padding-free packs the batch into one row; the signals still see one row per example (the random control
+    permutes each example's weights within it, seeded by its dataset row), so the loss is the padded batch's."""
+    dataset = with_weights(model_dir, tmp_path, random_weights)
+    options = dict(dataset=dataset, token_signals=["weights"], signal_control=control)
+    padded = make_trainer(model_dir, tmp_path, **options)
+    flat = make_trainer(model_dir, tmp_path, padding_free=True, max_length=None, **options)
+    torch.testing.assert_close(loss_and_grads(flat, [collate(flat, range(6))])[0],
+                               loss_and_grads(padded, [collate(padded, range(6))])[0], atol=1e-5, rtol=0)
 
 
 def test_padding_free_lays_the_column_out_like_the_labels(model_dir, tmp_path):
@@ -341,6 +354,14 @@ def test_the_history_of_a_lora_policy_holds_its_adapted_weights_and_survives_a_c
     assert (model_logps(fresh.frozen_models.loaded["history"], batch) - base).abs().max() < 1e-6  # the base weights
     fresh._load_rng_state(str(tmp_path))
     torch.testing.assert_close(model_logps(fresh.frozen_models.loaded["history"], batch), model_logps(history, batch))
+
+
+def test_a_history_model_of_a_lora_variant_is_refused_before_training(model_dir, tmp_path, frozen_reader):
+    frozen_reader.reads = ("history",)
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    with pytest.raises(NotImplementedError, match="only plain LoRA .W \+ ΔW., not DoRA"):
+        make_trainer(model_dir, tmp_path, token_signals=["frozen_reader_test"], history_sync_steps=1,
+                     peft_config=dora)
 
 
 def test_a_lora_policy_reads_its_initial_weights_with_the_adapter_off(model_dir, tmp_path, frozen_reader):

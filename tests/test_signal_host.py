@@ -289,6 +289,11 @@ def test_a_signal_in_sft_returning_nan_stops_naming_it_and_its_state_is_checkpoi
         TOKEN_SIGNALS.pop("stateful_test")
 
 
+def test_token_weights_in_grpo_need_a_policy_loss(tmp_path, readme_signal):
+    with pytest.raises(ConfigError, match=r"\['early_tokens'\] weigh the per-token loss: they need a policy_loss"):
+        TokenGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, token_signals=[readme_signal])
+
+
 def test_loss_inputs_a_trainer_cannot_take_are_refused(tmp_path):
     from tokenweave.losses.preference import PREFERENCE_LOSSES, register_preference_loss
 
@@ -354,3 +359,53 @@ def test_weight_rules_in_dpo(tmp_path):
             answer = row[side][0]["content"].split("The answer is ")[1].rstrip(".")
             matched = sft.spans_of(ids, tokenizer(f"The answer is {answer}", add_special_tokens=False)["input_ids"])
             assert weights == [2.0 if t in matched else 1.0 for t in range(len(ids))] and matched
+
+
+def test_dpo_reference_model_path_is_the_losss_reference(tmp_path):
+    """``reference_model_path`` in DPO: the reference of the loss (TRL's ``ref_model``, loaded from the path), the
+    same loss and gradients as the same model given as ``ref_model``."""
+    policy, reference, tokenizer = dpo_models()
+    reference.save_pretrained(tmp_path / "reference")
+    tokenizer.save_pretrained(tmp_path / "reference")
+    columns = with_columns(dpo.pairs_dataset(), tokenizer, powers, powers)
+    given = dpo.make_trainer(tmp_path, (policy, reference, tokenizer), columns, loss_type="cdpo")
+    by_path = dpo.make_trainer(tmp_path, (policy, None, tokenizer), columns, loss_type="cdpo",
+                               reference_model_path=str(tmp_path / "reference"))
+    assert by_path.frozen_models.loaded == {}  # TRL's ref_model is the one reference
+    dpo.assert_same_loss_and_grads(dpo.loss_and_grads(by_path, dpo.first_batch(by_path)),
+                                   dpo.loss_and_grads(given, dpo.first_batch(given)))
+
+
+def test_a_grpo_signal_reads_the_reference_of_a_lora_policy(model_dir, tmp_path):
+    """GRPO with LoRA and ``beta`` 0 (TRL keeps no reference): a signal's ``batch.frozen.logps("reference")`` is the
+    policy's with its adapter off, through TRL's own per-token forward."""
+    from peft import LoraConfig
+
+    @register_token_signal("grpo_reader_test")
+    class Reader(TokenSignal):
+        seen = []
+
+        @classmethod
+        def frozen_models(cls, args):
+            return ("reference",)
+
+        def token_inputs(self, batch):
+            type(self).seen.append((batch.frozen.logps("reference"), batch.logps.detach()))
+            return {}
+
+    try:
+        trainer = make_trainer(model_dir, tmp_path, policy_loss="dapo", token_signals=["grpo_reader_test"],
+                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+        from .grpo_harness import make_batch
+
+        batch = make_batch(trainer)
+        trainer.compute_loss(trainer.model, batch)
+        reference, policy = Reader.seen[-1]
+        with trainer.model.disable_adapter(), torch.no_grad():
+            expected = trainer.completion_logps_and_entropies(trainer.model, batch)[0]
+        mask = batch["completion_mask"].bool()
+        torch.testing.assert_close(reference[mask], expected[mask])
+        assert (reference[mask] - policy[mask]).abs().max() > 1e-4  # the adapter is off
+    finally:
+        TOKEN_SIGNALS.pop("grpo_reader_test")

@@ -30,6 +30,9 @@ from .train import RUN_INFO_FILE, checkpoints_newest_first
 from .trainers.host import TOKEN_METRICS_FILE
 
 MAX_TOKEN_PANELS = 16
+EARLIER_TOKEN_METRIC_PREFIXES = ("weights/", "kl/", "entropy/q", "entropy_signal/", "hapo/", "clip_ratio/", "rank/",
+                                 "attention_credit/", "rewards/non_finite")
+"""The token metrics of a run saved before runs recorded their own prefixes (its ``run_info.json`` has none)."""
 
 
 @dataclass
@@ -58,12 +61,13 @@ def load_run(directory: str | Path, name: str | None = None) -> RunLog:
     name = name or directory.name
     if (directory / RUN_INFO_FILE).is_file():
         info = json.loads((directory / RUN_INFO_FILE).read_text())
-        return RunLog(name, info, info.get("log_history", []), tuple(info.get("token_metric_prefixes", ())))
+        prefixes = info.get("token_metric_prefixes", EARLIER_TOKEN_METRIC_PREFIXES)
+        return RunLog(name, info, info.get("log_history", []), tuple(prefixes))
     checkpoints = [checkpoint for checkpoint in checkpoints_newest_first(directory)
                    if (checkpoint / TRAINER_STATE_NAME).is_file()]
     if checkpoints:
         metrics = checkpoints[0] / TOKEN_METRICS_FILE
-        prefixes = tuple(json.loads(metrics.read_text())) if metrics.is_file() else ()
+        prefixes = tuple(json.loads(metrics.read_text())) if metrics.is_file() else EARLIER_TOKEN_METRIC_PREFIXES
         return RunLog(name, {}, json.loads((checkpoints[0] / TRAINER_STATE_NAME).read_text()).get("log_history", []),
                       prefixes)
     raise FileNotFoundError(f"{str(directory)!r} has no {RUN_INFO_FILE} and no checkpoint-N/trainer_state.json: "

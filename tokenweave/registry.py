@@ -28,9 +28,9 @@ class Paper:
     year: int
 
     def bibtex(self) -> str:
-        return (f"@misc{{{self.key},\n    title         = {{{{{self.title}}}}},\n    author        = {{{self.authors}}},"
-                f"\n    year          = {self.year},\n    eprint        = {{{self.arxiv}}},\n"
-                "    archivePrefix = {arXiv},\n}")
+        return (f"@misc{{{self.key},\n    title         = {{{{{self.title}}}}},\n"
+                f"    author        = {{{self.authors}}},\n    year          = {self.year},\n"
+                f"    eprint        = {{{self.arxiv}}},\n    archivePrefix = {{arXiv}},\n}}")
 
 
 def lookup(name: str, registry: Mapping[str, T], what: str, accepts: Callable[[object], bool] = callable,

@@ -334,7 +334,7 @@ def training_runs(config: CriticalPipelineConfig) -> dict[str, TrainingRun]:
     if config.cdpo_config is not None:
         runs["cdpo"] = _training_run(config.cdpo_config, "dpo")
     if config.compare_dpo:  # plain DPO: TRL's loss, no token signal
-        runs["dpo"] = runs["cdpo"].variant(loss_type="sigmoid", token_signals=None)
+        runs["dpo"] = runs["cdpo"].variant(loss_type="sigmoid", token_signals=None, signal_control="none")
     if config.compare_shuffled:
         runs["cdpo_shuffled"] = runs["cdpo"].variant(signal_control="shuffle", signal_control_seed=config.seed)
     return runs

@@ -130,7 +130,8 @@ class AttentionCreditConfig:
         "attention_credit_quantile": UNIT, "attention_credit_amplification": POSITIVE, "attention_credit_alpha": UNIT,
         "attention_credit_lookback": AT_LEAST_ONE, "attention_credit_chunk_size": AT_LEAST_ONE,
     }
-    option_rules: ClassVar[dict] = {"attention_credit_layers": _check_layers, "attention_credit_horizon": _check_horizon}
+    option_rules: ClassVar[dict] = {"attention_credit_layers": _check_layers,
+                                    "attention_credit_horizon": _check_horizon}
 
     attention_credit_rule: str = field(
         default="coupled",

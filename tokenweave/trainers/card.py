@@ -20,7 +20,8 @@ from ..registry import Paper
 from .signals import active_signal_classes
 
 ENTROPY_MASK_PAPER = Paper("Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement "
-                           "Learning for LLM Reasoning", "2506.01939", "wang2025beyond", "Shenzhi Wang and others", 2025)
+                           "Learning for LLM Reasoning", "2506.01939", "wang2025beyond", "Shenzhi Wang and others",
+                           2025)
 """TRL's ``top_entropy_quantile`` (the entropy mask), cited when a GRPO run uses it."""
 # the fields that choose and tune the loss, by trainer (the signals' own fields come from their option_prefixes)
 LOSS_OPTIONS = {

@@ -3,10 +3,11 @@
 =============  =====================================================================================================
 name           the model
 =============  =====================================================================================================
-``reference``  ``reference_model_path`` when given; else TRL's reference (DPO's ``ref_model``, GRPO's with
-               ``beta`` > 0); else, with PEFT, the policy with its adapter off (or switched to TRL's frozen ``"ref"``
-               adapter); else the policy's initial weights, loaded from its path. Exactly TRL's choice in
-               ``DPOTrainer._compute_loss`` (TRL 1.16, dpo_trainer.py lines 1327-1338) when no path is given.
+``reference``  TRL's reference when the trainer has one (DPO's ``ref_model``, which ``reference_model_path``
+               becomes in DPO; GRPO's with ``beta`` > 0); else ``reference_model_path``; else, with PEFT, the
+               policy with its adapter off (or switched to TRL's frozen ``"ref"`` adapter); else the policy's
+               initial weights, loaded from its path. Exactly TRL's choice in ``DPOTrainer._compute_loss`` (TRL 1.16,
+               dpo_trainer.py lines 1327-1338) when no path is given.
 ``history``    the policy some steps ago: the policy's initial weights (with PEFT and ``history_sync_steps`` 0, the
                policy with its adapter off), and, every ``history_sync_steps`` optimizer steps, θ_h ← (1 − α)·θ_h +
                α·θ with α = ``history_mixup_alpha`` (1: a snapshot; < 1: an EMA; TRL's ``ref_model_sync_steps`` and
@@ -108,14 +109,17 @@ class FrozenModels:
         teachers = getattr(args, "teacher_model_paths", None) or {}
         for name in sorted(names):
             path = teachers.get(name)
-            if name == "reference" and path is None:
+            if name == "reference":
+                if getattr(trainer, "ref_model", None) is not None:
+                    continue  # TRL's reference (DPO's reference_model_path is loaded as it)
                 path = getattr(args, "reference_model_path", None)
-                if path is None and (getattr(trainer, "ref_model", None) is not None or self._policy_is_peft):
-                    continue  # TRL's reference, or the policy with its adapter off
+                if path is None and self._policy_is_peft:
+                    continue  # the policy with its adapter off
             if name == "history" and self._policy_is_peft and self.sync_steps == 0:
                 continue  # the initial policy: the policy with its adapter off
             self.loaded[name] = self._load(path)
         if "history" in self.loaded and self.sync_steps:
+            list(_trained_weights(causal_lm(trainer.model)))  # refuses an adapter it cannot follow, before training
             trainer.add_callback(HistorySync(self))
 
     @property
@@ -154,10 +158,10 @@ class FrozenModels:
         """The frozen model ``name``, to call with TRL's fused head, under ``no_grad`` (module docstring)."""
         trainer = self.trainer
         with torch.no_grad():
-            if name in self.loaded:
-                yield self.loaded[name]
-            elif name == "reference" and getattr(trainer, "ref_model", None) is not None:
+            if name == "reference" and getattr(trainer, "ref_model", None) is not None:
                 yield trainer.ref_model
+            elif name in self.loaded:
+                yield self.loaded[name]
             elif name in ("reference", "history"):  # the policy with its adapter off (or on TRL's "ref" adapter)
                 unwrapped = trainer.accelerator.unwrap_model(trainer.model)
                 adapter = "ref" if name == "reference" and "ref" in unwrapped.peft_config else None
@@ -247,8 +251,11 @@ def _trained_weights(model: nn.Module) -> Iterator[tuple[nn.Module, dict[str, st
             continue
         prefix = f"{name}." if name else ""
         if isinstance(module, BaseTunerLayer):
-            if not hasattr(module, "get_delta_weight"):
-                raise NotImplementedError(f"a history model of a {type(module).__name__} adapter (only LoRA).")
+            variants = [adapter for adapter in module.active_adapters if adapter in getattr(module, "lora_variant", {})
+                        or getattr(module, "lora_bias", {}).get(adapter)]
+            if not hasattr(module, "get_delta_weight") or variants:
+                raise NotImplementedError(f"a history model of {name}'s {type(module).__name__} adapter: only plain "
+                                          "LoRA (W + ΔW), not DoRA or other LoRA variants, nor lora_bias.")
             base = module.get_base_layer()
             handled.append(prefix)
             yield module, {f"{prefix}{key}": key for key, _ in base.named_parameters(recurse=False)}

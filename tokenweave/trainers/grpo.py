@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from ..checks import Range, check_options
+from ..checks import ConfigError, Range, check_options
 from ..losses.policy import (
     LOSS_AGG_MODES,
     POLICY_LOSS_DEFAULTS,
@@ -55,7 +55,7 @@ from .hapo import HapoConfig
 from .host import SignalHostMixin, uses_row_identity
 from .rank import RankGrpoConfig
 from .rollout import ROW_KEYS, Generation, gather_values, loss_sees_generation_batch
-from .signals import TokenBatch, TokenSignalConfig, resolve_token_signals
+from .signals import TokenBatch, TokenSignalConfig, active_signal_classes, resolve_token_signals
 
 # Batch keys that ``_get_per_token_logps_and_entropies`` takes besides the token ids (multimodal inputs).
 _MODEL_INPUT_KEYS = (
@@ -159,6 +159,10 @@ class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, TokenSi
             self.importance_sampling_level = defaults.importance_sampling_level or self.importance_sampling_level
             self.loss_type = defaults.trl_loss_type or self.loss_type
         resolve_token_signals(self)
+        weighing = [signal.name for signal in active_signal_classes(self) if "token_weights" in signal.provides]
+        if self.policy_loss is None and weighing:
+            raise ConfigError(f"token_signals {weighing} weigh the per-token loss: they need a policy_loss (TRL's "
+                              "loss_type path takes no token weights).")
         if self.policy_loss is not None:
             self.policy_loss_config()  # validates the loss's fields
 
@@ -195,7 +199,8 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
         options = self.args if isinstance(self.args, TokenGRPOConfig) else None
         self.policy_loss_fn = get_policy_loss(options.policy_loss) if options and options.policy_loss else None
         self.policy_loss_config = options.policy_loss_config() if self.policy_loss_fn else None
-        self._captured_entropies: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see signals.Generation
+        self._captured_entropies: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see rollout.Generation
+        self._eval_generations = 0  # evaluation batches generated (generation_row_keys)
         self.rewards_per_func: torch.Tensor | None = None  # the last rewards, gathered over processes [N, F]
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -243,11 +248,20 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
         return output
 
     def generation_row_keys(self, rows: int) -> torch.Tensor:
-        """``[rows, 2]``: (the step, the row's index in the generation batch over all processes) of this process's
-        completions, their identity for the random control."""
+        """``[rows, 4]``, the identity of this process's completions for the random control: (0 in training, 1 in
+        evaluation; the optimizer step; in training the micro-step within its accumulation window, in evaluation the
+        evaluation batch's index; the row's index in the generation batch over all processes). A resumed run, whose
+        micro-step count starts again at a window's first, gives its generations the keys the run it resumes gave
+        them."""
+        if self.model.training:
+            phase, batch = 0, self._step % self.current_gradient_accumulation_steps
+        else:
+            phase, batch = 1, self._eval_generations
+            self._eval_generations += 1
         first = self.accelerator.process_index * rows
         indices = torch.arange(first, first + rows, device=self.accelerator.device)
-        return torch.stack([torch.full_like(indices, self.state.global_step), indices], dim=1)
+        return torch.stack([torch.full_like(indices, value) for value in (phase, self.state.global_step, batch)]
+                           + [indices], dim=1)
 
     def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
         """TRL's; while ``_generate_and_score_completions`` collects entropies (a signal asked), the policy's
@@ -331,10 +345,11 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
 
     def _token_batch(self, inputs, logps, old_logps, entropies, mask, training) -> TokenBatch:
         """The micro-batch as the signals see it: the completion tokens, the batch's ``[B, T]`` columns, the frozen
-        models' log-probs of the completions (TRL's reference's as computed, ``ref_per_token_logps``)."""
+        models' log-probs of the completions (the reference's as TRL computed them for its KL term, with ``beta`` >
+        0: ``ref_per_token_logps``)."""
         columns = {key: value for key, value in inputs.items()
                    if isinstance(value, torch.Tensor) and value.shape == mask.shape}
-        known = {"reference": inputs["ref_per_token_logps"]} if "ref_per_token_logps" in inputs else {}
+        known = {"reference": inputs["ref_per_token_logps"]} if self.beta != 0.0 else {}  # TRL's, with its KL
         frozen = FrozenForwards(self.frozen_models, lambda frozen_model: self.completion_logps_and_entropies(
             frozen_model, inputs)[0], known)
         return TokenBatch("grpo", logps, mask, entropies, old_logps, columns, frozen, training,

@@ -1,5 +1,5 @@
-"""HAPO's token signal: entropy statistics, adaptive-temperature sampling and token-level advantages, as one
-token signal of ``TokenGRPOTrainer`` (Liu et al. 2025, arXiv 2509.16591). Its loss is ``losses.policy.hapo_policy_loss``.
+"""HAPO's token signal: entropy statistics, adaptive-temperature sampling and token-level advantages, as one token
+signal of ``TokenGRPOTrainer`` (Liu et al. 2025, arXiv 2509.16591). Its loss is ``losses.policy.hapo_policy_loss``.
 
 HAPO's parts, each switched on its own (:class:`HapoConfig`; ``policy_loss: hapo`` or ``token_signals: [hapo]``
 turns the signal on), and where they enter TRL::
@@ -128,13 +128,14 @@ class HapoConfig:
     )
 
     def hapo_loss_options(self) -> dict:
-        """The fields of ``losses.policy.PolicyLossConfig`` that the hapo loss reads, from these fields."""
+        """The fields of ``losses.policy.PolicyLossConfig`` that the hapo loss reads, from these fields (a switch the
+        hapo signal did not resolve, being off, is off)."""
         return dict(
             entropy_pivot=self.entropy_pivot,
             released_sign=self.hapo_released_sign,
-            adaptive_clip=self.hapo_adaptive_clip,
+            adaptive_clip=bool(self.hapo_adaptive_clip),
             clip_alpha=self.clip_alpha,
-            adaptive_advantage=self.hapo_adaptive_advantage,
+            adaptive_advantage=bool(self.hapo_adaptive_advantage),
             adv_beta=self.adv_beta,
         )
 

@@ -20,7 +20,7 @@ the random control              :meth:`signal_control` (``signal_control``: shuf
                                 calls it itself)
 state                           ``_save_rng_state`` / ``_load_rng_state``: the signals' states
                                 (``token_signals.pt``) and the history model (``frozen_models.pt``), beside TRL's RNG
-                                state in each checkpoint, with the run's token-metric prefixes
+                                state in each checkpoint; ``_save_checkpoint``: the run's token-metric prefixes
                                 (``token_metrics.json``)
 ==============================  ===================================================================================
 
@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..tokens.controls import inverse_selection, row_generator, shuffle_within_mask
 from .collators import ROW_KEY, TokenColumnsCollator
@@ -147,8 +148,8 @@ class SignalHostMixin:
 
     def signal_token_inputs(self, batch: TokenBatch) -> tuple[Tensor | None, dict[str, Any]]:
         """``(token weights [R, T] or None, the other loss inputs)`` of the signals for one micro-batch (module
-        docstring). Every process calls it (the finiteness check, of the values at the loss's tokens, is a
-        collective)."""
+        docstring): the weights of the signals multiplied, 0 outside the loss's tokens. Every process calls it (the
+        finiteness check, of the values at the loss's tokens, is a collective)."""
         weights, inputs = [], {}
         for name, signal in self.signals.items():
             given = dict(signal.token_inputs(batch))
@@ -160,7 +161,7 @@ class SignalHostMixin:
                 signal_weights = given.pop("token_weights")
                 if signal.weighs_tokens:
                     signal_weights = self.signal_control(signal_weights, batch.mask, batch.row_keys, scores)
-                weights.append(signal_weights.to(batch.logps.dtype))
+                weights.append(torch.where(batch.mask.bool(), signal_weights, 0.0).to(batch.logps.dtype))
             inputs.update(given)
         return (functools.reduce(operator.mul, weights) if weights else None), inputs
 
@@ -197,15 +198,22 @@ class SignalHostMixin:
         (:data:`FROZEN_STATE_FILE`): what a resumed run needs to continue as this one (the main process writes; the
         states are the same on every process)."""
         super()._save_rng_state(output_dir)
-        if self.args.should_save:
-            with open(os.path.join(output_dir, TOKEN_METRICS_FILE), "w") as file:
-                json.dump(list(self.token_metric_prefixes), file)
         states = {name: signal.state_dict() for name, signal in self.signals.items()}
         if any(states.values()) and self.args.should_save:
             torch.save(states, os.path.join(output_dir, SIGNAL_STATE_FILE))
         frozen = self.frozen_models.state_dict() if self.frozen_models is not None else {}  # a collective
         if frozen and self.args.should_save:
             torch.save(frozen, os.path.join(output_dir, FROZEN_STATE_FILE))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """TRL's checkpoint, with the run's token-metric prefixes (:data:`TOKEN_METRICS_FILE`, also with
+        ``save_only_model``)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), name)
+            with open(os.path.join(checkpoint, TOKEN_METRICS_FILE), "w") as file:
+                json.dump(list(self.token_metric_prefixes), file)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         """Trainer's RNG state, and the signals' and the history model's states saved with it (on resume, before

@@ -36,8 +36,8 @@ import torch
 from trl.models.utils import disable_gradient_checkpointing
 
 ROW_KEYS = "signal_row_keys"
-"""The generation batch's column of each completion's identity, (generation step, row over all processes): the random
-control's seeds (``trainers.host``), added by ``TokenGRPOTrainer`` when the control is on."""
+"""The generation batch's column of each completion's identity (``TokenGRPOTrainer.generation_row_keys``): the random
+control's seeds (``trainers.host``), added when the control is on."""
 
 # Marks padding when per-token values of different lengths are gathered across processes (entropies are >= 0).
 _GATHER_PAD = -1e9
@@ -85,8 +85,7 @@ class Generation:
 
     @property
     def row_keys(self) -> torch.Tensor:
-        """``[B, 2]`` each completion's identity for the random control: (the generation's step, its row in the
-        generation batch over all processes)."""
+        """``[B, k]`` each completion's identity for the random control (``TokenGRPOTrainer.generation_row_keys``)."""
         return self.output[ROW_KEYS]
 
     @property

@@ -56,10 +56,41 @@ class TokenSFTConfig(WeightRulesConfig, WeightsSFTConfig, TokenSignalConfig, Fro
         if others:
             raise ConfigError(f"token_signals {self.token_signals} give {others}: the SFT loss takes token weights "
                               "only.")
-        if self.packing and (signal_dataset_columns(self) or uses_row_identity(self)):
+        if (self.packing or self.eval_packing) and (signal_dataset_columns(self) or uses_row_identity(self)):
             raise ConfigError(f"packing joins examples and drops every column but the ids and labels: token_signals "
                               f"{self.token_signals} read per-token columns (and the random control each row's "
                               "identity). Use padding_free: true instead.")
+        if signals and self.label_smoothing_factor != 0 and self.loss_type == "nll":
+            raise ConfigError(f"token_signals {self.token_signals} weigh TRL's fused-head SFT loss, which "
+                              "label_smoothing_factor replaces.")
+        if (self.dataset_kwargs or {}).get("skip_prepare_dataset") and signal_dataset_columns(self):
+            raise ConfigError(f"token_signals {self.token_signals} read per-token columns, which the dataset "
+                              "preparation adds: not with dataset_kwargs skip_prepare_dataset.")
+
+
+class PackedRows:
+    """A padding-free batch's one packed row of ``[1, L-1]`` per-token values (TRL's fused head: entry j is about
+    token j + 1) as ``[E, T]``, one row per example (entry c about the example's token c + 1, as in a padded batch),
+    and back. From TRL's ``position_ids`` (each example's positions start at 0). The entries about an example's first
+    token (predicted from the previous example's last one: TRL masks its label) have no place and are left out, and
+    :meth:`pack` gives them 0."""
+
+    def __init__(self, position_ids: torch.Tensor):
+        positions = position_ids[0]
+        self.example = (positions == 0).cumsum(0)[1:] - 1  # the example of each predicted token j + 1
+        self.column = positions[1:] - 1  # its column in the example's row (-1: its first token)
+        self.kept = self.column >= 0
+        self.shape = (int(self.example[-1]) + 1, int(positions.max()))
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        rows = values.new_zeros(self.shape)
+        rows[self.example[self.kept], self.column[self.kept]] = values[0][self.kept]
+        return rows
+
+    def pack(self, rows: torch.Tensor) -> torch.Tensor:
+        packed = rows.new_zeros(self.kept.shape)
+        packed[self.kept] = rows[self.example[self.kept], self.column[self.kept]]
+        return packed.unsqueeze(0)
 
 
 class TokenSFTLoss:
@@ -81,7 +112,7 @@ class TokenSFTLoss:
             1561-1569  mode, use_cache, MoE router logits        same
             1611       fused-head forward                        same, without the signals' batch keys
             1612-1618  per-token loss, DFT, / num_items_in_batch  token_weighted_nll, with the signals' token
-                                                                 weights (TokenBatch: the label tokens, [B, L-1])
+                                                                 weights (_token_inputs)
             1619-1629  MoE aux loss, × processes (average_tokens   same
                        _across_devices)
             1639-1663  metrics: entropy, mean_token_accuracy,      same; plus weights/mean (the mean token weight)
@@ -96,9 +127,7 @@ class TokenSFTLoss:
         logits_inputs = {key: value for key, value in inputs.items() if key != "labels"}
 
         outputs = model(**inputs, fused_lm_head=True)
-        token_weights = None
-        if self.signals:
-            token_weights, _ = self.signal_token_inputs(self._token_batch(inputs, signal_inputs, outputs))
+        token_weights = self._token_inputs(inputs, signal_inputs, outputs) if self.signals else None
         num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = token_weighted_nll(outputs.log_probs, num_tokens, token_weights, dft=self.args.loss_type == "dft")
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -118,18 +147,25 @@ class TokenSFTLoss:
             return loss, outputs
         return loss
 
-    def _token_batch(self, inputs, signal_inputs, outputs) -> TokenBatch:
-        """The micro-batch as the signals see it: the label tokens (TRL's ``label_mask``, ``[B, L-1]``), the signals'
-        columns shifted like the log-probs, the frozen models' log-probs of the same labels."""
+    def _token_inputs(self, inputs, signal_inputs, outputs) -> torch.Tensor | None:
+        """The signals' token weights ``[B, L-1]`` for this batch. They see it as a :class:`TokenBatch` of the label
+        tokens (TRL's ``label_mask``), one row per example (a padding-free batch, one packed row, is unpacked into
+        its examples and the weights packed back: :class:`PackedRows`), the signals' columns shifted like the
+        log-probs, the frozen models' log-probs of the same labels."""
         model_inputs = {key: value for key, value in inputs.items() if key != "output_router_logits"}
+        rows = PackedRows(inputs["position_ids"]) if "attention_mask" not in inputs else None
+        unpack = rows.unpack if rows is not None else (lambda values: values)
 
         def forward(frozen_model) -> torch.Tensor:
-            return frozen_model(**model_inputs, fused_lm_head=True).log_probs
+            return unpack(frozen_model(**model_inputs, fused_lm_head=True).log_probs)
 
-        rows = signal_inputs.get(ROW_KEY)
-        return TokenBatch("sft", outputs.log_probs, outputs.label_mask, outputs.entropy, None,
-                          self.batch_columns(signal_inputs, 1), FrozenForwards(self.frozen_models, forward),
-                          self.model.training, row_keys=None if rows is None else rows.unsqueeze(1))
+        identity = signal_inputs.get(ROW_KEY)
+        batch = TokenBatch("sft", unpack(outputs.log_probs), unpack(outputs.label_mask), unpack(outputs.entropy), None,
+                           {key: unpack(value) for key, value in self.batch_columns(signal_inputs, 1).items()},
+                           FrozenForwards(self.frozen_models, forward), self.model.training,
+                           row_keys=None if identity is None else identity.unsqueeze(1))
+        token_weights, _ = self.signal_token_inputs(batch)
+        return token_weights if rows is None or token_weights is None else rows.pack(token_weights)
 
     def _log_sft_metrics(self, mode, inputs, outputs, token_weights) -> None:
         """TRL 1.16's SFT metrics (sft_trainer.py lines 1639-1663), and ``weights/mean`` with token weights."""
@@ -173,12 +209,9 @@ class TokenSFTTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         self.mirrors_trl_loss = not (self.compute_loss_func is not None or sequence_parallel or (
             self.label_smoother is not None and self.args.loss_type == "nll"))
         """Whether the loss is :meth:`_compute_token_loss` (TRL's fused-head path) rather than TRL's own."""
-        if self.signals and not self.mirrors_trl_loss:
+        if self.signals and not self.mirrors_trl_loss:  # the config refuses label smoothing before any model loads
             raise ValueError(f"token_signals {list(self.signals)} weigh TRL's fused-head SFT loss: not with "
-                             "compute_loss_func, label_smoothing_factor or sequence parallelism.")
-        if self._skip_prepare_dataset and signal_dataset_columns(self.args):
-            raise ValueError(f"token_signals {list(self.signals)} read per-token columns, which the dataset "
-                             "preparation adds: not with dataset_kwargs skip_prepare_dataset.")
+                             "compute_loss_func or sequence parallelism.")
 
     # -- data --------------------------------------------------------------------------------------------------------
 

@@ -68,7 +68,8 @@ if TYPE_CHECKING:
 TRAINER_KINDS = ("sft", "dpo", "grpo")
 SIGNAL_CONTROLS = ("none", "shuffle", "inverse")
 FROZEN_MODEL_NAMES = ("reference", "history")
-"""The frozen models every trainer knows by name (``trainers.frozen``); teachers are named by ``teacher_model_paths``."""
+"""The frozen models every trainer knows by name (``trainers.frozen``); teachers are named by
+``teacher_model_paths``."""
 
 
 @dataclass(frozen=True)
@@ -289,8 +290,9 @@ def resolve_token_signals(args) -> None:
     if args.signal_control != "none":
         weighing = [signal for signal in signals if signal.weighs_tokens]
         if not weighing:
+            on = f"none of {args.token_signals} does" if args.token_signals else "no token signal is on"
             raise ConfigError(f"signal_control {args.signal_control!r} moves token weights: it needs a token signal "
-                              f"that weighs tokens, and {args.token_signals or 'none'} do(es) not.")
+                              f"that weighs tokens, and {on}.")
         if args.signal_control == "inverse" and not all(signal.selection for signal in weighing):
             raise ConfigError("signal_control 'inverse' takes the other end of a selection's ranking: "
                               f"{[signal.name for signal in weighing if not signal.selection]} select(s) no tokens.")
