@@ -113,9 +113,11 @@ class CriticalTokensSignal(TokenSignal):
 
         map_kwargs = {}
         if isinstance(dataset, Dataset):
-            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"cDPO weights of {dataset_name} from scores"}
+            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Checking the score columns of {dataset_name}"}
         dataset = dataset.map(check_token_columns, with_indices=True, fn_kwargs={
             "columns": {"scores": scores}, "kind": "dpo", "dataset_name": dataset_name}, **map_kwargs)
+        if isinstance(dataset, Dataset):
+            map_kwargs["desc"] = f"cDPO weights of {dataset_name} from scores"
         return dataset.map(from_scores, **map_kwargs)
 
     def token_inputs(self, batch: TokenBatch) -> dict:
