@@ -43,10 +43,11 @@ and its hooks, every one optional::
     state_dict() / load_state_dict()       each checkpoint / resume                   all   what a resume needs
 
 ``token_inputs`` gets one :class:`TokenBatch` whatever the trainer: per-token ``[R, T]`` tensors aligned with ``mask``
-(DPO's rows are ``[chosen; rejected]``, shifted to the predicted tokens; SFT's the label tokens; GRPO's the completion
-tokens), the signal's dataset columns aligned the same way, and the frozen models' log-probs, computed when first
-asked for. Signals run in order (the implied ones first); their ``token_weights`` multiply, and a NaN or infinity in
-anything a signal returns stops the run naming it (``trainers.finite``).
+(DPO's rows are ``[chosen; rejected]``, shifted to the predicted tokens; SFT's the label tokens, one row per example
+even in a padding-free batch; GRPO's the completion tokens), the signal's dataset columns aligned the same way, and the
+frozen models' log-probs, computed when first asked for. Signals run in order (the implied ones first); their
+``token_weights`` multiply (0 outside ``mask``), and a NaN or infinity in what a signal returns (at the tokens of the
+loss) stops the run naming it (``trainers.host``, the rule of ``trainers.finite``).
 """
 
 from __future__ import annotations
