@@ -16,8 +16,6 @@ the math moves them by far more than the tolerance, 1e-6). Each case is one batc
   tokens, seeded per row and side).
 """
 
-import copy
-
 import pytest
 import torch
 

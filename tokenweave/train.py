@@ -81,8 +81,8 @@ def build_trainer(run_args, training_args, model_args):
             run_args.dataset_name, run_args.dataset_test_split, num_examples=run_args.num_test_examples, **dataset_kwargs
         )
     for split, dataset in ((run_args.dataset_train_split, train_dataset), (run_args.dataset_test_split, eval_dataset)):
-        for signal in active_signal_classes(training_args) if dataset is not None else ():
-            signal.check_dataset(dataset, training_args, f"{run_args.dataset_name} (split {split!r})")
+        for token_signal in active_signal_classes(training_args) if dataset is not None else ():
+            token_signal.check_dataset(dataset, training_args, f"{run_args.dataset_name} (split {split!r})")
     peft_config = get_peft_config(model_args)
     if run_args.lora_layers is not None:
         if peft_config is None:
