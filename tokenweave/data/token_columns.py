@@ -167,8 +167,9 @@ def token_char_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if list(encoded["input_ids"]) == list(ids):
             return text, [tuple(span) for span in encoded["offset_mapping"]]
-    ends = list(itertools.accumulate(len(piece) for piece in token_texts(tokenizer, ids)))
-    return "".join(token_texts(tokenizer, ids)), list(zip([0, *ends[:-1]], ends, strict=True))
+    pieces = token_texts(tokenizer, ids)
+    ends = list(itertools.accumulate(len(piece) for piece in pieces))
+    return "".join(pieces), list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def message_texts(completion: Any) -> list[str]:

@@ -92,11 +92,12 @@ class SignalHostMixin:
         frozen = {name for signal in classes for name in signal.frozen_models(self.args)}
         self.frozen_models = FrozenModels(self, frozen) if frozen else None
         self.signals = {signal.name: signal(self) for signal in classes}
-        columns = signal_dataset_columns(self.args)
-        if self.trainer_kind != "grpo" and (columns or uses_row_identity(self.args)):  # GRPO's rows are sampled
-            self.data_collator = TokenColumnsCollator(self.data_collator, columns, self.trainer_kind,
+        self.signal_columns = signal_dataset_columns(self.args)
+        """The signals' per-token columns: batch key → dataset column names."""
+        if self.trainer_kind != "grpo" and (self.signal_columns or uses_row_identity(self.args)):  # GRPO: sampled
+            self.data_collator = TokenColumnsCollator(self.data_collator, self.signal_columns, self.trainer_kind,
                                                       row_index=uses_row_identity(self.args))
-        self.signal_batch_keys = {*columns, ROW_KEY}
+        self.signal_batch_keys = {*self.signal_columns, ROW_KEY}
         """Batch keys of the signals' columns (and the rows' identity): never model inputs."""
 
     @property
@@ -138,11 +139,11 @@ class SignalHostMixin:
     def batch_columns(self, inputs: dict[str, Any], shift: int) -> dict[str, Tensor]:
         """The signals' collated columns of a batch, as ``TokenBatch.columns`` (shifted by ``shift`` positions like
         TRL's per-token log-probs); a ``KeyError`` naming a column a custom collator left out."""
-        missing = [key for key in signal_dataset_columns(self.args) if key not in inputs]
+        missing = [key for key in self.signal_columns if key not in inputs]
         if missing:
             raise KeyError(f"The batch has no {missing}: a custom data collator must add the token signals' columns, "
                            "like tokenweave.trainers.collators.TokenColumnsCollator.")
-        return {key: inputs[key][:, shift:] for key in signal_dataset_columns(self.args)}
+        return {key: inputs[key][:, shift:] for key in self.signal_columns}
 
     # -- the loss inputs -------------------------------------------------------------------------------------------
 
