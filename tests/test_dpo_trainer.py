@@ -566,7 +566,7 @@ def test_shuffle_control_changes_the_loss_of_unequal_weights(tmp_path, models):
 def test_shuffle_control_needs_a_signal_that_weighs_tokens():
     with pytest.raises(ValueError, match="signal_control 'shuffle' moves token weights: it needs a token signal"):
         TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="sigmoid", signal_control="shuffle")
-    with pytest.raises(ValueError, match=r"signal_control must be one of \['none', 'shuffle', 'inverse'\], got 'random'"):
+    with pytest.raises(ValueError, match=r"signal_control must be one of \['none', 'shuffle', 'inverse', 'full'\], got 'random'"):
         TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="cdpo", signal_control="random")
     with pytest.raises(ValueError, match="'inverse' takes the other end of a selection's ranking"):
         TokenDPOConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="cdpo", signal_control="inverse")

@@ -305,7 +305,7 @@ def test_loss_inputs_a_trainer_cannot_take_are_refused(tmp_path):
     register_preference_loss("rewards_loss_test", needs=("token_rewards",))(lambda pairs, config, **inputs: None)
     options = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     try:
-        with pytest.raises(ConfigError, match=r"the SFT loss takes token weights only"):
+        with pytest.raises(ConfigError, match=r"the SFT loss takes token weights and added per-token terms only"):
             TokenSFTConfig(**options, token_signals=["rewards_test"])
         with pytest.raises(ConfigError, match=r"loss_type 'rewards_loss_test' needs \['token_rewards'\], which no token"):
             TokenDPOConfig(**options, loss_type="rewards_loss_test")

@@ -5,8 +5,10 @@
     tokenweave sample --model smollm2-135m --output data/samples [--num_samples_per_prompt 4]
     tokenweave pairs --samples data/samples --output data/pairs
     tokenweave critical --config configs/critical_tiny.yaml [--key value ...]
+    tokenweave score-tokens --config configs/sft_token_cleaning_tiny.yaml [--output DIR]
     tokenweave heatmap --scores outputs/critical_tokens/pairs --output page.html [--terminal]
     tokenweave attention-heatmap --model smollm2-135m [--config run.yaml] --output page.html [--terminal]
+    tokenweave sft-heatmap --config configs/sft_weight_rules_tiny.yaml [--rows 8] [--output page.html] [--terminal]
     tokenweave localize --pairs outputs/critical_tokens/pairs [--output report.json]
     tokenweave plot outputs/run_a outputs/run_b --output plots/
     tokenweave env
@@ -105,6 +107,15 @@ def _critical_command(argv: list[str]) -> None:
         print(f"{step:>10}: {path}")
 
 
+def _score_tokens_command(args) -> None:
+    """``tokenweave score-tokens``: TokenCleaning's token scores and labels of an SFT run's train split
+    (:mod:`tokenweave.pipelines.token_scores`)."""
+    from .config import load_run_config
+    from .pipelines.token_scores import format_summary, score_tokens
+
+    print(format_summary(score_tokens(*load_run_config(args.config), args.output, batch_size=args.batch_size)))
+
+
 def _heatmap_command(args) -> None:
     from datasets import load_from_disk
 
@@ -140,6 +151,26 @@ def _attention_heatmap_command(args) -> None:
                                   title=f"Attention credit: {args.model}")
         Path(args.output).write_text(page, encoding="utf-8")
         print(f"wrote {len(trajectories)} credited completions to {args.output}")
+
+
+def _sft_heatmap_command(args) -> None:
+    """``tokenweave sft-heatmap``: the weights an SFT run's token signals put on its first rows' label tokens
+    (:func:`tokenweave.heatmap.sft_weights_from_config`), planted noise outlined."""
+    from .heatmap import (
+        render_sft_html,
+        render_sft_terminal,
+        sft_weights_from_config,
+        terminal_color,
+    )
+
+    view = sft_weights_from_config(args.config, num_rows=args.rows)
+    common = {"method": view.method, "options": view.options, "selection": view.selection}
+    if args.terminal:
+        print(render_sft_terminal(view.rows, color=terminal_color(sys.stdout), **common), end="")
+    if args.output:
+        page = render_sft_html(view.rows, title=f"SFT token weights: {view.method}", source=args.config, **common)
+        Path(args.output).write_text(page, encoding="utf-8")
+        print(f"wrote {len(view.rows)} weighted rows to {args.output}")
 
 
 def _localize_command(args) -> None:
@@ -265,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(all further arguments go to its config parser).",
     )
 
+    score = command(
+        "score-tokens", _score_tokens_command,
+        help="TokenCleaning (arXiv 2502.01968): score every label token of an SFT run's train split with the base "
+        "model and reference_model_path (L_base - L_ref), label the top token_cleaning_ratio, and write the dataset "
+        "with per-token columns for the token_cleaning signal (train on it with --dataset_name DIR).",
+    )
+    score.add_argument("--config", required=True, help="The SFT run config (the YAML the training then uses).")
+    score.add_argument("--output", default=None,
+                       help="Directory for the scored dataset (save_to_disk); default: the run's output_dir + "
+                       "'_token_scores'.")
+    score.add_argument("--batch_size", type=int, default=None,
+                       help="Rows per forward pass of each model (default: the config's per_device_eval_batch_size).")
+
     heatmap = command("heatmap", _heatmap_command, help="Show critical-token scores as an HTML page or in the terminal.")
     heatmap.set_defaults(needs_output=True)
     heatmap.add_argument("--scores", required=True, help="A scored dataset directory (`tokenweave critical`'s pairs/).")
@@ -298,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     attention.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
     attention.add_argument("--terminal", action="store_true", help="Print the credited tokens to the terminal.")
+
+    sft_heatmap = command(
+        "sft-heatmap", _sft_heatmap_command,
+        help="Show the weights an SFT run's token signals (dft, eaft, asft, profit, rho1, ...) put on the label tokens "
+        "of the first rows of its train dataset, before training, as an HTML page or in the terminal; the planted "
+        "tokens of the noisy_arithmetic task outlined.",
+    )
+    sft_heatmap.set_defaults(needs_output=True)
+    sft_heatmap.add_argument("--config", required=True, help="The SFT run config (with token_signals).")
+    sft_heatmap.add_argument("--rows", type=int, default=8, help="The first N rows of the prepared train dataset.")
+    sft_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
+    sft_heatmap.add_argument("--terminal", action="store_true", help="Print the weighted tokens to the terminal.")
 
     localize = command(
         "localize", _localize_command,

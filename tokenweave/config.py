@@ -18,12 +18,22 @@ import sys
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 from trl import ModelConfig, TrlParser
 
-from .checks import check_options
+from .checks import UNIT, check_options
+from .data.noisy_arithmetic import NOISE_KINDS
 from .trainers import METHODS
+
+
+def _check_noise_kinds(kinds: list[str]) -> str | None:
+    """``task_noise_kinds``: one or more known kinds."""
+    unknown = [kind for kind in kinds if kind not in NOISE_KINDS]
+    if unknown or not kinds:
+        return f"task_noise_kinds must be one or more of {list(NOISE_KINDS)}, got {kinds!r}"
+    return None
 
 
 @dataclass
@@ -61,6 +71,16 @@ class RunArguments:
     task_num_candidates: int = field(
         default=12, metadata={"help": "Built-in recommendation task: the candidate items shown in each prompt."}
     )
+    task_noise_share: float = field(
+        default=0.3,
+        metadata={"help": "Built-in noisy_arithmetic task: the share of train rows with a planted error, in [0, 1] "
+                  "(exactly that share, rounded; the test and clean splits have none)."},
+    )
+    task_noise_kinds: list[str] = field(
+        default_factory=lambda: list(NOISE_KINDS),
+        metadata={"help": f"Built-in noisy_arithmetic task: the kinds of planted error, one or more of "
+                  f"{list(NOISE_KINDS)} (a wrong calculation step carried on to a wrong answer; a junk span)."},
+    )
     lora_layers: list[int] | None = field(
         default=None,
         metadata={
@@ -75,6 +95,9 @@ class RunArguments:
             "help": "GRPO reward functions: built-in names (see tokenweave.rewards) or 'package.module:function'."
         },
     )
+
+    option_ranges: ClassVar[dict] = {"task_noise_share": UNIT}  # tokenweave.checks reads them
+    option_rules: ClassVar[dict] = {"task_noise_kinds": _check_noise_kinds}
 
     def __post_init__(self):
         check_options(self)

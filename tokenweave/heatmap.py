@@ -20,6 +20,13 @@ template tokens after it) are drawn grey and outlined as such. The chosen side's
 without ``weight_chosen`` (cDPO's default), are drawn faded and labelled so. Where the pairs carry the task's
 reference ``solution``, the ground-truth first error of the rejected trajectory
 (:func:`tokenweave.pipelines.localization.first_error_token`) is outlined, with its rank among the message tokens.
+
+The SFT token-weight view (``tokenweave sft-heatmap --config run.yaml [--rows 8]``) draws the same cells for the
+weights an SFT run's token signals put on its label tokens (:func:`sft_weights_from_config`: the trainer built as
+``tokenweave train`` builds it, its first rows weighed by ``TokenSFTTrainer.signal_weights``; :func:`render_sft_html`,
+:func:`render_sft_terminal`: pure functions of :class:`WeightedRow`): a selection's kept and dropped tokens, or a
+weighting's scale from the smallest to the largest weight shown, prompt text plain, the planted noise of the
+``noisy_arithmetic`` task outlined, and per row the kept share and the mean weight on planted and on clean tokens.
 """
 
 from __future__ import annotations
@@ -168,7 +175,8 @@ class Cell:
     """One token as both views draw it (one renderer: :func:`_html_cells`, :func:`_terminal_cells`): its text, its
     background as HSL (hue in degrees, saturation and lightness in per cent; None: none), the text colour on it
     (``"#fff"`` / ``"#000"``; None: the page's), the HTML hover ``title`` and CSS ``classes``, and the terminal's
-    ``marker`` when colours are off (None: printed as it is)."""
+    ``marker`` when colours are off (None: printed as it is), and its further terminal attributes in colour
+    (``sgr``)."""
 
     text: str
     background: tuple[int, int, float] | None = None
@@ -176,6 +184,8 @@ class Cell:
     title: str = ""
     classes: tuple[str, ...] = ()
     marker: str | None = None
+    sgr: tuple[str, ...] = ()
+    """Further ANSI SGR attributes of the terminal view in colour (``"4"``: underlined)."""
 
 
 def _html_cells(cells: Sequence[Cell]) -> str:
@@ -200,11 +210,14 @@ def _terminal_cells(cells: Sequence[Cell], color: bool) -> str:
     with their markers."""
     parts = []
     for cell in cells:
-        if color and cell.background is not None:
-            hue, saturation, lightness = cell.background
-            rgb = colorsys.hls_to_rgb(hue / 360, lightness / 100, saturation / 100)
-            red, green, blue = (round(255 * channel) for channel in rgb)
-            style = f"\x1b[48;2;{red};{green};{blue}m\x1b[{'97' if cell.text_colour == '#fff' else '30'}m"
+        if color and (cell.background is not None or cell.sgr):
+            style = ""
+            if cell.background is not None:
+                hue, saturation, lightness = cell.background
+                rgb = colorsys.hls_to_rgb(hue / 360, lightness / 100, saturation / 100)
+                red, green, blue = (round(255 * channel) for channel in rgb)
+                style = f"\x1b[48;2;{red};{green};{blue}m\x1b[{'97' if cell.text_colour == '#fff' else '30'}m"
+            style += f"\x1b[{';'.join(cell.sgr)}m" if cell.sgr else ""
             parts.append(style + cell.text.replace("\n", _ANSI_RESET + "\n" + style) + _ANSI_RESET)
         elif not color and cell.marker is not None:
             parts.append(cell.marker)
@@ -426,3 +439,345 @@ def render_credit_terminal(trajectories: Sequence[CreditTrajectory], *, color: b
               "credited tokens marked [token|γ]") + "; WAAD / FAI sparklines from each completion's minimum to maximum"
     blocks = _by_question(trajectories, _terminal_instruction, _terminal_question, block)
     return "\n".join([legend, *blocks]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT token weights (tokenweave sft-heatmap): the weights TokenSFTTrainer's loss puts on each label token.
+# ---------------------------------------------------------------------------------------------------------------
+WEIGHT_HUE = 215  # blue: a label token's background, darker as its weight grows (a weighting) or kept (a selection)
+WEIGHT_DARKEST = 35.0  # the lightness of the largest weight of a weighting
+KEPT_LIGHTNESS = 68.0  # the lightness of a kept token of a selection
+DROPPED_BACKGROUND = (0, 0, 88.0)  # a dropped token of a selection: grey
+PLANTED_COLOUR = "#c62828"
+_SPREAD = 1e-6  # relative: nonzero weights closer than this are one value (a selection's constant)
+
+
+@dataclass(frozen=True)
+class WeightedRow:
+    """One row of an SFT run's prepared train dataset as :func:`render_sft_html` / :func:`render_sft_terminal` draw
+    it: the text of each of its tokens (prompt and completion), the weight the loss puts on each (None where the token
+    has no label: the prompt, the template), and per token whether it is planted noise (ground truth; None: unknown).
+    ``label`` says what the row is (e.g. "row 2, noise: junk"); ``note`` why its planted tokens are unknown."""
+
+    tokens: list[str]
+    weights: list[float | None]
+    planted: list[bool] | None = None
+    label: str = ""
+    note: str = ""
+
+    def __post_init__(self):
+        if len(self.weights) != len(self.tokens) or (self.planted is not None and len(self.planted) != len(self.tokens)):
+            raise ValueError(f"A weighted row has {len(self.tokens)} tokens, {len(self.weights)} weights and "
+                             f"{'no' if self.planted is None else len(self.planted)} planted flags: one each.")
+
+    def labelled(self) -> list[int]:
+        """The tokens with a label (a weight), in order."""
+        return [index for index, weight in enumerate(self.weights) if weight is not None]
+
+    def summary(self) -> str:
+        """One line: the label, the kept share (weight > 0) and mean weight of the label tokens, and the mean weight
+        (and kept share) on the planted and on the clean ones."""
+        labelled = self.labelled()
+        parts = [self.label] if self.label else []
+        if not labelled:
+            return "; ".join([*parts, "no label tokens"])
+        parts.append(f"kept {_kept_share(self, labelled)} label tokens, mean weight {_mean(self, labelled)}")
+        if self.planted is None:
+            parts += [self.note] if self.note else []
+        else:
+            planted = [index for index in labelled if self.planted[index]]
+            clean = [index for index in labelled if not self.planted[index]]
+            parts.append(f"planted: mean weight {_mean(self, planted)}, kept {_kept_share(self, planted)}"
+                         if planted else "no planted tokens")
+            parts.append(f"clean: mean weight {_mean(self, clean)}, kept {_kept_share(self, clean)}")
+        return "; ".join(parts)
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _mean(row: WeightedRow, indices: Sequence[int]) -> str:
+    return _number(sum(row.weights[index] for index in indices) / len(indices)) if indices else "-"
+
+
+def _kept_share(row: WeightedRow, indices: Sequence[int]) -> str:
+    kept = sum(row.weights[index] > 0 for index in indices)
+    return f"{kept} of {len(indices)} ({kept / len(indices):.0%})" if indices else "0 of 0"
+
+
+def weight_range(rows: Sequence[WeightedRow]) -> tuple[float, float]:
+    """The smallest and the largest weight of every label token of ``rows`` ((0, 0) without one): the colour scale
+    of a weighting."""
+    weights = [weight for row in rows for weight in row.weights if weight is not None]
+    return (min(weights), max(weights)) if weights else (0.0, 0.0)
+
+
+def kept_weights(rows: Sequence[WeightedRow]) -> list[float]:
+    """The distinct weights > 0 of the label tokens of ``rows``, ascending (those closer than a relative 1e-6 as
+    one)."""
+    values = sorted({weight for row in rows for weight in row.weights if weight is not None and weight > 0})
+    distinct: list[float] = []
+    for value in values:
+        if not distinct or value - distinct[-1] > _SPREAD * max(abs(value), 1.0):
+            distinct.append(value)
+    return distinct
+
+
+def is_selection(rows: Sequence[WeightedRow]) -> bool:
+    """Whether ``rows``' weights are a selection's: 0 or one constant (the kept tokens' 1/k)."""
+    return len(kept_weights(rows)) <= 1
+
+
+def _weight_strength(weight: float, low: float, high: float) -> float:
+    """Where ``weight`` lies in ``[low, high]``, from 0 to 1 (1 when the range is one value)."""
+    return (weight - low) / (high - low) if high > low else 1.0
+
+
+def _sft_runs(row: WeightedRow, merge: bool) -> list[tuple[str, float | None, bool]]:
+    """``(text, weight, planted)`` of each token of a row, or with ``merge`` of each run of tokens with the same
+    weight and ground truth; runs of tokens without a label are merged either way."""
+    runs: list[tuple[str, float | None, bool]] = []
+    for index, (token, weight) in enumerate(zip(row.tokens, row.weights, strict=True)):
+        planted = row.planted is not None and weight is not None and row.planted[index]
+        if runs and runs[-1][1:] == (weight, planted) and (merge or weight is None):
+            runs[-1] = (runs[-1][0] + token, weight, planted)
+        else:
+            runs.append((token, weight, planted))
+    return runs
+
+
+def _sft_cells(row: WeightedRow, *, selection: bool, low: float, high: float, prefix: str = "",
+               merge: bool = False) -> list[Cell]:
+    """The cells of a row: each run of tokens without a label one plain cell (``prefix``, the text shared by every
+    row and shown once, left out of the first); each label token (``merge``: each run of label tokens with the same
+    weight and ground truth) coloured by its weight (a selection: kept blue, dropped grey; a weighting: light to dark
+    blue from ``low`` to ``high``), marked when colours are off (``{token}`` dropped, ``{token|w}`` weighted),
+    outlined (HTML) / underlined (colour) / bracketed (no colour) where planted; its weight and ground truth on
+    hover."""
+    cells: list[Cell] = []
+    for token, weight, planted in _sft_runs(row, merge):
+        if weight is None:
+            cells.append(Cell(token, title="no label (prompt or template): no loss"))
+            continue
+        title = f"weight {_number(weight)}"
+        if selection:
+            kept = weight > 0
+            title += "; kept" if kept else "; dropped"
+            background = (WEIGHT_HUE, 70, KEPT_LIGHTNESS) if kept else DROPPED_BACKGROUND
+            classes, marker = ("kept",) if kept else ("dropped",), None if kept else "{" + token + "}"
+            text_colour = "#000" if kept else None  # dropped: the page's grey (CSS)
+        else:
+            lightness = LIGHTEST - (LIGHTEST - WEIGHT_DARKEST) * _weight_strength(weight, low, high)
+            background, classes = (WEIGHT_HUE, 70, lightness), ()
+            marker = "{" + token + "|" + f"{weight:.2g}" + "}"
+            text_colour = "#fff" if lightness < 55 else "#000"
+        if row.planted is not None:
+            title += "; planted (noise)" if planted else "; clean"
+        if planted:
+            classes += ("planted",)
+            marker = f"[{token if marker is None else marker}]"
+        cells.append(Cell(token, background, text_colour, title, classes, marker, ("4",) if planted else ()))
+    if prefix and cells and cells[0].background is None and cells[0].text.startswith(prefix):
+        cells[0] = Cell(cells[0].text[len(prefix):], title=cells[0].title)
+    return cells
+
+
+def shared_prompt(rows: Sequence[WeightedRow]) -> str:
+    """The text up to a line end that opens every row's first run of unlabelled tokens (the chat template's system
+    prompt, a task instruction), or ``""``: shown once."""
+    heads = []
+    for row in rows:
+        labelled = row.labelled()
+        heads.append("".join(row.tokens[: labelled[0] if labelled else len(row.tokens)]))
+    if len(heads) < 2:
+        return ""
+    common = os.path.commonprefix(heads)
+    return common[: common.rfind("\n") + 1]
+
+
+def _options_text(options: dict) -> str:
+    return ", ".join(f"{name} = {value}" for name, value in options.items()) or "(none)"
+
+
+def _selection_legend(rows: Sequence[WeightedRow]) -> str:
+    kept = kept_weights(rows)
+    if not kept:
+        return "none kept"
+    return f"kept tokens weigh {_number(kept[0])}" if len(kept) == 1 else (
+        f"kept tokens weigh {_number(kept[0])} to {_number(kept[-1])}")
+
+
+_SFT_STYLE = f""".dropped {{ color: #666; text-decoration: line-through; }}
+.planted {{ outline: 2px solid {PLANTED_COLOUR}; outline-offset: -1px; }}
+.swatch {{ display: inline-block; min-width: 3em; text-align: center; }}"""
+
+
+def render_sft_html(rows: Sequence[WeightedRow], *, method: str, options: dict, selection: bool | None = None,
+                    title: str = "SFT token weights", source: str = "") -> str:
+    """A self-contained HTML page of the weights an SFT run's loss puts on its label tokens: a legend (the method,
+    its options, what the colours and outlines mean: a selection's kept and dropped tokens and the kept weight, or a
+    weighting's scale from the smallest to the largest weight of ``rows``), then per row its summary line and its
+    text, prompt plain and label tokens coloured, planted tokens outlined, each label token's weight on hover.
+    ``selection`` None: a selection when the weights are 0 or one constant (:func:`is_selection`)."""
+    selection = is_selection(rows) if selection is None else selection
+    low, high = weight_range(rows)
+    has_truth = any(row.planted is not None for row in rows)
+    prefix = shared_prompt(rows)
+    if selection:
+        kept = f"hsl({WEIGHT_HUE},70%,{KEPT_LIGHTNESS}%)"
+        legend = kept
+        scale = (f'A selection: <span class="swatch kept" style="background:{kept}">kept</span> '
+                 f'({html.escape(_selection_legend(rows))}) and <span class="swatch dropped" style="background:'
+                 f'hsl(0,0%,{DROPPED_BACKGROUND[2]}%)">dropped</span> (weight 0) label tokens.')
+    else:
+        legend = (f"linear-gradient(to right, hsl({WEIGHT_HUE},70%,{LIGHTEST}%), "
+                  f"hsl({WEIGHT_HUE},70%,{WEIGHT_DARKEST}%))")
+        scale = (f'A weighting: each label token shaded by its weight, from the smallest weight of these rows, '
+                 f'<span class="min">{_number(low)}</span> <span class="legend"></span> '
+                 f'<span class="max">{_number(high)}</span>, the largest.')
+    truth = (' <span class="planted">Outlined in red</span>: planted noise (the task\'s ground truth, '
+             '<code>planted_spans</code>).' if has_truth else "")
+    intro = (f'<p class="method">Method: <b>{html.escape(method)}</b>; options: '
+             f'{html.escape(_options_text(options))}.</p>\n'
+             f"<p>The weight the loss puts on each label token (0 on a dropped one), from one forward of the model as "
+             f"it starts training{', ' + html.escape(source) if source else ''}. Prompt and template text (no label) "
+             f"plain. {scale}{truth} Hover over a token for its weight.</p>")
+    blocks = [f'<p>Every row opens with:</p>\n<div class="instruction">{html.escape(prefix)}</div>'] if prefix else []
+    for row in rows:
+        cells = _sft_cells(row, selection=selection, low=low, high=high, prefix=prefix)
+        blocks.append(f'<p class="summary">{html.escape(row.summary())}</p>\n'
+                      f'<div class="trajectory">{_html_cells(cells)}</div>')
+    return _page(title, legend, _SFT_STYLE, intro, blocks)
+
+
+def render_sft_terminal(rows: Sequence[WeightedRow], *, method: str, options: dict, color: bool,
+                        selection: bool | None = None) -> str:
+    """A plain-text view of the same: the method and its options, a legend, then per row its summary and its text;
+    in colour, label tokens on blue (a selection: kept; dropped on grey; a weighting: darker as the weight grows, a
+    swatch of the scale with its minimum and maximum in the legend) and planted tokens underlined; without colours,
+    dropped tokens marked ``{token}`` (a weighting: every label token ``{token|weight}``) and planted tokens
+    ``[...]``."""
+    selection = is_selection(rows) if selection is None else selection
+    low, high = weight_range(rows)
+    has_truth = any(row.planted is not None for row in rows)
+    lines = [f"method: {method}; options: {_options_text(options)}"]
+    if selection:
+        meaning = ("label tokens kept on blue, dropped on grey" if color else
+                   "dropped label tokens (weight 0) marked {token}, kept ones plain")
+        lines.append(f"a selection: {meaning}; {_selection_legend(rows)}")
+    elif color:
+        steps = 8
+        swatch = _terminal_cells([Cell(" ", (WEIGHT_HUE, 70, LIGHTEST - (LIGHTEST - WEIGHT_DARKEST) * step / (steps - 1)),
+                                       "#000") for step in range(steps)], color=True)
+        lines.append(f"a weighting: label tokens on blue, weight {_number(low)} {swatch} {_number(high)} "
+                     "(the smallest to the largest weight of these rows)")
+    else:
+        lines.append(f"a weighting: label tokens marked {{token|weight}}, weights from {_number(low)} to "
+                     f"{_number(high)}")
+    lines[-1] += "; prompt and template text plain"
+    if has_truth:
+        lines.append("planted noise (ground truth) " + ("underlined" if color else "marked [token]"))
+    prefix = shared_prompt(rows)
+    if prefix:
+        lines.append(f"Every row opens with:\n{prefix.rstrip()}")
+    for row in rows:
+        cells = _sft_cells(row, selection=selection, low=low, high=high, prefix=prefix, merge=True)
+        lines.append(f"--- {row.summary()}\n" + _terminal_cells(cells, color))
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class SFTWeights:
+    """What :func:`sft_weights_from_config` computed: the token-level method (``method``, as run_info.json names it),
+    its options, whether its weights are a selection (every signal that weighs tokens declares one, or the weights
+    are 0 or one constant) and the rows."""
+
+    method: str
+    options: dict
+    selection: bool
+    rows: list[WeightedRow]
+
+
+def _row_positions(batch: dict, lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """``(row, offset)`` of each example in a collated batch: a padded batch's row ``i`` from 0, or a padding-free
+    batch's one row, the examples one after another."""
+    packed = "attention_mask" not in batch and "position_ids" in batch
+    if not packed:
+        return [(index, 0) for index in range(len(lengths))]
+    offsets = [0]
+    for length in lengths[:-1]:
+        offsets.append(offsets[-1] + length)
+    return [(0, offset) for offset in offsets]
+
+
+def sft_weights_from_config(config: str, num_rows: int = 8) -> SFTWeights:
+    """The weights an SFT run's loss puts on the label tokens of the first ``num_rows`` rows of its prepared train
+    dataset, in order: the trainer built from the YAML ``config`` as ``tokenweave train`` builds it (model, frozen
+    models, token signals, random control; nothing trained), the rows collated by its data collator into one batch
+    and weighed by :meth:`~tokenweave.trainers.sft.TokenSFTTrainer.signal_weights` (the model as loaded, in eval
+    mode); each token's text decoded (:func:`~tokenweave.data.token_columns.token_texts`). Rows with
+    ``planted_spans`` (the ``noisy_arithmetic`` task) get their planted tokens
+    (:func:`~tokenweave.data.noisy_arithmetic.planted_label_mask`). It writes nothing (the trainer is built with a
+    temporary ``output_dir``, no hub push, no tracker)."""
+    import logging
+    import tempfile
+
+    from .config import load_run_config
+    from .data.noisy_arithmetic import planted_label_mask
+    from .data.token_columns import token_texts
+    from .train import build_trainer
+    from .trainers.card import token_method
+    from .trainers.signals import active_signal_classes
+
+    log = logging.getLogger(__name__)
+    run_args, training_args, model_args = load_run_config(config)
+    if run_args.method != "sft":
+        raise ValueError(f"{config}: method {run_args.method!r}; the SFT token-weight view needs an SFT run config.")
+    log.info("[sft-heatmap] loading %s and preparing %s (the trainer of %s)...", model_args.model_name_or_path,
+             run_args.dataset_name, config)
+    # the view writes nothing: not the run's output_dir (which Trainer creates), not the hub, not a tracker
+    training_args.push_to_hub, training_args.report_to = False, []
+    with tempfile.TemporaryDirectory(prefix="sft-heatmap-") as output_dir:
+        training_args.output_dir = output_dir
+        trainer = build_trainer(run_args, training_args, model_args)
+    described = token_method(trainer.args, "sft")
+    weighing = [signal for signal in active_signal_classes(trainer.args) if "token_weights" in signal.provides]
+    if not weighing:
+        raise ValueError(f"{config}: no token signal weighs the tokens (token_signals {trainer.args.token_signals}): "
+                         "every label token would weigh 1. Give token_signals, e.g. [dft] or [profit].")
+    dataset = trainer.train_dataset
+    examples = list(dataset.take(num_rows)) if not hasattr(dataset, "select") else [
+        dataset[index] for index in range(min(num_rows, len(dataset)))]
+    if not examples:
+        raise ValueError(f"{config}: the prepared train dataset has no rows.")
+    log.info("[sft-heatmap] weighing the label tokens of %d rows...", len(examples))
+    batch = trainer.data_collator(examples)
+    weights = trainer.signal_weights(batch).float().cpu()
+    labels = batch["labels"].cpu()
+    tokenizer = trainer.processing_class
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    rows = []
+    lengths = [len(example["input_ids"]) for example in examples]
+    for index, (example, (row, offset)) in enumerate(zip(examples, _row_positions(batch, lengths), strict=True)):
+        ids = list(example["input_ids"])
+        if batch["input_ids"][row, offset : offset + len(ids)].tolist() != ids:
+            raise RuntimeError(f"Row {index}'s tokens are not where the collated batch should have them.")
+        row_labels = labels[row, offset : offset + len(ids)].tolist()
+        row_weights = [float(weights[row, offset + position - 1]) if label != -100 and position > 0 else None
+                       for position, label in enumerate(row_labels)]
+        planted, note = None, ""
+        if example.get("planted_spans") is not None and example.get("completion") is not None:
+            try:
+                mask = planted_label_mask(tokenizer, ids, example["labels"], example["completion"],
+                                          example["planted_spans"])
+                labelled = [position for position, label in enumerate(example["labels"]) if label != -100]
+                planted = [False] * len(ids)
+                for position, flag in zip(labelled, mask, strict=True):
+                    planted[position] = bool(flag)
+            except ValueError as error:
+                note = f"planted tokens unknown ({error})"
+        label = f"row {index}" + (f", noise: {example['noise_kind']}" if example.get("noise_kind") else "")
+        rows.append(WeightedRow(token_texts(tokenizer, ids), row_weights, planted, label, note))
+    selection = all(signal.selection for signal in weighing) or is_selection(rows)
+    return SFTWeights(described["method"], described["options"], selection, rows)

@@ -71,6 +71,8 @@ def build_trainer(run_args, training_args, model_args):
         seed=run_args.task_seed,
         list_length=run_args.task_list_length,
         num_candidates=run_args.task_num_candidates,
+        noise_share=run_args.task_noise_share,
+        noise_kinds=run_args.task_noise_kinds,
     )
     train_dataset = load_run_dataset(
         run_args.dataset_name, run_args.dataset_train_split, num_examples=run_args.num_train_examples, **dataset_kwargs

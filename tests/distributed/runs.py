@@ -57,6 +57,18 @@ def accelerate_launch(launch_config: str, args: list[str], timeout: int = 600) -
     )
 
 
+def save_tiny_models(root: Path, seeds: dict[str, int]) -> Path:
+    """The tiny Llama of each seed (``{name: seed}``) saved under ``root/name``, with its tokenizer: the policy and
+    the frozen models of the multi-process tests."""
+    from tokenweave.models import build_tiny_llama
+
+    for name, seed in seeds.items():
+        model, tokenizer = build_tiny_llama(seed=seed)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
 def launch_runs(launch_config: str, spec: list[list[str]], root: Path, timeout: int = 900) -> None:
     """Run every argument list of ``spec`` with ``tokenweave.train`` inside one launch (module docstring)."""
     (root / "runs.json").write_text(json.dumps(spec))

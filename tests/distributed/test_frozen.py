@@ -10,7 +10,7 @@ import torch
 from tokenweave.models import build_tiny_llama
 
 from . import frozen_probe
-from .runs import accelerate_launch
+from .runs import accelerate_launch, save_tiny_models
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The policy (seed 0), the reference (seed 1) and the model the history is restored from (seed 2)."""
-    root = tmp_path_factory.mktemp("frozen-models")
-    for name, seed in (("policy", 0), ("reference", 1)):
-        model, tokenizer = build_tiny_llama(seed=seed)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    root = save_tiny_models(tmp_path_factory.mktemp("frozen-models"), {"policy": 0, "reference": 1})
     other = build_tiny_llama(seed=2)[0].named_parameters(remove_duplicate=False)
     torch.save({name: param.detach() for name, param in other}, root / "other_weights.pt")
     return root

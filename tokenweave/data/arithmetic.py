@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from datasets import Dataset
@@ -49,6 +49,7 @@ __all__ = [
     "Step",
     "build_instruction",
     "build_prompt",
+    "draw_problems",
     "generate_problems",
     "load_arithmetic",
 ]
@@ -441,6 +442,15 @@ def generate_problems(
     repeats an earlier question, are skipped.
     """
     _check_choice("split", split, SPLITS)
+    return draw_problems(num_examples, difficulty, seed, lambda question: _split_of(question) == split, split)
+
+
+def draw_problems(
+    num_examples: int, difficulty: str, seed: int, belongs: Callable[[str], bool], split_name: str
+) -> list[ArithmeticProblem]:
+    """Draw `num_examples` distinct problems of `difficulty` whose question `belongs` (to a split named
+    `split_name` in errors), from the one problem stream of `seed`: those that do not belong, or repeat an
+    earlier question, are skipped. :func:`generate_problems` is this with the train/test split's test."""
     _check_choice("difficulty", difficulty, DIFFICULTIES)
     if num_examples < 1:
         raise ValueError(f"num_examples must be at least 1, got {num_examples}.")
@@ -450,13 +460,13 @@ def generate_problems(
     max_draws = 100 * num_examples + 1000
     for _ in range(max_draws):
         problem = _generate_problem(rng, difficulty)
-        if problem.question not in seen and _split_of(problem.question) == split:
+        if problem.question not in seen and belongs(problem.question):
             seen.add(problem.question)
             problems.append(problem)
             if len(problems) == num_examples:
                 return problems
     raise ValueError(
-        f"Could only draw {len(problems)} distinct {difficulty!r} {split!r} problems of the "
+        f"Could only draw {len(problems)} distinct {difficulty!r} {split_name!r} problems of the "
         f"{num_examples} requested in {max_draws} draws."
     )
 

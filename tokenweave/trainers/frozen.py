@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -50,6 +50,7 @@ from trl.trainer.utils import (
 
 from ..checks import Range
 from ..models import causal_lm, resolve_model
+from ..models.heads import HeadFn, head_calls_are_collective, lm_head_functions
 
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -221,22 +222,77 @@ class HistorySync(TrainerCallback):
 class FrozenForwards:
     """The frozen models' per-token log-probs of one micro-batch, each computed when first asked for
     (``TokenBatch.frozen``). ``forward(model)`` runs one model over the micro-batch and returns ``[R, T]`` aligned
-    with the batch's mask; ``known`` holds what the trainer already computed (DPO's reference)."""
+    with the batch's mask; ``known`` holds what the trainer already computed (DPO's reference). ``hidden_forward(model)``
+    (SFT) returns ``(log-probs [R, T], final hidden states [R, T, H])`` of the same positions, for :meth:`hidden`."""
 
     def __init__(self, models: FrozenModels | None, forward: Callable[[nn.Module], Tensor],
-                 known: dict[str, Tensor] | None = None):
+                 known: dict[str, Tensor] | None = None,
+                 hidden_forward: Callable[[nn.Module], tuple[Tensor, Tensor]] | None = None):
         self._models = models
         self._forward = forward
+        self._hidden_forward = hidden_forward
         self._cache = dict(known or {})
+        self._hidden: dict[str, tuple[Tensor, HeadFn]] = {}
+
+    def _model(self, name: str):
+        if self._models is None:
+            raise KeyError(f"no frozen model {name!r}: no token signal of this run named it")
+        return self._models.model(name)
 
     def logps(self, name: str) -> Tensor:
         """log π_name of the batch's tokens ``[R, T]`` (no gradient)."""
         if name not in self._cache:
-            if self._models is None:
-                raise KeyError(f"no frozen model {name!r}: no token signal of this run named it")
-            with self._models.model(name) as model:
+            with self._model(name) as model:
                 self._cache[name] = self._forward(model).detach()
         return self._cache[name]
+
+    def hidden(self, name: str) -> tuple[Tensor, HeadFn]:
+        """The frozen model's final hidden states at the batch's positions ``[R, T, H]`` (no gradient) and its LM
+        head (:func:`~tokenweave.models.lm_head_functions`); its log-probs come with them."""
+        if name not in self._hidden:
+            if self._hidden_forward is None:
+                raise KeyError("this trainer gives its signals no hidden states")
+            with self._model(name) as model:
+                logps, hidden = self._hidden_forward(model)
+                head = lm_head_functions([model])[0]
+            self._cache.setdefault(name, logps.detach())
+            self._hidden[name] = (hidden.detach(), head)
+        return self._hidden[name]
+
+
+class HiddenStates:
+    """SFT: the final hidden states (what the LM head reads) at a batch's positions ``[R, T, H]`` and the LM heads,
+    of the policy (with its graph) and of the frozen models (``TokenBatch.hidden``), for signals whose math needs the
+    whole next-token distribution (EAFT's top-k entropy, ASFT's KL to the reference). They apply the heads a chunk of
+    positions at a time (:func:`~tokenweave.tokens.chunked.map_masked_chunks`), never ``[B, T, V]`` logits; under
+    DeepSpeed ZeRO-3 a module head is a collective, so they pad to :meth:`num_chunks` chunks."""
+
+    def __init__(self, policy_hidden: Tensor, policy_model: nn.Module, frozen: FrozenForwards, mask: Tensor,
+                 accelerator):
+        self._policy_hidden = policy_hidden
+        self._policy_model = policy_model
+        self._policy_head: HeadFn | None = None
+        self._frozen = frozen
+        self._mask = mask
+        self._accelerator = accelerator
+
+    def policy(self) -> tuple[Tensor, HeadFn]:
+        """The policy's hidden states (with gradient) and LM head."""
+        if self._policy_head is None:
+            self._policy_head = lm_head_functions([self._policy_model])[0]
+        return self._policy_hidden, self._policy_head
+
+    def frozen(self, name: str) -> tuple[Tensor, HeadFn]:
+        """Frozen model ``name``'s hidden states (no gradient) and LM head."""
+        return self._frozen.hidden(name)
+
+    def num_chunks(self, chunk_size: int, heads: Sequence[HeadFn]) -> int | None:
+        """The number of chunks of ``chunk_size`` masked positions every process must run when calling ``heads``
+        is a collective (the largest over processes), else None."""
+        if not head_calls_are_collective(heads):
+            return None
+        local = torch.ceil(self._mask.sum() / chunk_size).long().reshape(1)
+        return int(self._accelerator.gather(local).max())
 
 
 # -- the policy's weights, module by module ----------------------------------------------------------------------

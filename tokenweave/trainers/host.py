@@ -15,7 +15,7 @@ the loss inputs                 :meth:`signal_token_inputs`: each signal's ``tok
                                 :class:`~tokenweave.trainers.signals.TokenBatch`, checked for NaN and infinity, the
                                 random control applied to the weights of each signal that weighs tokens, the token
                                 weights multiplied
-the random control              :meth:`signal_control` (``signal_control``: shuffle or inverse; a signal that puts its
+the random control              :meth:`signal_control` (``signal_control``: shuffle, inverse or full; a signal that puts its
                                 weights elsewhere than ``token_weights``, as attention credit into the advantages,
                                 calls it itself)
 state                           ``_save_rng_state`` / ``_load_rng_state``: the signals' states
@@ -97,7 +97,9 @@ class SignalHostMixin:
         if self.trainer_kind != "grpo" and (self.signal_columns or uses_row_identity(self.args)):  # GRPO: sampled
             self.data_collator = TokenColumnsCollator(self.data_collator, self.signal_columns, self.trainer_kind,
                                                       row_index=uses_row_identity(self.args))
-        self.signal_batch_keys = {*self.signal_columns, ROW_KEY}
+        self.signal_window_keys = {key for signal in classes for key in signal.window_columns}
+        """Batch keys the signals' ``prepare_window`` adds (SFT)."""
+        self.signal_batch_keys = {*self.signal_columns, *self.signal_window_keys, ROW_KEY}
         """Batch keys of the signals' columns (and the rows' identity): never model inputs."""
 
     @property
@@ -143,7 +145,8 @@ class SignalHostMixin:
         if missing:
             raise KeyError(f"The batch has no {missing}: a custom data collator must add the token signals' columns, "
                            "like tokenweave.trainers.collators.TokenColumnsCollator.")
-        return {key: inputs[key][:, shift:] for key in self.signal_columns}
+        columns = {key: inputs[key][:, shift:] for key in self.signal_columns}
+        return columns | {key: inputs[key][:, shift:] for key in self.signal_window_keys if key in inputs}
 
     # -- the loss inputs -------------------------------------------------------------------------------------------
 
@@ -163,6 +166,8 @@ class SignalHostMixin:
                 if signal.weighs_tokens:
                     signal_weights = self.signal_control(signal_weights, batch.mask, batch.row_keys, scores)
                 weights.append(torch.where(batch.mask.bool(), signal_weights, 0.0).to(batch.logps.dtype))
+            if "token_loss" in given and "token_loss" in inputs:  # per-token loss terms of several signals add up
+                given["token_loss"] = inputs["token_loss"] + given["token_loss"]
             inputs.update(given)
         return (functools.reduce(operator.mul, weights) if weights else None), inputs
 
@@ -177,10 +182,13 @@ class SignalHostMixin:
         """The random control of a signal's token weights ``[R, T]`` (``signal_control``): 'shuffle', each row's
         weights permuted over its ``mask`` tokens (:func:`~tokenweave.tokens.controls.shuffle_within_mask`); 'inverse',
         the same count of tokens taken from the other end of ``scores``
-        (:func:`~tokenweave.tokens.controls.inverse_selection`); 'none': ``weights``."""
+        (:func:`~tokenweave.tokens.controls.inverse_selection`); 'full', every weight 1 (the full-token baseline);
+        'none': ``weights``."""
         control = getattr(self.args, "signal_control", "none")
         if control == "none":
             return weights
+        if control == "full":
+            return torch.ones_like(weights)
         if control == "inverse":
             if scores is None:
                 raise ValueError("signal_control 'inverse' needs the selection's ranking: its signal returns no "

@@ -9,6 +9,14 @@ TRL's loss, gradients and metrics exactly (``tests/test_sft_trainer.py`` checks 
 without gradient accumulation, padded and padding-free). TRL's other loss paths (``compute_loss_func``, label
 smoothing, Ulysses sequence parallelism) are TRL's, untouched, and take no token signal.
 
+What a signal may read besides the log-probs, entropies and its columns (``TokenBatch``): the frozen models' log-probs
+(and their final hidden states), the policy's final hidden states kept from its forward with the LM heads, for
+full-vocabulary math in chunks (``needs_hidden_states``: EAFT's top-20 entropy, ASFT's KL), the batch's model inputs
+(ssToken's attention forward), and, for a selection over a whole optimizer step, every micro-batch of the step before
+the first one's forward (``prepare_window``, from :meth:`TokenSFTTrainer.get_batch_samples`: Rho-1's
+``global_batch``). ``token_weight_normalizer: micro_batch`` replaces TRL's normaliser with each micro-batch's weighted
+mean (the released codes' choice; it changes with how a batch is split).
+
 A signal's per-token dataset columns hold one value per token TRL labels (``labels != -100``), before truncation
 (:mod:`tokenweave.data.token_columns`). So that truncation cuts them as it cuts the labels, the dataset is prepared by
 TRL without truncation, the signals' columns are added and checked, and then truncated with the labels
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -27,24 +35,44 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from ..checks import ConfigError, check_options
-from ..losses.sft import token_weighted_nll
+from ..losses.sft import micro_batch_normalizer, token_weighted_nll
+from ..models import causal_lm, check_direct_head_calls, final_hidden_states
+from .dft import DftSignal  # noqa: F401  (registers the dft signal, which has no fields of its own)
+from .asft import AsftConfig
 from .card import ModelCardMixin
 from .checkpointing import CheckpointingMixin
 from .collators import ROW_KEY
 from .finite import FiniteTrainingMixin
-from .frozen import FrozenForwards, FrozenModelsConfig
+from .eaft import EaftConfig
+from .frozen import FrozenForwards, FrozenModelsConfig, HiddenStates
 from .host import SignalHostMixin, signal_dataset_columns, uses_row_identity
+from .profit import ProfitConfig
+from .rho1 import Rho1Config
 from .signals import TokenBatch, TokenSignalConfig, active_signal_classes, resolve_token_signals
+from .sstoken import SsTokenConfig
+from .token_cleaning import TokenCleaningConfig
 from .weight_rules import WeightRulesConfig
 from .weights import WeightsSFTConfig
 
 
 @dataclass
-class TokenSFTConfig(WeightRulesConfig, WeightsSFTConfig, TokenSignalConfig, FrozenModelsConfig, SFTConfig):
-    """TRL's ``SFTConfig`` plus the token signals (``token_signals``: ``weights``, ``weight_rules``, any registered
-    that supports SFT), their frozen models and the random control."""
+class TokenSFTConfig(Rho1Config, SsTokenConfig, TokenCleaningConfig, EaftConfig, AsftConfig, ProfitConfig,
+                     WeightRulesConfig, WeightsSFTConfig, TokenSignalConfig, FrozenModelsConfig, SFTConfig):
+    """TRL's ``SFTConfig`` plus the token signals (``token_signals``: the SFT family, ``dft``, ``eaft``, ``asft``,
+    ``profit``, ``rho1``, ``token_cleaning``, ``sstoken``, ``weights``, ``weight_rules``, or any registered that
+    supports SFT; each method's fields come from its mixin), their frozen models, the random control and the loss's
+    normaliser (``token_weight_normalizer``)."""
 
     trainer_kind: ClassVar[str] = "sft"
+
+    token_weight_normalizer: str = field(
+        default="num_items_in_batch",
+        metadata={"help": "The SFT loss's normaliser with token signals: 'num_items_in_batch', TRL's (the label tokens "
+                  "of the optimizer step on every process: a run does not change with how its batch is split); "
+                  "'micro_batch', the weighted mean of each micro-batch, Σ w·ℓ / Σ w (the released codes of ssToken, "
+                  "TokenCleaning and TL-Training, and ProFit's recounted normaliser: it changes with the split).",
+                  "choices": ["num_items_in_batch", "micro_batch"]},
+    )
 
     def __post_init__(self):
         check_options(self)  # types, choices and ranges
@@ -52,10 +80,10 @@ class TokenSFTConfig(WeightRulesConfig, WeightsSFTConfig, TokenSignalConfig, Fro
         self.resolve_frozen_models()
         resolve_token_signals(self)
         signals = active_signal_classes(self)
-        others = sorted({name for signal in signals for name in signal.provides} - {"token_weights"})
+        others = sorted({name for signal in signals for name in signal.provides} - {"token_weights", "token_loss"})
         if others:
             raise ConfigError(f"token_signals {self.token_signals} give {others}: the SFT loss takes token weights "
-                              "only.")
+                              "and added per-token terms only.")
         if (self.packing or self.eval_packing) and (signal_dataset_columns(self) or uses_row_identity(self)):
             raise ConfigError(f"packing joins examples and drops every column but the ids and labels: token_signals "
                               f"{self.token_signals} read per-token columns (and the random control each row's "
@@ -69,7 +97,7 @@ class TokenSFTConfig(WeightRulesConfig, WeightsSFTConfig, TokenSignalConfig, Fro
 
 
 class PackedRows:
-    """A padding-free batch's one packed row of ``[1, L-1]`` per-token values (TRL's fused head: entry j is about
+    """A padding-free batch's one packed row of ``[1, L-1, ...]`` per-token values (TRL's fused head: entry j is about
     token j + 1) as ``[E, T]``, one row per example (entry c about the example's token c + 1, as in a padded batch),
     and back. From TRL's ``position_ids`` (each example's positions start at 0). The entries about an example's first
     token (predicted from the previous example's last one: TRL masks its label) have no place and are left out, and
@@ -83,7 +111,7 @@ class PackedRows:
         self.shape = (int(self.example[-1]) + 1, int(positions.max()))
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
-        rows = values.new_zeros(self.shape)
+        rows = values.new_zeros(self.shape + values.shape[2:])
         rows[self.example[self.kept], self.column[self.kept]] = values[0][self.kept]
         return rows
 
@@ -110,9 +138,13 @@ class TokenSFTLoss:
         against TRL's on loss, gradients and logged metrics. Block by block (TRL 1.16 lines)::
 
             1561-1569  mode, use_cache, MoE router logits        same
-            1611       fused-head forward                        same, without the signals' batch keys
+            1611       fused-head forward                        same, without the signals' batch keys (and the
+                                                                 final hidden states kept for a signal that
+                                                                 needs_hidden_states)
             1612-1618  per-token loss, DFT, / num_items_in_batch  token_weighted_nll, with the signals' token
-                                                                 weights (_token_inputs)
+                                                                 weights and added terms (_token_inputs);
+                                                                 token_weight_normalizer 'micro_batch': / Σ w of
+                                                                 the micro-batch and the accumulation steps
             1619-1629  MoE aux loss, × processes (average_tokens   same
                        _across_devices)
             1639-1663  metrics: entropy, mean_token_accuracy,      same; plus weights/mean (the mean token weight)
@@ -126,12 +158,22 @@ class TokenSFTLoss:
         signal_inputs = {key: inputs.pop(key) for key in self.signal_batch_keys if key in inputs}
         logits_inputs = {key: value for key, value in inputs.items() if key != "labels"}
 
-        outputs = model(**inputs, fused_lm_head=True)
-        token_weights = self._token_inputs(inputs, signal_inputs, outputs) if self.signals else None
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = token_weighted_nll(outputs.log_probs, num_tokens, token_weights, dft=self.args.loss_type == "dft")
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        with final_hidden_states(model, enabled=self.signals_need_hidden_states) as hidden:
+            outputs = model(**inputs, fused_lm_head=True)
+        token_weights, token_loss = None, None
+        if self.signals:
+            token_weights, token_loss = self._token_inputs(model, inputs, signal_inputs, outputs, hidden)
+        if self.signals and self.args.token_weight_normalizer == "micro_batch":
+            loss = token_weighted_nll(outputs.log_probs, micro_batch_normalizer(outputs.label_mask, token_weights),
+                                      token_weights, dft=self.args.loss_type == "dft", token_loss=token_loss)
+            if num_items_in_batch is not None:  # the Trainer leaves the average over the accumulation steps to us
+                loss = loss / self.current_gradient_accumulation_steps
+        else:
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = token_weighted_nll(outputs.log_probs, num_tokens, token_weights, dft=self.args.loss_type == "dft",
+                                      token_loss=token_loss)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if self.aux_loss_enabled:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
@@ -147,11 +189,22 @@ class TokenSFTLoss:
             return loss, outputs
         return loss
 
-    def _token_inputs(self, inputs, signal_inputs, outputs) -> torch.Tensor | None:
-        """The signals' token weights ``[B, L-1]`` for this batch. They see it as a :class:`TokenBatch` of the label
-        tokens (TRL's ``label_mask``), one row per example (a padding-free batch, one packed row, is unpacked into
-        its examples and the weights packed back: :class:`PackedRows`), the signals' columns shifted like the
-        log-probs, the frozen models' log-probs of the same labels."""
+    def _token_inputs(self, model, inputs, signal_inputs, outputs, hidden) -> tuple[torch.Tensor | None, ...]:
+        """The signals' token weights and added per-token loss terms ``[B, L-1]`` (or None) for this batch
+        (:meth:`_token_batch`; a padding-free batch's are packed back into its one row)."""
+        batch, rows = self._token_batch(model, inputs, signal_inputs, outputs, hidden[0] if hidden else None)
+        token_weights, others = self.signal_token_inputs(batch)
+        token_loss = others.get("token_loss")
+        if rows is None:
+            return token_weights, token_loss
+        return tuple(None if values is None else rows.pack(values) for values in (token_weights, token_loss))
+
+    def _token_batch(self, model, inputs, signal_inputs, outputs, policy_hidden) -> tuple[TokenBatch, PackedRows | None]:
+        """The batch as the signals see it, a :class:`TokenBatch` of the label tokens (TRL's ``label_mask``), one
+        row per example (a padding-free batch, one packed row, is unpacked into its examples: :class:`PackedRows`,
+        returned to pack the signals' values back), the signals' columns shifted like the log-probs, the frozen
+        models' log-probs (and hidden states) of the same labels, and, for a signal that ``needs_hidden_states``,
+        the policy's final hidden states (``policy_hidden`` ``[B, L, H]``, kept from its forward)."""
         model_inputs = {key: value for key, value in inputs.items() if key != "output_router_logits"}
         rows = PackedRows(inputs["position_ids"]) if "attention_mask" not in inputs else None
         unpack = rows.unpack if rows is not None else (lambda values: values)
@@ -159,13 +212,22 @@ class TokenSFTLoss:
         def forward(frozen_model) -> torch.Tensor:
             return unpack(frozen_model(**model_inputs, fused_lm_head=True).log_probs)
 
+        def hidden_forward(frozen_model) -> tuple[torch.Tensor, torch.Tensor]:
+            with final_hidden_states(frozen_model) as captured:
+                frozen_outputs = frozen_model(**model_inputs, fused_lm_head=True)
+            return unpack(frozen_outputs.log_probs), unpack(captured[0][:, :-1])  # position t predicts token t + 1
+
+        frozen = FrozenForwards(self.frozen_models, forward, hidden_forward=hidden_forward)
+        mask = unpack(outputs.label_mask)
+        hidden = None
+        if policy_hidden is not None:
+            hidden = HiddenStates(unpack(policy_hidden[:, :-1]), model, frozen, mask, self.accelerator)
         identity = signal_inputs.get(ROW_KEY)
-        batch = TokenBatch("sft", unpack(outputs.log_probs), unpack(outputs.label_mask), unpack(outputs.entropy), None,
+        batch = TokenBatch("sft", unpack(outputs.log_probs), mask, unpack(outputs.entropy.detach()), None,
                            {key: unpack(value) for key, value in self.batch_columns(signal_inputs, 1).items()},
-                           FrozenForwards(self.frozen_models, forward), self.model.training,
-                           row_keys=None if identity is None else identity.unsqueeze(1))
-        token_weights, _ = self.signal_token_inputs(batch)
-        return token_weights if rows is None or token_weights is None else rows.pack(token_weights)
+                           frozen, self.model.training, row_keys=None if identity is None else identity.unsqueeze(1),
+                           inputs=model_inputs if rows is None else None, hidden=hidden)
+        return batch, rows
 
     def _log_sft_metrics(self, mode, inputs, outputs, token_weights) -> None:
         """TRL 1.16's SFT metrics (sft_trainer.py lines 1639-1663), and ``weights/mean`` with token weights."""
@@ -212,6 +274,37 @@ class TokenSFTTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         if self.signals and not self.mirrors_trl_loss:  # the config refuses label smoothing before any model loads
             raise ValueError(f"token_signals {list(self.signals)} weigh TRL's fused-head SFT loss: not with "
                              "compute_loss_func or sequence parallelism.")
+        needing = [name for name, signal in self.signals.items() if signal.needs_hidden_states]
+        self.signals_need_hidden_states = bool(needing)
+        """Whether the policy's forward keeps its final hidden states for the signals (``TokenBatch.hidden``)."""
+        if needing:
+            _check_heads(self.model, f"token_signals {needing}")
+
+    @torch.no_grad()
+    def signal_weights(self, inputs: dict) -> torch.Tensor | None:
+        """The token weights ``[B, L-1]`` (entry j about token j + 1; 0 where it has no label) the loss would put on a
+        collated batch's label tokens, the random control applied, from a forward without gradient (None without a
+        weighing signal): what the heatmap and the benchmarks show. A ``global_batch`` selection takes the batch as
+        its step."""
+        inputs = self._prepare_inputs(dict(inputs))
+        signal_inputs = {key: inputs.pop(key) for key in self.signal_batch_keys if key in inputs}
+        with final_hidden_states(self.model, enabled=self.signals_need_hidden_states) as hidden:
+            outputs = self.model(**inputs, use_cache=False, fused_lm_head=True)
+        return self._token_inputs(self.model, inputs, signal_inputs, outputs, hidden)[0]
+
+    # -- the optimizer step's micro-batches --------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimizer step (and ``num_items_in_batch``); then each signal with
+        :attr:`~tokenweave.trainers.signals.TokenSignal.window_columns` sees them all (``prepare_window``), before
+        the first one's forward."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        windowed = [signal for signal in self.signals.values() if signal.window_columns]
+        if batches and windowed:
+            window = SFTStepWindow(self, batches)
+            for signal in windowed:
+                signal.prepare_window(window)
+        return batches, num_items_in_batch
 
     # -- data --------------------------------------------------------------------------------------------------------
 
@@ -262,3 +355,47 @@ class TokenSFTTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
             self._signature_columns += self.signal_dataset_column_names()
+
+
+class SFTStepWindow:
+    """The micro-batches of one optimizer step on this process, for the signals' ``prepare_window``
+    (:class:`~tokenweave.trainers.signals.StepWindow`): their :class:`TokenBatch` from a forward of the policy without
+    gradient (the frozen models' log-probs computed when a signal asks), and the per-token values the signals give
+    them, laid out as the collated columns are (one position before the first predicted token)."""
+
+    def __init__(self, trainer: TokenSFTTrainer, batches: list[dict]):
+        self.trainer = trainer
+        self.batches = batches
+        self._token_batches: list[TokenBatch] | None = None
+        self._rows: list[PackedRows | None] = []
+
+    def token_batches(self) -> list[TokenBatch]:
+        if self._token_batches is None:
+            trainer, self._token_batches = self.trainer, []
+            with torch.no_grad():
+                for batch in self.batches:
+                    inputs = trainer._prepare_inputs(dict(batch))
+                    signal_inputs = {key: inputs.pop(key) for key in trainer.signal_batch_keys if key in inputs}
+                    outputs = trainer.model(**inputs, use_cache=False, fused_lm_head=True)
+                    token_batch, rows = trainer._token_batch(trainer.model, inputs, signal_inputs, outputs, None)
+                    self._token_batches.append(token_batch)
+                    self._rows.append(rows)
+        return self._token_batches
+
+    def set_column(self, index: int, key: str, values: torch.Tensor) -> None:
+        rows = self._rows[index]
+        packed = values if rows is None else rows.pack(values)
+        self.batches[index][key] = torch.nn.functional.pad(packed.detach(), (1, 0))
+
+
+def _check_heads(model, user: str) -> None:
+    """Signals that apply the LM heads themselves (``needs_hidden_states``) need logits that are ``lm_head(hidden)``
+    (:func:`~tokenweave.models.check_direct_head_calls`) and a head without a PEFT adapter (the reference with the
+    adapter off is read through the same head module)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    check_direct_head_calls(model, user)
+    if isinstance(causal_lm(model).get_output_embeddings(), (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+        raise NotImplementedError(f"{user} apply the LM head directly: not with a PEFT adapter or modules_to_save "
+                                  "on the head.")

@@ -11,7 +11,8 @@ trainer exists)::
     supports                      the trainers it runs in, of "sft", "dpo", "grpo"; listed for another one, it is
                                   refused by name when the config is made (before any model loads)
     provides                      the loss inputs it returns from token_inputs ("token_weights" multiplies the
-                                  per-token loss in every trainer; others are keyword inputs of the registered loss)
+                                  per-token loss in every trainer; SFT also adds "token_loss", a per-token term;
+                                  others are keyword inputs of the registered loss)
     weighs_tokens, selection      its token weights are what the random control moves (signal_control: shuffle);
                                   selection: they select tokens ranked by its "token_scores" (signal_control: inverse)
     columns(args)                 the per-token dataset columns it reads (SFT, DPO): batch key -> dataset column
@@ -19,6 +20,9 @@ trainer exists)::
     check_dataset(dataset, args,  the rows' values checked when the dataset is loaded, before any model
      dataset_name)
     frozen_models(args)           the frozen models it reads ("reference", "history", or a teacher's name)
+    needs_hidden_states           SFT: it reads TokenBatch.hidden (final hidden states and LM heads, for math over
+                                  the whole vocabulary, a chunk of positions at a time: EAFT, ASFT)
+    window_columns                SFT: the batch keys its prepare_window adds (Rho-1's global_batch selection)
     metric_prefixes, paper,       what `tokenweave plot`, run_info.json and the model card show of it
     option_prefixes,
     named_by_losses
@@ -38,6 +42,9 @@ and its hooks, every one optional::
     needs_generation_entropies(training),  TRL's generation step                      GRPO  rollout.py documents them
      sample(generate, training),
      after_generation(generation)
+    prepare_window(window)                 training, before an optimizer step's first  SFT   nothing: it hands each
+                                           micro-batch, with all of them (a signal             micro-batch per-token
+                                           with window_columns)                                values (StepWindow)
     token_inputs(batch)                    each micro-batch, before the loss          all   the loss inputs it
                                                                                             provides, per token
     state_dict() / load_state_dict()       each checkpoint / resume                   all   what a resume needs
@@ -63,11 +70,11 @@ from ..checks import ConfigError
 from ..registry import Paper, lookup
 
 if TYPE_CHECKING:
-    from .frozen import FrozenForwards
+    from .frozen import FrozenForwards, HiddenStates
     from .rollout import Generation
 
 TRAINER_KINDS = ("sft", "dpo", "grpo")
-SIGNAL_CONTROLS = ("none", "shuffle", "inverse")
+SIGNAL_CONTROLS = ("none", "shuffle", "inverse", "full")
 FROZEN_MODEL_NAMES = ("reference", "history")
 """The frozen models every trainer knows by name (``trainers.frozen``); teachers are named by
 ``teacher_model_paths``."""
@@ -99,6 +106,27 @@ class TokenBatch:
     """GRPO: :func:`~tokenweave.trainers.rollout.loss_sees_generation_batch`."""
     row_keys: torch.Tensor | None = field(default=None, repr=False)
     """``[R, k]`` integers that identify each row for the random control's seeds (the host's)."""
+    inputs: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
+    """SFT: the model inputs of the batch (``input_ids``, ``attention_mask``; ``[R, L]``, a padded batch's rows: the
+    ``[R, T]`` tensors are about its tokens 1 .. L−1), for a signal that runs a model over it itself (ssToken's
+    attention)."""
+    hidden: HiddenStates | None = field(default=None, repr=False)
+    """SFT, for a signal that ``needs_hidden_states``: the final hidden states and LM heads of the policy and of the
+    frozen models at the batch's positions (:class:`~tokenweave.trainers.frozen.HiddenStates`), for math over the
+    whole next-token distribution, a chunk of positions at a time."""
+
+
+class StepWindow(Protocol):
+    """SFT: the micro-batches of one optimizer step on this process, as :meth:`TokenSignal.prepare_window` sees
+    them (``trainers.sft``)."""
+
+    def token_batches(self) -> list[TokenBatch]:
+        """Each micro-batch as a :class:`TokenBatch`, from a forward of the policy without gradient (computed once,
+        shared by the signals)."""
+
+    def set_column(self, index: int, key: str, values: torch.Tensor) -> None:
+        """Give micro-batch ``index`` per-token ``values`` ``[R, T]`` (aligned with its ``TokenBatch.mask``), which
+        its ``TokenBatch.columns[key]`` will hold in the loss."""
 
 
 class SignalTrainer(Protocol):
@@ -130,6 +158,10 @@ class TokenSignal:
     metric_prefixes: ClassVar[tuple[str, ...]] = ()
     option_prefixes: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[Paper | None] = None
+    needs_hidden_states: ClassVar[bool] = False
+    """SFT: ``token_inputs`` reads ``batch.hidden`` (the policy's final hidden states are then kept from its forward)."""
+    window_columns: ClassVar[tuple[str, ...]] = ()
+    """SFT: the batch keys :meth:`prepare_window` adds to the micro-batches (read back from ``batch.columns``)."""
     named_by_losses: ClassVar[frozenset[str]] = frozenset()
     """Losses whose name names this signal too (the model card calls ``loss_type: cdpo`` "cdpo", not
     "cdpo+critical_tokens"; a signal named like its loss, as hapo, is folded anyway)."""
@@ -193,9 +225,16 @@ class TokenSignal:
 
     # -- the loss phase, in every trainer ------------------------------------------------------------------------
 
+    def prepare_window(self, window: StepWindow) -> None:
+        """SFT, training: called with all the micro-batches of one optimizer step on this process (TRL's gradient
+        accumulation window), before the first one's forward, on every process; a signal that selects over the
+        whole step (Rho-1's ``global_batch`` scope) scores them here (``window.token_batches()``) and hands each
+        micro-batch per-token values (``window.set_column``, under one of its :attr:`window_columns`)."""
+
     def token_inputs(self, batch: TokenBatch) -> dict[str, Any]:
         """The loss inputs this signal provides for this micro-batch: ``token_weights`` ``[R, T]`` multiplies the
-        per-token loss; a selection also returns ``token_scores`` ``[R, T]``, its ranking."""
+        per-token loss; a selection also returns ``token_scores`` ``[R, T]``, its ranking; SFT also takes
+        ``token_loss`` ``[R, T]``, a per-token term added to the weighted loss (with gradient; ASFT's KL)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -257,7 +296,9 @@ class TokenSignalConfig:
             "help": "The random-signal control, on the token weights of every signal that weighs tokens: 'shuffle' "
             "puts each sequence's own weights on a random permutation of its tokens (matched random: the same "
             "weights, on tokens chosen by chance); 'inverse', for a selection, selects the same number of tokens "
-            "of each sequence from the other end of the signal's ranking. 'none': the signals as they are.",
+            "of each sequence from the other end of the signal's ranking; 'full', the full-token baseline: every "
+            "weight 1 (the signals still run: their other loss terms, metrics and cost stay). 'none': the signals "
+            "as they are.",
             "choices": list(SIGNAL_CONTROLS),
         },
     )
