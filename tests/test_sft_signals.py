@@ -190,15 +190,16 @@ def eight_rows() -> Dataset:
 def trained_weights(model_dir, reference_dir, tmp_path, scope, batch_size, accumulation):
     trainer = make_trainer(model_dir, tmp_path / f"{scope}-{batch_size}", dataset=eight_rows(), token_signals=["rho1"],
                            rho1_ratio=0.5, rho1_scope=scope, reference_model_path=reference_dir, max_steps=1,
-                           learning_rate=1e-2, per_device_train_batch_size=batch_size,
+                           learning_rate=1.0, optim="sgd", per_device_train_batch_size=batch_size,
                            gradient_accumulation_steps=accumulation, lr_scheduler_type="constant")
     trainer.train()
     return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
 
 
 def test_rho1_global_batch_selection_does_not_depend_on_the_split(model_dir, reference_dir, tmp_path):
-    """One optimizer step of 8 rows as 8 × 1 and as 4 × GA 2: the same update with ``global_batch`` (the step's
-    micro-batches are scored first), a different one with ``micro_batch`` (each half keeps its own top 50 %)."""
+    """One optimizer step of 8 rows as 8 × 1 and as 4 × GA 2 (SGD at learning rate 1: the weights move by the
+    gradient): the same update with ``global_batch`` (the step's micro-batches are scored first), a different one
+    with ``micro_batch`` (each half keeps its own top 50 %)."""
     whole = trained_weights(model_dir, reference_dir, tmp_path, "global_batch", 8, 1)
     split = trained_weights(model_dir, reference_dir, tmp_path, "global_batch", 4, 2)
     for name, value in whole.items():

@@ -45,6 +45,22 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 logger = logging.get_logger(__name__)
 
 
+def run_dataset_kwargs(run_args) -> dict:
+    """The keyword arguments of :func:`~tokenweave.data.loading.load_run_dataset` a run's config gives (the method,
+    the dataset's config and the built-in tasks' options), for every split: what a run loads, and what another
+    command that reads the run's data (``tokenweave score-tokens``) loads the same way."""
+    return dict(
+        method=run_args.method,
+        dataset_config=run_args.dataset_config,
+        difficulty=run_args.task_difficulty,
+        seed=run_args.task_seed,
+        list_length=run_args.task_list_length,
+        num_candidates=run_args.task_num_candidates,
+        noise_share=run_args.task_noise_share,
+        noise_kinds=run_args.task_noise_kinds,
+    )
+
+
 def build_trainer(run_args, training_args, model_args):
     """Check the inputs and build the method's trainer (no training yet)."""
     check_options(model_args)  # the other two configs check themselves in __post_init__
@@ -64,16 +80,7 @@ def build_trainer(run_args, training_args, model_args):
         model_init_kwargs["quantization_config"] = quantization_config
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
-    dataset_kwargs = dict(
-        method=run_args.method,
-        dataset_config=run_args.dataset_config,
-        difficulty=run_args.task_difficulty,
-        seed=run_args.task_seed,
-        list_length=run_args.task_list_length,
-        num_candidates=run_args.task_num_candidates,
-        noise_share=run_args.task_noise_share,
-        noise_kinds=run_args.task_noise_kinds,
-    )
+    dataset_kwargs = run_dataset_kwargs(run_args)
     train_dataset = load_run_dataset(
         run_args.dataset_name, run_args.dataset_train_split, num_examples=run_args.num_train_examples, **dataset_kwargs
     )

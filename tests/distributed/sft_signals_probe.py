@@ -4,9 +4,12 @@
 
 The signals: ``rho1`` (the top half of the step's tokens by excess loss over the reference, ``global_batch``: the
 step's micro-batches on both processes are scored together), ``asft`` (DFT's weight and the full-vocabulary KL to the
-same reference, through both models' LM heads in chunks) and ``eaft`` (the top-20 entropy, through the policy's head
-in chunks); their weights multiply. Cases: full fine-tuning and LoRA. Each process writes the trained weights (gathered
-under ZeRO-3), the logged loss and gradient norm to ``<output>/<case>.rank<r>.json``.
+same reference, through both models' LM heads in chunks), ``eaft`` (the top-20 entropy, through the policy's head
+in chunks) and ``sstoken`` (the history model, the initial weights: with LoRA the policy with its adapter off, run
+inside the loss; and the attention forward of the policy's decoder, which stops after the last layer's attention);
+their weights multiply. Cases: full fine-tuning and LoRA. The step is plain SGD at learning rate 1, so the
+weights move by exactly the gradient (Adam's first step, g / (|g| + ε), would magnify rounding in the tiniest
+gradients). Each process writes the trained weights (gathered under ZeRO-3), the logged loss and gradient norm to ``<output>/<case>.rank<r>.json``.
 
     accelerate launch --config_file launch/cpu_zero3.yaml tests/distributed/sft_signals_probe.py MODELS_DIR OUTPUT_DIR
 """
@@ -37,8 +40,8 @@ def run(models: Path, output: Path, case: str, per_device_batch: int) -> dict:
     """One case's step (module docstring): the trained weights by name, the logged loss and gradient norm."""
     args = TokenSFTConfig(
         output_dir=str(output / case), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        per_device_train_batch_size=per_device_batch, max_steps=1, learning_rate=1e-2, lr_scheduler_type="constant",
-        activation_checkpointing=False, token_signals=["rho1", "asft", "eaft"], rho1_ratio=0.5,
+        per_device_train_batch_size=per_device_batch, max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+        activation_checkpointing=False, token_signals=["rho1", "asft", "eaft", "sstoken"], rho1_ratio=0.5,
         reference_model_path=str(models / "reference"), asft_alpha=0.5, asft_chunk_size=16, eaft_chunk_size=16,
         logging_steps=1, seed=0,
     )

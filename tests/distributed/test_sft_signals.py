@@ -1,6 +1,6 @@
 """Token-weighted SFT with a frozen reference under 2-process DeepSpeed ZeRO-2 and ZeRO-3, with and without LoRA: one
-step of rho1 (``global_batch``) + asft + eaft on 2 processes × 4 rows trains the weights that 1 process × 8 rows
-trains, within 1e-5 (``sft_signals_probe.py`` says how; one launch per ZeRO stage for both cases)."""
+step of rho1 (``global_batch``) + asft + eaft + sstoken on 2 processes × 4 rows trains the weights that 1 process ×
+8 rows trains, within 1e-5 (``sft_signals_probe.py`` says how; one launch per ZeRO stage for both cases)."""
 
 import json
 

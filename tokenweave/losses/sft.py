@@ -4,8 +4,9 @@ Pure tensor math, the loss of ``TokenSFTTrainer`` (whose ``compute_loss`` mirror
 
     ℓ_t  = −log π_θ(y_t)                          (0 at ignored positions: TRL's fused head gives log-prob 0 there)
     DFT: ℓ_t ← ℓ_t · sg(π_θ(y_t))                 (TRL's loss_type "dft", arXiv 2508.05629)
-    loss = Σ_t (w_t · ℓ_t + a_t) / max(N, 1)      N: TRL's normaliser, num_items_in_batch (the label tokens of the
+    loss = Σ_t (w_t · ℓ_t + a_t) / N              N: TRL's normaliser, num_items_in_batch (the label tokens of the
                                                   accumulation window on every process) or this batch's label count
+                                                  (N = 0, a batch with nothing to learn: the loss is 0)
 
 With no weights (``w_t = 1``) and no added term (``a_t = 0``) it is TRL's SFT loss exactly. Weights from token signals
 (a weight column, span rules, Rho-1's selection, ...) multiply ℓ_t; ``a_t`` is a per-token term a signal adds (ASFT's
@@ -33,7 +34,8 @@ def token_weighted_nll(logps: Tensor, normalizer: Tensor | int | float, token_we
         per_token_loss = per_token_loss * token_weights
     if token_loss is not None:
         per_token_loss = per_token_loss + token_loss
-    return per_token_loss.sum() / torch.as_tensor(normalizer).clamp(min=1)
+    normalizer = torch.as_tensor(normalizer)
+    return per_token_loss.sum() / torch.where(normalizer > 0, normalizer, 1)
 
 
 def micro_batch_normalizer(mask: Tensor, token_weights: Tensor | None) -> Tensor:

@@ -11,7 +11,8 @@ at a time (:func:`tokenweave.tokens.chunked.map_masked_chunks`). This module is 
 * :func:`lm_head_functions`: the LM heads as functions ``[..., H] → [..., V]``; under DeepSpeed ZeRO-3 a frozen
   head is gathered once into a plain ``F.linear``.
 * :func:`check_direct_head_calls`: refuse models whose logits are not ``lm_head(hidden)`` (soft-capping,
-  scaling), and heads that :func:`lm_head_functions` cannot gather.
+  scaling), and heads that :func:`lm_head_functions` cannot gather; :func:`check_lm_heads`: that, for a policy and
+  its frozen models, plus one vocabulary and no PEFT adapter on a head.
 """
 
 from __future__ import annotations
@@ -140,3 +141,22 @@ def _linear_head(weight: Tensor, bias: Tensor | None) -> HeadFn:
         return F.linear(hidden, weight, bias)
 
     return head
+
+
+def check_lm_heads(models: Sequence[nn.Module], user: str) -> None:
+    """Refuse what code that applies the LM heads of ``models`` (a policy and its frozen models) itself cannot do:
+    logits that are not ``lm_head(hidden)`` (:func:`check_direct_head_calls`), a head with a PEFT adapter or
+    ``modules_to_save`` (a frozen model read with the policy's adapter off goes through the same head module, after
+    the adapter is back on), and models of different vocabularies."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    for model in models:
+        check_direct_head_calls(model, user)
+        if isinstance(causal_lm(model).get_output_embeddings(), (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            raise NotImplementedError(f"{user} apply the LM head directly: not with a PEFT adapter or "
+                                      "modules_to_save on the head.")
+    vocabularies = {causal_lm(model).config.get_text_config().vocab_size for model in models}
+    if len(vocabularies) > 1:
+        raise ValueError(f"{user} compare the models' next-token distributions: their vocabularies differ "
+                         f"({sorted(vocabularies)} tokens).")

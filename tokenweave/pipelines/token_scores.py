@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ..data.loading import load_run_dataset
 from ..models import resolve_model
+from ..train import run_dataset_kwargs
 from ..trainers.token_cleaning import TOKEN_CLEANING_LEVELS
 from .steps import STEP_RECORD, Step, run_steps
 
@@ -61,7 +62,7 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 # The settings the output is made from (its record): what loads the rows, tokenises them, loads the two models, ranks.
 RECORD_FIELDS = {
     "run": ("dataset_name", "dataset_config", "dataset_train_split", "num_train_examples", "task_difficulty",
-            "task_seed", "task_list_length", "task_num_candidates"),
+            "task_seed", "task_list_length", "task_num_candidates", "task_noise_share", "task_noise_kinds"),
     "model": ("model_name_or_path", "model_revision", "dtype", "attn_implementation"),
     "training": ("reference_model_path", "frozen_models_dtype", "model_init_kwargs", "trust_remote_code",
                  "dataset_text_field", "completion_only_loss", "assistant_only_loss", "eos_token", "chat_template_path",
@@ -271,10 +272,8 @@ def score_tokens(run_args, training_args, model_args, output: str | Path | None 
 
 def write_scored_dataset(run_args, training_args, model_args, directory: Path, *, batch_size: int | None = None):
     """The work of :func:`score_tokens`, into ``directory`` (``save_to_disk``)."""
-    dataset = load_run_dataset(run_args.dataset_name, run_args.dataset_train_split, "sft",
-                               dataset_config=run_args.dataset_config, num_examples=run_args.num_train_examples,
-                               difficulty=run_args.task_difficulty, seed=run_args.task_seed,
-                               list_length=run_args.task_list_length, num_candidates=run_args.task_num_candidates)
+    dataset = load_run_dataset(run_args.dataset_name, run_args.dataset_train_split,
+                               num_examples=run_args.num_train_examples, **run_dataset_kwargs(run_args))
     names = (REFERENCE_LOGPS_COLUMN, training_args.token_cleaning_scores_column, training_args.token_cleaning_column)
     dataset = dataset.remove_columns([name for name in names if name in dataset.column_names])
     tokenizer = sft_tokenizer(training_args, model_args)

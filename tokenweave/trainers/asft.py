@@ -25,6 +25,7 @@ import torch
 from ..checks import AT_LEAST_ONE, NON_NEGATIVE
 from ..losses.preference import chunked_sequential_kl
 from ..registry import Paper
+from .dft import check_weighs_by_the_policy
 from .signals import TokenBatch, TokenSignal, register_token_signal
 
 ASFT_PAPER = Paper("Anchored Supervised Fine-Tuning", "2509.23753", "zhu2025anchored", "He Zhu and others", 2025)
@@ -56,9 +57,8 @@ class AsftSignal(TokenSignal):
 
     @classmethod
     def configure(cls, args) -> bool:
-        from .dft import DftSignal
-
-        return DftSignal.configure(args)  # ASFT's weight is DFT's: not with loss_type dft as well
+        check_weighs_by_the_policy(args, cls.name)
+        return True
 
     @property
     def needs_hidden_states(self) -> bool:

@@ -39,8 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import AuxiliaryTrainingWrapper
 from torch import Tensor, nn
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
@@ -55,8 +53,7 @@ from ..losses.preference import (
     is_preference_loss,
 )
 from ..models import (
-    causal_lm,
-    check_direct_head_calls,
+    check_lm_heads,
     final_hidden_states,
     head_calls_are_collective,
     lm_head_functions,
@@ -432,14 +429,8 @@ class TokenDPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
                 metrics[f"weights/{side}"].append(self._global_masked_mean(weights, side_mask))
 
     def _check_lm_heads(self) -> None:
-        """A loss that needs ``sequential_kl`` calls the LM heads directly: refuse heads whose logits would differ
-        from the model's (:func:`tokenweave.models.check_direct_head_calls`), and heads with a PEFT adapter, since
-        the reference's logits are computed with the same head module."""
+        """A loss that needs ``sequential_kl`` calls the LM heads directly (:func:`tokenweave.models.check_lm_heads`:
+        refuse heads whose logits would differ from the model's, and heads with a PEFT adapter, since the
+        reference's logits are computed with the same head module)."""
         models = [self.model] if self.ref_model is None else [self.model, self.ref_model]
-        for model in models:
-            check_direct_head_calls(model, f"loss_type {self.token_loss_type!r}")
-            if isinstance(causal_lm(model).get_output_embeddings(), (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-                raise NotImplementedError(
-                    f"loss_type {self.token_loss_type!r} needs an LM head without a PEFT adapter or "
-                    "modules_to_save: its reference logits are computed with the same head module."
-                )
+        check_lm_heads(models, f"loss_type {self.token_loss_type!r}")

@@ -25,6 +25,7 @@ from ..models import causal_lm
 from ..registry import Paper
 from ..tokens.chunked import map_masked_chunks
 from ..tokens.eaft import eaft_weights, exact_entropy_weights, top_k_entropy
+from .dft import check_weighs_by_the_policy
 from .signals import TokenBatch, TokenSignal, register_token_signal
 
 EAFT_PAPER = Paper("Entropy-Adaptive Fine-Tuning: Resolving Confident Conflicts to Mitigate Forgetting", "2601.02151",
@@ -41,7 +42,8 @@ class EaftConfig:
     eaft_alpha: float = field(default=1.0, metadata={"help": "eaft signal: the exponent α of w = (H / 3.0)^α (0: "
                                                      "every weight 1)."})
     eaft_top_k: int = field(default=20, metadata={"help": "eaft signal: the k largest logits whose softmax's entropy "
-                                                  "H is (the released code's 20; its divisor 3.0 ≈ ln 20)."})
+                                                  "H is (the released code's 20). The divisor stays the released "
+                                                  "3.0 (≈ ln 20): with k > 20 the weights reach ln k / 3 > 1."})
     eaft_entropy: str = field(
         default="top_k",
         metadata={"help": "eaft signal: 'top_k', the released formula; 'exact', the fused head's exact entropy "
@@ -61,6 +63,11 @@ class EaftSignal(TokenSignal):
     metric_prefixes = ("weights/",)
     option_prefixes = ("eaft_",)
     paper = EAFT_PAPER
+
+    @classmethod
+    def configure(cls, args) -> bool:
+        check_weighs_by_the_policy(args, cls.name)
+        return True
 
     @property
     def needs_hidden_states(self) -> bool:

@@ -223,14 +223,17 @@ class FrozenForwards:
     """The frozen models' per-token log-probs of one micro-batch, each computed when first asked for
     (``TokenBatch.frozen``). ``forward(model)`` runs one model over the micro-batch and returns ``[R, T]`` aligned
     with the batch's mask; ``known`` holds what the trainer already computed (DPO's reference). ``hidden_forward(model)``
-    (SFT) returns ``(log-probs [R, T], final hidden states [R, T, H])`` of the same positions, for :meth:`hidden`."""
+    (SFT) returns ``(log-probs [R, T], final hidden states [R, T, H])`` of the same positions, for :meth:`hidden`;
+    ``hidden_first``: :meth:`logps` goes through it too (when a signal reads hidden states, so that another signal's
+    log-probs of the same model cost no second forward)."""
 
     def __init__(self, models: FrozenModels | None, forward: Callable[[nn.Module], Tensor],
                  known: dict[str, Tensor] | None = None,
-                 hidden_forward: Callable[[nn.Module], tuple[Tensor, Tensor]] | None = None):
+                 hidden_forward: Callable[[nn.Module], tuple[Tensor, Tensor]] | None = None, hidden_first: bool = False):
         self._models = models
         self._forward = forward
         self._hidden_forward = hidden_forward
+        self._hidden_first = hidden_first
         self._cache = dict(known or {})
         self._hidden: dict[str, tuple[Tensor, HeadFn]] = {}
 
@@ -241,6 +244,8 @@ class FrozenForwards:
 
     def logps(self, name: str) -> Tensor:
         """log π_name of the batch's tokens ``[R, T]`` (no gradient)."""
+        if name not in self._cache and self._hidden_first:  # one forward, whichever a signal asks for first
+            self.hidden(name)
         if name not in self._cache:
             with self._model(name) as model:
                 self._cache[name] = self._forward(model).detach()

@@ -70,8 +70,9 @@ def signal_dataset_columns(args) -> dict[str, tuple[str, ...]]:
 
 
 def uses_row_identity(args) -> bool:
-    """Whether the random control is on (each row then carries its identity, :data:`ROW_KEY`)."""
-    return getattr(args, "signal_control", "none") != "none"
+    """Whether the random control draws permutations (``shuffle``: each row then carries its identity, :data:`ROW_KEY`,
+    its seed); ``inverse`` and ``full`` draw nothing."""
+    return getattr(args, "signal_control", "none") == "shuffle"
 
 
 class SignalHostMixin:

@@ -37,7 +37,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 ROW_KEYS = "signal_row_keys"
 """The generation batch's column of each completion's identity (``TokenGRPOTrainer.generation_row_keys``): the random
-control's seeds (``trainers.host``), added when the control is on."""
+control's seeds (``trainers.host``), added when the control shuffles."""
 
 # Marks padding when per-token values of different lengths are gathered across processes (entropies are >= 0).
 _GATHER_PAD = -1e9
@@ -84,9 +84,10 @@ class Generation:
         return self.trainer.rewards_per_func
 
     @property
-    def row_keys(self) -> torch.Tensor:
-        """``[B, k]`` each completion's identity for the random control (``TokenGRPOTrainer.generation_row_keys``)."""
-        return self.output[ROW_KEYS]
+    def row_keys(self) -> torch.Tensor | None:
+        """``[B, k]`` each completion's identity for the random control (``TokenGRPOTrainer.generation_row_keys``;
+        None when the control draws no permutation)."""
+        return self.output.get(ROW_KEYS)
 
     @property
     def loss_sees_generation_batch(self) -> bool:

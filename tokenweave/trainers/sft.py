@@ -25,6 +25,7 @@ TRL without truncation, the signals' columns are added and checked, and then tru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..checks import ConfigError, check_options
 from ..losses.sft import micro_batch_normalizer, token_weighted_nll
-from ..models import causal_lm, check_direct_head_calls, final_hidden_states
+from ..models import check_lm_heads, final_hidden_states
 from .dft import DftSignal  # noqa: F401  (registers the dft signal, which has no fields of its own)
 from .asft import AsftConfig
 from .card import ModelCardMixin
@@ -88,6 +89,9 @@ class TokenSFTConfig(Rho1Config, SsTokenConfig, TokenCleaningConfig, EaftConfig,
             raise ConfigError(f"packing joins examples and drops every column but the ids and labels: token_signals "
                               f"{self.token_signals} read per-token columns (and the random control each row's "
                               "identity). Use padding_free: true instead.")
+        if self.token_weight_normalizer == "micro_batch" and not any(signal.weighs_tokens for signal in signals):
+            raise ConfigError("token_weight_normalizer micro_batch divides by the token weights' sum: it needs a token "
+                              f"signal that weighs tokens, and token_signals is {self.token_signals}.")
         if signals and self.label_smoothing_factor != 0 and self.loss_type == "nll":
             raise ConfigError(f"token_signals {self.token_signals} weigh TRL's fused-head SFT loss, which "
                               "label_smoothing_factor replaces.")
@@ -155,11 +159,8 @@ class TokenSFTLoss:
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        signal_inputs = {key: inputs.pop(key) for key in self.signal_batch_keys if key in inputs}
+        signal_inputs, outputs, hidden = self._forward_for_signals(model, inputs)
         logits_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-
-        with final_hidden_states(model, enabled=self.signals_need_hidden_states) as hidden:
-            outputs = model(**inputs, fused_lm_head=True)
         token_weights, token_loss = None, None
         if self.signals:
             token_weights, token_loss = self._token_inputs(model, inputs, signal_inputs, outputs, hidden)
@@ -189,10 +190,19 @@ class TokenSFTLoss:
             return loss, outputs
         return loss
 
+    def _forward_for_signals(self, model, inputs: dict) -> tuple[dict, object, torch.Tensor | None]:
+        """TRL's fused-head forward of a batch (``inputs`` without the signals' batch keys, which are popped: they are
+        never model inputs): ``(the signals' batch entries, the outputs, the policy's final hidden states [B, L, H]
+        kept for a signal that needs_hidden_states, else None)``."""
+        signal_inputs = {key: inputs.pop(key) for key in self.signal_batch_keys if key in inputs}
+        with final_hidden_states(model, enabled=self.signals_need_hidden_states) as hidden:
+            outputs = model(**inputs, fused_lm_head=True)
+        return signal_inputs, outputs, hidden[0] if hidden else None
+
     def _token_inputs(self, model, inputs, signal_inputs, outputs, hidden) -> tuple[torch.Tensor | None, ...]:
         """The signals' token weights and added per-token loss terms ``[B, L-1]`` (or None) for this batch
         (:meth:`_token_batch`; a padding-free batch's are packed back into its one row)."""
-        batch, rows = self._token_batch(model, inputs, signal_inputs, outputs, hidden[0] if hidden else None)
+        batch, rows = self._token_batch(model, inputs, signal_inputs, outputs, hidden)
         token_weights, others = self.signal_token_inputs(batch)
         token_loss = others.get("token_loss")
         if rows is None:
@@ -217,7 +227,8 @@ class TokenSFTLoss:
                 frozen_outputs = frozen_model(**model_inputs, fused_lm_head=True)
             return unpack(frozen_outputs.log_probs), unpack(captured[0][:, :-1])  # position t predicts token t + 1
 
-        frozen = FrozenForwards(self.frozen_models, forward, hidden_forward=hidden_forward)
+        frozen = FrozenForwards(self.frozen_models, forward, hidden_forward=hidden_forward,
+                                hidden_first=self.signals_need_hidden_states)
         mask = unpack(outputs.label_mask)
         hidden = None
         if policy_hidden is not None:
@@ -277,20 +288,20 @@ class TokenSFTTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         needing = [name for name, signal in self.signals.items() if signal.needs_hidden_states]
         self.signals_need_hidden_states = bool(needing)
         """Whether the policy's forward keeps its final hidden states for the signals (``TokenBatch.hidden``)."""
-        if needing:
-            _check_heads(self.model, f"token_signals {needing}")
+        if needing:  # the policy's head and the frozen models' heads are applied directly
+            frozen = list(self.frozen_models.loaded.values()) if self.frozen_models is not None else []
+            check_lm_heads([self.model, *frozen], f"token_signals {needing}")
 
     @torch.no_grad()
     def signal_weights(self, inputs: dict) -> torch.Tensor | None:
         """The token weights ``[B, L-1]`` (entry j about token j + 1; 0 where it has no label) the loss would put on a
-        collated batch's label tokens, the random control applied, from a forward without gradient (None without a
-        weighing signal): what the heatmap and the benchmarks show. A ``global_batch`` selection takes the batch as
-        its step."""
-        inputs = self._prepare_inputs(dict(inputs))
-        signal_inputs = {key: inputs.pop(key) for key in self.signal_batch_keys if key in inputs}
-        with final_hidden_states(self.model, enabled=self.signals_need_hidden_states) as hidden:
-            outputs = self.model(**inputs, use_cache=False, fused_lm_head=True)
-        return self._token_inputs(self.model, inputs, signal_inputs, outputs, hidden)[0]
+        collated batch's label tokens, the random control applied, from a forward without gradient in evaluation mode
+        (None without a weighing signal): what the heatmap and the benchmarks show. A ``global_batch`` selection takes
+        the batch as its step."""
+        inputs = self._prepare_inputs(dict(inputs)) | {"use_cache": False}
+        with evaluation_mode(self.model):
+            signal_inputs, outputs, hidden = self._forward_for_signals(self.model, inputs)
+            return self._token_inputs(self.model, inputs, signal_inputs, outputs, hidden)[0]
 
     # -- the optimizer step's micro-batches --------------------------------------------------------------------------
 
@@ -302,8 +313,9 @@ class TokenSFTTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         windowed = [signal for signal in self.signals.values() if signal.window_columns]
         if batches and windowed:
             window = SFTStepWindow(self, batches)
-            for signal in windowed:
-                signal.prepare_window(window)
+            with evaluation_mode(self.model):  # scores without dropout, and no draw from the training's RNG
+                for signal in windowed:
+                    signal.prepare_window(window)
         return batches, num_items_in_batch
 
     # -- data --------------------------------------------------------------------------------------------------------
@@ -360,8 +372,8 @@ class TokenSFTTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
 class SFTStepWindow:
     """The micro-batches of one optimizer step on this process, for the signals' ``prepare_window``
     (:class:`~tokenweave.trainers.signals.StepWindow`): their :class:`TokenBatch` from a forward of the policy without
-    gradient (the frozen models' log-probs computed when a signal asks), and the per-token values the signals give
-    them, laid out as the collated columns are (one position before the first predicted token)."""
+    gradient, in evaluation mode (the frozen models' log-probs computed when a signal asks), and the per-token values
+    the signals give them, laid out as the collated columns are (one position before the first predicted token)."""
 
     def __init__(self, trainer: TokenSFTTrainer, batches: list[dict]):
         self.trainer = trainer
@@ -374,10 +386,9 @@ class SFTStepWindow:
             trainer, self._token_batches = self.trainer, []
             with torch.no_grad():
                 for batch in self.batches:
-                    inputs = trainer._prepare_inputs(dict(batch))
-                    signal_inputs = {key: inputs.pop(key) for key in trainer.signal_batch_keys if key in inputs}
-                    outputs = trainer.model(**inputs, use_cache=False, fused_lm_head=True)
-                    token_batch, rows = trainer._token_batch(trainer.model, inputs, signal_inputs, outputs, None)
+                    inputs = trainer._prepare_inputs(dict(batch)) | {"use_cache": False}
+                    signal_inputs, outputs, hidden = trainer._forward_for_signals(trainer.model, inputs)
+                    token_batch, rows = trainer._token_batch(trainer.model, inputs, signal_inputs, outputs, hidden)
                     self._token_batches.append(token_batch)
                     self._rows.append(rows)
         return self._token_batches
@@ -388,14 +399,12 @@ class SFTStepWindow:
         self.batches[index][key] = torch.nn.functional.pad(packed.detach(), (1, 0))
 
 
-def _check_heads(model, user: str) -> None:
-    """Signals that apply the LM heads themselves (``needs_hidden_states``) need logits that are ``lm_head(hidden)``
-    (:func:`~tokenweave.models.check_direct_head_calls`) and a head without a PEFT adapter (the reference with the
-    adapter off is read through the same head module)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import AuxiliaryTrainingWrapper
-
-    check_direct_head_calls(model, user)
-    if isinstance(causal_lm(model).get_output_embeddings(), (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-        raise NotImplementedError(f"{user} apply the LM head directly: not with a PEFT adapter or modules_to_save "
-                                  "on the head.")
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """``model`` in evaluation mode (no dropout) inside the block, then back in the mode it was in."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
