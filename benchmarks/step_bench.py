@@ -44,12 +44,25 @@ import torch
 MMAP_THRESHOLD = str(128 * 1024)
 
 
+def micro_batches(step) -> list[dict]:
+    """The micro-batches of a step: a batch, or a list of them (gradient accumulation)."""
+    return step if isinstance(step, list) else [step]
+
+
 def train_step(trainer, batch) -> tuple[float, float]:
-    """One optimizer step on ``batch``: ``training_step`` (forward, loss, backward) and the optimizer's step.
+    """One optimizer step on ``batch``: ``training_step`` (forward, loss, backward) and the optimizer's step. A list
+    of micro-batches (gradient accumulation) runs as Trainer's loop runs them: ``get_batch_samples`` (which counts
+    ``num_items_in_batch``, and in which a trainer may look at the step's micro-batches), then ``training_step`` on
+    each.
 
     Returns (wall seconds, CPU seconds of this process)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer.training_step(trainer.model, batch)
+    if isinstance(batch, list):
+        samples, num_items_in_batch = trainer.get_batch_samples(iter(batch), len(batch), trainer.args.device)
+        for micro_batch in samples:
+            trainer.training_step(trainer.model, micro_batch, num_items_in_batch)
+    else:
+        trainer.training_step(trainer.model, batch)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -67,7 +80,7 @@ def memory_child(method: str, trainer, steps: list[dict], tokens_key: str = "att
     baseline = _status_kib("VmRSS")
     seconds = [train_step(trainer, batch)[0] for batch in steps]
     peak = _status_kib("VmHWM")
-    tokens = [int(batch[tokens_key].sum()) for batch in steps]
+    tokens = [sum(int(batch[tokens_key].sum()) for batch in micro_batches(step)) for step in steps]
     print(json.dumps({"method": method, "baseline_mib": baseline / 1024, "peak_mib": peak / 1024,
                       "growth_mib": (peak - baseline) / 1024, "seconds": seconds, "tokens": tokens}))
 
@@ -136,7 +149,8 @@ def machine() -> dict:
 def report(header: str, methods: tuple[str, ...], baseline: str, memory: dict, timing: dict, targets: dict,
            time_statistic: str = "paired_ratio_median") -> str:
     """The results as text: one row per method (a method without memory numbers is the timing control), then each
-    target (``{method: {"time": limit, "memory": limit}}``), met or missed, on ``time_statistic``."""
+    target (``{method: {"time": limit, "memory": limit}}``, the memory limit optional), met or missed, on
+    ``time_statistic``."""
     base_growth, base_peak = memory[baseline]["growth_mib"], memory[baseline]["peak_mib"]
     lines = [
         header,
@@ -160,7 +174,8 @@ def report(header: str, methods: tuple[str, ...], baseline: str, memory: dict, t
         for method in methods))
     for method, target in targets.items():
         checks = [(f"{clock} time", timing[clock][time_statistic][method], target["time"]) for clock in ("wall", "cpu")]
-        checks.append(("step memory", memory[method]["growth_mib"] / base_growth, target["memory"]))
+        if "memory" in target:
+            checks.append(("step memory", memory[method]["growth_mib"] / base_growth, target["memory"]))
         verdicts = [f"{name} {value:.3f}x <= {limit}x {'met' if value <= limit else 'MISSED'}"
                     for name, value, limit in checks]
         lines.append(f"target {method}: " + "; ".join(verdicts))
@@ -170,10 +185,11 @@ def report(header: str, methods: tuple[str, ...], baseline: str, memory: dict, t
 @dataclass
 class Bench:
     """What a benchmark script gives :func:`main`: its methods (the baseline first), the timing control, the targets
-    (``{method: {"time": limit, "memory": limit}}``), and how to load what the trainers share (``load(args)``),
-    build one (``build(method, loaded, args, output_dir)``), collate its batches (``batches(trainer, args, count)``)
-    and describe them (``header(args, trainers, batches)``); ``same_keys``: the batch keys every method must see
-    equal; ``time_statistic``: what the time targets read."""
+    (``{method: {"time": limit, "memory": limit}}``, the memory limit optional), and how to load what the trainers
+    share (``load(args)``), build one (``build(method, loaded, args, output_dir)``), collate its batches
+    (``batches(trainer, args, count)``: a step is a batch, or a list of micro-batches) and describe them
+    (``header(args, trainers, batches)``); ``same_keys``: the batch keys every method must see equal;
+    ``time_statistic``: what the time targets read."""
 
     methods: tuple[str, ...]
     control: str
@@ -209,9 +225,10 @@ def main(script: str, bench: Bench, args, argv: list[str]) -> dict | None:
         method_batches = {method: bench.batches(trainer, args, args.warmup + args.rounds)
                           for method, trainer in trainers.items()}
         for method, batches in method_batches.items():  # the same tokens for every method
-            for batch, reference in zip(batches, method_batches[baseline], strict=True):
-                for key in bench.same_keys:
-                    assert torch.equal(batch[key], reference[key]), (method, key)
+            for step, reference_step in zip(batches, method_batches[baseline], strict=True):
+                for batch, reference in zip(micro_batches(step), micro_batches(reference_step), strict=True):
+                    for key in bench.same_keys:
+                        assert torch.equal(batch[key], reference[key]), (method, key)
         timing = measure_time(trainers, method_batches, baseline, args.warmup)
         header = bench.header(args, trainers, method_batches)
     results = {
