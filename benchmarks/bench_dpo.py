@@ -1,4 +1,5 @@
-"""Step time and peak memory of token-weighted DPO (cDPO) and TDPO2 against TRL's own DPOTrainer (sigmoid).
+"""Step time and peak memory of token-weighted DPO (cDPO), TDPO2, TGDPO and T-REG against TRL's own DPOTrainer
+(sigmoid).
 
 ::
 
@@ -11,7 +12,14 @@ Three methods, the same model, LoRA config, batches and optimizer; they differ o
 - ``weighted-dpo``: ``TokenDPOTrainer`` with ``loss_type: cdpo`` and a weight on every completion token (chosen 1,
   rejected a random number in [0, 1], from ``chosen_weights`` / ``rejected_weights`` columns);
 - ``tdpo2``: ``TokenDPOTrainer`` with ``loss_type: tdpo2`` (full-vocabulary KL in chunks of
-  ``--tdpo_kl_chunk_size`` positions).
+  ``--tdpo_kl_chunk_size`` positions);
+- ``tgdpo``: ``loss_type: tgdpo`` with precomputed token rewards (``chosen_token_rewards`` / ``rejected_token_rewards``
+  columns, uniform in [−1, 1]);
+- ``tgdpo-online``: ``loss_type: tgdpo`` with the reward model online (``tgdpo_reward_model_path``: the same model,
+  a third one in memory; one more no-grad forward per step);
+- ``treg``: ``loss_type: treg`` with precomputed token rewards (the same columns, in (−½, ½));
+- ``aligndistil``: ``loss_type: aligndistil``, both teachers the same model (a third and a fourth in memory: their
+  values do not change the work, two more no-grad forwards and three LM heads over the chosen positions in chunks).
 
 The fourth, ``dpo-again``, is a second TRL ``DPOTrainer`` identical to ``dpo``, timed only: its ratio to ``dpo`` (1 in
 a noiseless world) shows how finely this machine resolves a ratio. The measurement is :mod:`step_bench`'s (memory in
@@ -37,10 +45,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenweave from this checkout
 from step_bench import Bench, main  # noqa: E402
 
-METHODS = ("dpo", "weighted-dpo", "tdpo2")
+METHODS = ("dpo", "weighted-dpo", "tdpo2", "tgdpo", "tgdpo-online", "treg", "aligndistil")
 # Timed only: a second, identical TRL DPOTrainer. Its ratio to "dpo" is the noise floor of the time measurement.
 CONTROL = "dpo-again"
-TARGETS = {"weighted-dpo": {"time": 1.02, "memory": 1.02}, "tdpo2": {"time": 1.25, "memory": 1.15}}
+TARGETS = {"weighted-dpo": {"time": 1.02, "memory": 1.02}, "tdpo2": {"time": 1.25, "memory": 1.15},
+           "tgdpo": {"time": 1.02, "memory": 1.02}}
+TOKEN_COLUMNS = ("chosen_weights", "rejected_weights", "chosen_token_rewards", "rejected_token_rewards")
+# the per-token columns each method reads (the others are removed from its dataset)
+METHOD_COLUMNS = {"weighted-dpo": TOKEN_COLUMNS[:2], "tgdpo": TOKEN_COLUMNS[2:], "treg": TOKEN_COLUMNS[2:]}
 
 
 def parse_args(argv=None):
@@ -77,7 +89,8 @@ def load(args):
 
 
 def preference_data(args, tokenizer):
-    """Arithmetic preference pairs with cDPO weights columns (chosen 1, rejected uniform in [0, 1], seeded)."""
+    """Arithmetic preference pairs with cDPO weights columns (chosen 1, rejected uniform in [0, 1], seeded) and token
+    reward columns (uniform in [−0.5, 0.5), seeded)."""
     from tokenweave.data.arithmetic import load_arithmetic
     from tokenweave.data.token_columns import tokenize_like_dpo
 
@@ -87,9 +100,12 @@ def preference_data(args, tokenizer):
 
     def add_weights(row):
         tokenized = tokenize_like_dpo(row, tokenizer)  # the completion tokens DPOTrainer will see
+        chosen, rejected = len(tokenized["chosen_ids"]), len(tokenized["rejected_ids"])
         return {
-            "chosen_weights": [1.0] * len(tokenized["chosen_ids"]),
-            "rejected_weights": torch.rand(len(tokenized["rejected_ids"]), generator=generator).tolist(),
+            "chosen_weights": [1.0] * chosen,
+            "rejected_weights": torch.rand(rejected, generator=generator).tolist(),
+            "chosen_token_rewards": (torch.rand(chosen, generator=generator) - 0.5).tolist(),
+            "rejected_token_rewards": (torch.rand(rejected, generator=generator) - 0.5).tolist(),
         }
 
     return dataset.map(add_weights)
@@ -119,9 +135,18 @@ def build_trainer(method, loaded, args, output_dir):
         trainer_class, config = DPOTrainer, DPOConfig(loss_type=["sigmoid"], **common)
     elif method == "weighted-dpo":
         trainer_class, config = TokenDPOTrainer, TokenDPOConfig(loss_type="cdpo", **common)
-    else:
+    elif method == "tdpo2":
         config = TokenDPOConfig(loss_type="tdpo2", tdpo_kl_chunk_size=args.tdpo_kl_chunk_size, **common)
         trainer_class = TokenDPOTrainer
+    elif method == "aligndistil":
+        config = TokenDPOConfig(loss_type="aligndistil", aligndistil_teacher_model_path=args.model,
+                                aligndistil_reverse_model_path=args.model, **common)
+        trainer_class = TokenDPOTrainer
+    elif method == "tgdpo-online":
+        trainer_class, config = TokenDPOTrainer, TokenDPOConfig(loss_type="tgdpo", tgdpo_reward_model_path=args.model,
+                                                                **common)
+    else:
+        trainer_class, config = TokenDPOTrainer, TokenDPOConfig(loss_type=method, **common)
     peft_config = None
     if not args.no_lora:
         peft_config = LoraConfig(
@@ -132,8 +157,8 @@ def build_trainer(method, loaded, args, output_dir):
         model=copy.deepcopy(base_model),
         ref_model=None if peft_config else copy.deepcopy(base_model),
         args=config,
-        train_dataset=dataset if method == "weighted-dpo" else dataset.remove_columns(
-            ["chosen_weights", "rejected_weights"]),
+        train_dataset=dataset.remove_columns([name for name in TOKEN_COLUMNS
+                                              if name not in METHOD_COLUMNS.get(method, ())]),
         processing_class=tokenizer,
         peft_config=peft_config,
     )

@@ -1,5 +1,5 @@
 """Step time of TokenGRPOTrainer with HAPO (every part on) or Rank-GRPO against TRL's GRPOTrainer, and of
-attention credit on against off.
+attention credit and RLSD on against off.
 
 ::
 
@@ -8,6 +8,7 @@ attention credit on against off.
         --max_completion_length 16       # SmolLM2-135M-Instruct: ~16 s a step there, ~5 min in all
     python benchmarks/bench_grpo.py --method rank_grpo     # Rank-GRPO on the recommendation task
     python benchmarks/bench_grpo.py --method attention_credit --model smollm2-135m --steps 8 --warmup 1
+    python benchmarks/bench_grpo.py --method rlsd --model smollm2-135m --steps 8 --warmup 1   # target <= 1.15x
 
 One process, one run: the two trainers get the same model, the same prompts (same sampler seed), the same rewards
 and the same generation / batch settings, and differ only in the method:
@@ -28,6 +29,12 @@ and the same generation / batch settings, and differ only in the method:
     (the paper's defaults: after each generation one no-grad banded forward of 5 middle layers, head groups,
     WAAD, FAI and the coupled γ);
   - ``no-credit``: the same trainer and loss without the signal.
+- ``--method rlsd`` (the arithmetic task, as hapo), the component on against off (the issue's target: <= 1.15x):
+  - ``rlsd``: ``TokenGRPOTrainer`` with ``policy_loss: dapo`` and ``token_signals: [rlsd]`` (the released recipe's
+    frozen teacher, re-synced every 20 steps, but λ held at 0.5 (``rlsd_lambda_decay_steps: 0``) so that every step
+    pays for the teacher: one no-grad forward over teacher prompt + completion after each generation, the factor in
+    the loss);
+  - ``dapo``: the same trainer and loss without the signal (a plain GRPO step).
 
 Each trainer runs its own ``train()`` in a thread; a baton passed in callbacks lets exactly one of them run at a
 time and alternates them step by step (A, B, A, B, ...), so both see the same machine load. A step is timed from
@@ -161,6 +168,16 @@ def build_trainers(args, model_path, output_root):
             "no-credit": (TokenGRPOTrainer, TokenGRPOConfig(
                 output_dir=os.path.join(output_root, "no-credit"), **common)),
         }
+    elif args.method == "rlsd":
+        common.update(epsilon=0.2, epsilon_high=0.28, policy_loss="dapo")
+        dataset = load_arithmetic("train", "prompt", args.num_prompts)
+        rewards = [get_reward_func(name) for name in REWARDS]
+        configs = {
+            "rlsd": (TokenGRPOTrainer, TokenGRPOConfig(
+                output_dir=os.path.join(output_root, "rlsd"), token_signals=["rlsd"], rlsd_lambda_decay_steps=0,
+                **common)),
+            "dapo": (TokenGRPOTrainer, TokenGRPOConfig(output_dir=os.path.join(output_root, "dapo"), **common)),
+        }
     else:
         common.update(epsilon=0.06, epsilon_high=0.08)
         dataset = load_recommendation("train", num_examples=args.num_prompts)
@@ -261,7 +278,7 @@ def markdown(args, result) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="hapo", choices=["hapo", "rank_grpo", "attention_credit"], help="the method timed (above)")
+    parser.add_argument("--method", default="hapo", choices=["hapo", "rank_grpo", "attention_credit", "rlsd"], help="the method timed (above)")
     parser.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2-135m or a local model directory")
     parser.add_argument("--steps", type=int, default=50, help="measured steps per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="steps per trainer dropped before measuring")

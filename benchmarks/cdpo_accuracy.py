@@ -25,7 +25,7 @@ import json
 import shutil
 from pathlib import Path
 
-from intervals import paired_bootstrap
+from intervals import difference_row
 
 from tokenweave.inference.evaluate import evaluate_model
 from tokenweave.pipelines.critical import REPORT_FILE, STATISTICS_FILE, run_critical_pipeline
@@ -115,12 +115,8 @@ def report(results: dict) -> str:
         lines.append(f"| {label} | {' | '.join(cells)} | {mean:.1%} |")
     lines += ["", "| difference | mean | 95% paired bootstrap interval |", "|---|---|---|"]
     for first, second in (("cdpo", "dpo"), ("cdpo", "cdpo_shuffled"), ("cdpo_shuffled", "dpo")):
-        differences = [
-            [float(a) - float(b) for a, b in zip(verdicts[f"{first}/seed{seed}"], verdicts[f"{second}/seed{seed}"])]
-            for seed in seeds
-        ]
-        mean, low, high = (round(value, 9) + 0.0 for value in paired_bootstrap(differences))  # no "-0.0%"
-        lines.append(f"| {first} − {second} | {mean:+.1%} | [{low:+.1%}, {high:+.1%}] |")
+        lines.append(difference_row(first, second, *([verdicts[f"{name}/seed{seed}"] for seed in seeds]
+                                                     for name in (first, second))))
     return "\n".join(lines)
 
 

@@ -27,3 +27,13 @@ def paired_bootstrap(
     )
     tail = (1 - level) / 2
     return sum(per_problem) / num_problems, means[int(tail * samples)], means[int((1 - tail) * samples) - 1]
+
+
+def difference_row(first: str, second: str, first_scores: list[list[float]], second_scores: list[list[float]]) -> str:
+    """The Markdown row ``| first − second | mean | [low, high] |`` of two methods' scores per seed and problem
+    (``scores[seed][problem]``, e.g. 1.0 for a correct answer): :func:`paired_bootstrap` of their differences, as
+    percentages (no "-0.0%")."""
+    differences = [[float(a) - float(b) for a, b in zip(row_a, row_b, strict=True)]
+                   for row_a, row_b in zip(first_scores, second_scores, strict=True)]
+    mean, low, high = (round(value, 9) + 0.0 for value in paired_bootstrap(differences))
+    return f"| {first} − {second} | {mean:+.1%} | [{low:+.1%}, {high:+.1%}] |"

@@ -35,3 +35,11 @@ def test_problems_are_resampled_together_across_seeds():
 def test_seeds_must_cover_the_same_problems():
     with pytest.raises(ValueError, match="every problem"):
         intervals.paired_bootstrap([[1.0, 0.0], [1.0]])
+
+
+def test_difference_row_formats_the_paired_mean_and_its_interval():
+    """Per-problem means over seeds [0.5, 0, 0.5, 0]: +25 %; equal scores: zero, never "-0.0%"."""
+    row = intervals.difference_row("a", "b", [[1, 0, 1, 1], [0, 1, 1, 0]], [[0, 0, 1, 1], [0, 1, 0, 0]])
+    mean, low, high = intervals.paired_bootstrap([[1, 0, 0, 0], [0, 0, 1, 0]])
+    assert row == f"| a − b | +25.0% | [{low:+.1%}, {high:+.1%}] |" and mean == 0.25 and low <= 0.25 <= high
+    assert intervals.difference_row("a", "b", [[1, 0]], [[1, 0]]) == "| a − b | +0.0% | [+0.0%, +0.0%] |"

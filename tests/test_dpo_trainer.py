@@ -336,7 +336,7 @@ def test_tdpo_with_peft_under_zero3_gathers_the_frozen_head_once(tmp_path, model
 
     monkeypatch.setattr(heads, "is_deepspeed_zero3_enabled", lambda: True)
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", SpyGatheredParameters)
-    trainer._check_lm_heads()  # no refusal any more
+    trainer._check_lm_heads(f"loss_type {loss_type!r}")  # no refusal any more
     head_calls.clear()
     actual = loss_and_grads(trainer, batch)
     assert head_calls == []
@@ -438,16 +438,20 @@ def test_short_training_updates_the_policy(tmp_path, models, loss_type):
     assert math.isfinite(metrics["eval_loss"]) and ("eval_kl/chosen" in metrics) == loss_type.startswith("tdpo")
 
 
-@pytest.mark.parametrize("loss_type", ["cdpo", "tdpo2"])
-def test_gradient_accumulation_gives_the_same_update(tmp_path, models, loss_type):
+@pytest.mark.parametrize("loss_type, options", [("cdpo", {}), ("tdpo2", {}), ("tgdpo", {"tgdpo_alpha": 2.0}),
+                                                ("treg", {"treg_alpha": 2.0})])
+def test_gradient_accumulation_gives_the_same_update(tmp_path, models, loss_type, options):
     """One SGD step on 4 pairs: batch 4 × GA 1 and batch 2 × GA 2 move the parameters identically (the loss
-    is a per-pair mean, and the Trainer divides each micro-batch's loss by GA)."""
+    is a per-pair mean, and the Trainer divides each micro-batch's loss by GA). TGDPO and T-REG read token rewards
+    that differ from token to token (AlignDistil's: ``test_aligndistil.py``)."""
     dataset = with_columns(pairs_dataset(), models[2], ones, lambda n, index: [0.5] * n)
+    dataset = with_columns(dataset, models[2], random_rewards, random_rewards,
+                           names=("chosen_token_rewards", "rejected_token_rewards"))
     updated = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
         trainer = make_trainer(
             tmp_path, models, dataset, loss_type=loss_type, max_steps=1, optim="sgd", learning_rate=1.0,
-            per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+            per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, **options,
         )
         trainer.train()
         updated.append({name: p.detach().clone() for name, p in trainer.model.named_parameters()})
@@ -489,13 +493,19 @@ def random_weights(n, index):
     return torch.rand(n, generator=torch.Generator().manual_seed(100 + index)).tolist()
 
 
-def loss_token_weights(trainer, batch) -> torch.Tensor:
-    """The ``[2B, L-1]`` token weights the preference loss gets for ``batch`` (chosen rows, then rejected)."""
+def random_rewards(n, index):
+    """Token rewards in (−0.5, 0.5), different for every token and row."""
+    return (torch.rand(n, generator=torch.Generator().manual_seed(7 + index)) - 0.5).mul(0.99).tolist()
+
+
+def loss_input(trainer, batch, name: str) -> torch.Tensor:
+    """The ``[2B, L-1]`` per-token input ``name`` the preference loss gets for ``batch`` (chosen rows, then
+    rejected)."""
     seen = []
     fn = trainer.preference_loss.fn
 
     def spy(pairs, config, **inputs):
-        seen.append(torch.cat(inputs["token_weights"]))
+        seen.append(torch.cat(inputs[name]))
         return fn(pairs, config, **inputs)
 
     trainer.preference_loss = trainer.preference_loss._replace(fn=spy)
@@ -503,6 +513,11 @@ def loss_token_weights(trainer, batch) -> torch.Tensor:
         trainer.compute_loss(trainer.model, batch)
     trainer.preference_loss = trainer.preference_loss._replace(fn=fn)
     return seen[0]
+
+
+def loss_token_weights(trainer, batch) -> torch.Tensor:
+    """The ``[2B, L-1]`` token weights the preference loss gets for ``batch`` (chosen rows, then rejected)."""
+    return loss_input(trainer, batch, "token_weights")
 
 
 def test_shuffle_control_permutes_each_rows_weights_by_seed(tmp_path, models):

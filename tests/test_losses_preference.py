@@ -255,12 +255,17 @@ def test_tdpo2_with_alpha_zero_equals_plain_dpo():
 
 
 def test_registry_holds_the_token_level_losses_with_their_inputs():
+    import tokenweave.trainers  # noqa: F401  (imports every method's module, each registering its loss)
+
     assert {name: entry.needs for name, entry in PREFERENCE_LOSSES.items()} == {
         "cdpo": {"token_weights"},
         "tdpo1": {"sequential_kl"},
         "tdpo2": {"sequential_kl"},
+        "tgdpo": {"token_rewards"},
+        "treg": {"token_rewards"},
+        "aligndistil": {"distillation_loss"},
     }
-    with pytest.raises(ValueError, match="registered: cdpo, tdpo1, tdpo2"):
+    with pytest.raises(ValueError, match="registered: aligndistil, cdpo, tdpo1, tdpo2, tgdpo, treg"):
         get_preference_loss("tdpo3")
     with pytest.raises(ValueError, match="already registered"):
         register_preference_loss("cdpo")(lambda pairs, config: None)

@@ -6,9 +6,11 @@
     tokenweave pairs --samples data/samples --output data/pairs
     tokenweave critical --config configs/critical_tiny.yaml [--key value ...]
     tokenweave score-tokens --config configs/sft_token_cleaning_tiny.yaml [--output DIR]
+    tokenweave token-rewards --config configs/treg_tiny.yaml [--reward_model DIR] [--output DIR]
     tokenweave heatmap --scores outputs/critical_tokens/pairs --output page.html [--terminal]
     tokenweave attention-heatmap --model smollm2-135m [--config run.yaml] --output page.html [--terminal]
     tokenweave sft-heatmap --config configs/sft_weight_rules_tiny.yaml [--rows 8] [--output page.html] [--terminal]
+    tokenweave dpo-heatmap --config configs/tgdpo_tiny.yaml [--rows 8] [--output page.html] [--terminal]
     tokenweave localize --pairs outputs/critical_tokens/pairs [--output report.json]
     tokenweave plot outputs/run_a outputs/run_b --output plots/
     tokenweave env
@@ -116,6 +118,16 @@ def _score_tokens_command(args) -> None:
     print(format_summary(score_tokens(*load_run_config(args.config), args.output, batch_size=args.batch_size)))
 
 
+def _token_rewards_command(args) -> None:
+    """``tokenweave token-rewards``: TGDPO's or T-REG's per-token rewards of a DPO run's train split
+    (:mod:`tokenweave.pipelines.token_rewards`)."""
+    from .config import load_run_config
+    from .pipelines.token_rewards import format_summary, token_rewards
+
+    print(format_summary(token_rewards(*load_run_config(args.config), args.output, reward_model=args.reward_model,
+                                       batch_size=args.batch_size)))
+
+
 def _heatmap_command(args) -> None:
     from datasets import load_from_disk
 
@@ -171,6 +183,26 @@ def _sft_heatmap_command(args) -> None:
         page = render_sft_html(view.rows, title=f"SFT token weights: {view.method}", source=args.config, **common)
         Path(args.output).write_text(page, encoding="utf-8")
         print(f"wrote {len(view.rows)} weighted rows to {args.output}")
+
+
+def _dpo_heatmap_command(args) -> None:
+    """``tokenweave dpo-heatmap``: the per-token values a DPO run's token signals give its token-level loss for its
+    first pairs' chosen and rejected completions (:func:`tokenweave.heatmap.dpo_signals_from_config`)."""
+    from .heatmap import (
+        dpo_signals_from_config,
+        render_dpo_html,
+        render_dpo_terminal,
+        terminal_color,
+    )
+
+    view = dpo_signals_from_config(args.config, num_rows=args.rows)
+    common = {"method": view.method, "options": view.options}
+    if args.terminal:
+        print(render_dpo_terminal(view.rows, color=terminal_color(sys.stdout), **common), end="")
+    if args.output:
+        page = render_dpo_html(view.rows, title=f"DPO token signals: {view.method}", source=args.config, **common)
+        Path(args.output).write_text(page, encoding="utf-8")
+        print(f"wrote {len(view.rows)} completions' token values to {args.output}")
 
 
 def _localize_command(args) -> None:
@@ -309,6 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch_size", type=int, default=None,
                        help="Rows per forward pass of each model (default: the config's per_device_eval_batch_size).")
 
+    rewards = command(
+        "token-rewards", _token_rewards_command,
+        help="TGDPO (arXiv 2506.14574) and T-REG (arXiv 2412.02685): compute the per-token rewards of a DPO run's "
+        "train split with frozen models (TGDPO: the reward model minus the reference; T-REG: the source model under "
+        "the two revision prompts), and write the dataset with the token-reward columns the tgdpo and treg signals "
+        "read (train on it with --dataset_name DIR).",
+    )
+    rewards.add_argument("--config", required=True, help="The DPO run config (the YAML the training then uses).")
+    rewards.add_argument("--reward_model", default=None,
+                         help="TGDPO: the DPO-trained reward model (a path or built-in name); default: the config's "
+                         "tgdpo_reward_model_path.")
+    rewards.add_argument("--output", default=None,
+                         help="Directory for the dataset (save_to_disk); default: the run's output_dir + "
+                         "'_token_rewards'.")
+    rewards.add_argument("--batch_size", type=int, default=None,
+                         help="Sequences per forward pass of each model (default: the config's "
+                         "per_device_eval_batch_size).")
+
     heatmap = command("heatmap", _heatmap_command, help="Show critical-token scores as an HTML page or in the terminal.")
     heatmap.set_defaults(needs_output=True)
     heatmap.add_argument("--scores", required=True, help="A scored dataset directory (`tokenweave critical`'s pairs/).")
@@ -354,6 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     sft_heatmap.add_argument("--rows", type=int, default=8, help="The first N rows of the prepared train dataset.")
     sft_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
     sft_heatmap.add_argument("--terminal", action="store_true", help="Print the weighted tokens to the terminal.")
+
+    dpo_heatmap = command(
+        "dpo-heatmap", _dpo_heatmap_command,
+        help="Show the per-token values a DPO run's token signals give its token-level loss (token_rewards of tgdpo "
+        "and treg, token_weights of cdpo, weights and weight_rules, distillation_loss of aligndistil, ...) for the "
+        "chosen and rejected completions of the first pairs of its train dataset, before training, as an HTML page "
+        "or in the terminal.",
+    )
+    dpo_heatmap.set_defaults(needs_output=True)
+    dpo_heatmap.add_argument("--config", required=True, help="The DPO run config (with a token-level loss_type).")
+    dpo_heatmap.add_argument("--rows", type=int, default=8, help="The first N pairs of the prepared train dataset.")
+    dpo_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
+    dpo_heatmap.add_argument("--terminal", action="store_true", help="Print the valued tokens to the terminal.")
 
     localize = command(
         "localize", _localize_command,

@@ -27,6 +27,19 @@ weights an SFT run's token signals put on its label tokens (:func:`sft_weights_f
 :func:`render_sft_terminal`: pure functions of :class:`WeightedRow`): a selection's kept and dropped tokens, or a
 weighting's scale from the smallest to the largest weight shown, prompt text plain, the planted noise of the
 ``noisy_arithmetic`` task outlined, and per row the kept share and the mean weight on planted and on clean tokens.
+
+The DPO token-signal view (``tokenweave dpo-heatmap --config run.yaml [--rows 8]``) draws the same cells for the
+per-token values a DPO run's token signals give its token-level loss, for each pair's chosen and rejected completion
+(:func:`dpo_signals_from_config`: the trainer built as ``tokenweave train`` builds it, its first pairs collated and
+read by ``TokenDPOTrainer.signal_values``, the random control applied; :func:`render_dpo_html`,
+:func:`render_dpo_terminal`: pure functions of :class:`SignalRow`), one section per loss input
+(:func:`signal_scale`): ``token_weights`` (cDPO's critical-token weights, ``weights``, ``weight_rules``) as the SFT
+view draws weights; ``token_rewards`` (TGDPO, T-REG) and any input with a value below 0 on a diverging scale, red
+below 0, blue above, white at 0, symmetric to the largest ``|value|`` shown; any other (AlignDistil's
+``distillation_loss``, on the chosen completions only) on a sequential scale from the smallest to the largest value
+shown. Each pair's prompt is plain and shown once; each completion has a summary line (its side, the mean, minimum and
+maximum of its values) and each token its value on hover. A config whose loss is TRL's, or gets no per-token value,
+is refused with a ``ValueError`` that says what to set.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from __future__ import annotations
 import colorsys
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from datasets import Dataset
@@ -590,9 +603,14 @@ def shared_prompt(rows: Sequence[WeightedRow]) -> str:
     for row in rows:
         labelled = row.labelled()
         heads.append("".join(row.tokens[: labelled[0] if labelled else len(row.tokens)]))
-    if len(heads) < 2:
+    return _common_lines(heads)
+
+
+def _common_lines(texts: Sequence[str]) -> str:
+    """The whole lines (up to a line end) that open every one of two or more ``texts``, or ``""``."""
+    if len(texts) < 2:
         return ""
-    common = os.path.commonprefix(heads)
+    common = os.path.commonprefix(list(texts))
     return common[: common.rfind("\n") + 1]
 
 
@@ -606,6 +624,40 @@ def _selection_legend(rows: Sequence[WeightedRow]) -> str:
         return "none kept"
     return f"kept tokens weigh {_number(kept[0])}" if len(kept) == 1 else (
         f"kept tokens weigh {_number(kept[0])} to {_number(kept[-1])}")
+
+
+def _weights_scale_html(rows: Sequence[WeightedRow], selection: bool, low: float, high: float,
+                        token: str = "label token") -> tuple[str, str]:
+    """The CSS background of a weight view's legend and the sentence that states its scale: a selection's kept and
+    dropped tokens and the kept weight, or a weighting's scale from ``low`` to ``high`` (the SFT view, and the DPO
+    view's ``token_weights``)."""
+    if selection:
+        kept = f"hsl({WEIGHT_HUE},70%,{KEPT_LIGHTNESS}%)"
+        return kept, (f'A selection: <span class="swatch kept" style="background:{kept}">kept</span> '
+                      f'({html.escape(_selection_legend(rows))}) and <span class="swatch dropped" style="background:'
+                      f'hsl(0,0%,{DROPPED_BACKGROUND[2]}%)">dropped</span> (weight 0) {token}s.')
+    legend = (f"linear-gradient(to right, hsl({WEIGHT_HUE},70%,{LIGHTEST}%), "
+              f"hsl({WEIGHT_HUE},70%,{WEIGHT_DARKEST}%))")
+    return legend, (f'A weighting: each {token} shaded by its weight, from the smallest weight of these rows, '
+                    f'<span class="min">{_number(low)}</span> <span class="legend" style="background:{legend}"></span> '
+                    f'<span class="max">{_number(high)}</span>, the largest.')
+
+
+def _weights_scale_terminal(rows: Sequence[WeightedRow], selection: bool, low: float, high: float,
+                            color: bool, token: str = "label token") -> str:
+    """The terminal legend line of a weight view (:func:`_weights_scale_html`): in colour, a swatch of a weighting's
+    scale with its minimum and maximum; without, what the markers mean."""
+    if selection:
+        meaning = (f"{token}s kept on blue, dropped on grey" if color else
+                   f"dropped {token}s (weight 0) marked {{token}}, kept ones plain")
+        return f"a selection: {meaning}; {_selection_legend(rows)}"
+    if color:
+        steps = 8
+        swatch = _terminal_cells([Cell(" ", (WEIGHT_HUE, 70, LIGHTEST - (LIGHTEST - WEIGHT_DARKEST) * step / (steps - 1)),
+                                       "#000") for step in range(steps)], color=True)
+        return (f"a weighting: {token}s on blue, weight {_number(low)} {swatch} {_number(high)} "
+                "(the smallest to the largest weight of these rows)")
+    return f"a weighting: {token}s marked {{token|weight}}, weights from {_number(low)} to {_number(high)}"
 
 
 _SFT_STYLE = f""".dropped {{ color: #666; text-decoration: line-through; }}
@@ -624,18 +676,7 @@ def render_sft_html(rows: Sequence[WeightedRow], *, method: str, options: dict, 
     low, high = weight_range(rows)
     has_truth = any(row.planted is not None for row in rows)
     prefix = shared_prompt(rows)
-    if selection:
-        kept = f"hsl({WEIGHT_HUE},70%,{KEPT_LIGHTNESS}%)"
-        legend = kept
-        scale = (f'A selection: <span class="swatch kept" style="background:{kept}">kept</span> '
-                 f'({html.escape(_selection_legend(rows))}) and <span class="swatch dropped" style="background:'
-                 f'hsl(0,0%,{DROPPED_BACKGROUND[2]}%)">dropped</span> (weight 0) label tokens.')
-    else:
-        legend = (f"linear-gradient(to right, hsl({WEIGHT_HUE},70%,{LIGHTEST}%), "
-                  f"hsl({WEIGHT_HUE},70%,{WEIGHT_DARKEST}%))")
-        scale = (f'A weighting: each label token shaded by its weight, from the smallest weight of these rows, '
-                 f'<span class="min">{_number(low)}</span> <span class="legend"></span> '
-                 f'<span class="max">{_number(high)}</span>, the largest.')
+    legend, scale = _weights_scale_html(rows, selection, low, high)
     truth = (' <span class="planted">Outlined in red</span>: planted noise (the task\'s ground truth, '
              '<code>planted_spans</code>).' if has_truth else "")
     intro = (f'<p class="method">Method: <b>{html.escape(method)}</b>; options: '
@@ -661,21 +702,8 @@ def render_sft_terminal(rows: Sequence[WeightedRow], *, method: str, options: di
     selection = is_selection(rows) if selection is None else selection
     low, high = weight_range(rows)
     has_truth = any(row.planted is not None for row in rows)
-    lines = [f"method: {method}; options: {_options_text(options)}"]
-    if selection:
-        meaning = ("label tokens kept on blue, dropped on grey" if color else
-                   "dropped label tokens (weight 0) marked {token}, kept ones plain")
-        lines.append(f"a selection: {meaning}; {_selection_legend(rows)}")
-    elif color:
-        steps = 8
-        swatch = _terminal_cells([Cell(" ", (WEIGHT_HUE, 70, LIGHTEST - (LIGHTEST - WEIGHT_DARKEST) * step / (steps - 1)),
-                                       "#000") for step in range(steps)], color=True)
-        lines.append(f"a weighting: label tokens on blue, weight {_number(low)} {swatch} {_number(high)} "
-                     "(the smallest to the largest weight of these rows)")
-    else:
-        lines.append(f"a weighting: label tokens marked {{token|weight}}, weights from {_number(low)} to "
-                     f"{_number(high)}")
-    lines[-1] += "; prompt and template text plain"
+    lines = [f"method: {method}; options: {_options_text(options)}",
+             _weights_scale_terminal(rows, selection, low, high, color) + "; prompt and template text plain"]
     if has_truth:
         lines.append("planted noise (ground truth) " + ("underlined" if color else "marked [token]"))
     prefix = shared_prompt(rows)
@@ -781,3 +809,377 @@ def sft_weights_from_config(config: str, num_rows: int = 8) -> SFTWeights:
         rows.append(WeightedRow(token_texts(tokenizer, ids), row_weights, planted, label, note))
     selection = all(signal.selection for signal in weighing) or is_selection(rows)
     return SFTWeights(described["method"], described["options"], selection, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPO token signals (tokenweave dpo-heatmap): the per-token inputs TokenDPOTrainer's token-level loss gets.
+# ---------------------------------------------------------------------------------------------------------------
+NEGATIVE_HUE, POSITIVE_HUE = 0, WEIGHT_HUE  # a diverging scale: red below 0, blue above, white at 0
+SEQUENTIAL_HUE = 275  # purple: a sequential scale (a per-token loss), darker as the value grows
+WHITE = 100.0  # the lightness of 0 on a diverging scale: pure white whatever the hue
+WEIGHT_SIGNALS = frozenset({"token_weights"})
+"""Loss inputs drawn as the SFT view draws weights (a selection, or a weighting from the smallest to the largest)."""
+DIVERGING_SIGNALS = frozenset({"token_rewards"})
+"""Loss inputs drawn on a diverging scale centred on 0 whatever their values (any other: when a value is below 0)."""
+CHOSEN_ONLY_SIGNALS = {"distillation_loss": "AlignDistil distils the chosen responses only"}
+"""Loss inputs computed on the chosen rows only (the rejected rows hold 0): their rejected completions are drawn
+without values, for the reason given."""
+SIGNAL_MEANINGS = {
+    "token_rewards": "The token reward r&#x302;<sub>t</sub> the loss gets for each completion token (TGDPO: "
+                     "log &pi;<sub>RM</sub> &minus; log &pi;<sub>ref</sub>, any real value; T-REG: in "
+                     "(&minus;&frac12;, &frac12;))",
+    "token_weights": "The weight of each completion token's log-ratio in the DPO margin (cDPO's critical-token "
+                     "weights, <code>weights</code>, <code>weight_rules</code>)",
+    "distillation_loss": "AlignDistil's per-token distillation loss L<sub>t</sub> on each chosen completion token",
+}
+
+
+@dataclass(frozen=True)
+class SignalRow:
+    """One completion of a DPO pair as :func:`render_dpo_html` / :func:`render_dpo_terminal` draw it: the loss input
+    ``signal`` (e.g. ``token_rewards``), the ``side`` (chosen / rejected), the text of each completion token and the
+    value the signal gives it (``values`` None: the loss gets none for this completion; ``note`` says why), the pair's
+    ``label`` (e.g. "pair 0") and the text of its prompt (chat template included), shown once per pair."""
+
+    signal: str
+    side: str
+    tokens: list[str]
+    values: list[float] | None
+    label: str = ""
+    prompt: str = ""
+    note: str = ""
+
+    def __post_init__(self):
+        if self.values is not None and len(self.values) != len(self.tokens):
+            raise ValueError(f"A {self.signal} row has {len(self.tokens)} tokens and {len(self.values)} values: one "
+                             "each.")
+
+    def summary(self) -> str:
+        """One line: the pair and side, then the mean, the minimum and the maximum of the values over its tokens
+        (with the token that has each extreme)."""
+        head = f"{self.label}: {self.side}" if self.label else self.side
+        if self.values is None:
+            return f"{head}; no {self.signal} values" + (f" ({self.note})" if self.note else "")
+        if not self.values:
+            return f"{head}; no completion tokens"
+        values = self.values
+        lowest = min(range(len(values)), key=values.__getitem__)
+        highest = max(range(len(values)), key=values.__getitem__)
+        return (f"{head}; {self.signal} over its {len(values)} tokens: mean {_number(sum(values) / len(values))}, "
+                f"min {_number(values[lowest])} ({self.tokens[lowest]!r}), "
+                f"max {_number(values[highest])} ({self.tokens[highest]!r})")
+
+
+def signal_scale(signal: str, values: Iterable[float]) -> str:
+    """How a loss input is drawn: ``"weights"`` (:data:`WEIGHT_SIGNALS`: as the SFT view draws weights),
+    ``"diverging"`` (:data:`DIVERGING_SIGNALS`, or any input with a value below 0: red below 0, blue above, white at 0,
+    symmetric to the largest ``|value|``) or ``"sequential"`` (from the smallest to the largest value)."""
+    if signal in WEIGHT_SIGNALS:
+        return "weights"
+    if signal in DIVERGING_SIGNALS or any(value < 0 for value in values):
+        return "diverging"
+    return "sequential"
+
+
+def diverging_background(value: float, bound: float) -> tuple[int, int, float]:
+    """The HSL background of ``value`` on a diverging scale from ``-bound`` to ``bound``: white at 0, red below,
+    blue above, reaching ``WEIGHT_DARKEST`` at ``|value| = bound``."""
+    strength = min(abs(value) / bound, 1.0) if bound > 0 else 0.0
+    return (NEGATIVE_HUE if value < 0 else POSITIVE_HUE, 70, WHITE - (WHITE - WEIGHT_DARKEST) * strength)
+
+
+def sequential_background(value: float, low: float, high: float) -> tuple[int, int, float]:
+    """The HSL background of ``value`` on a sequential scale: light purple at ``low``, ``WEIGHT_DARKEST`` at
+    ``high``."""
+    return (SEQUENTIAL_HUE, 70, LIGHTEST - (LIGHTEST - WEIGHT_DARKEST) * _weight_strength(value, low, high))
+
+
+def _signal_groups(rows: Sequence[SignalRow]) -> dict[str, list[SignalRow]]:
+    """The rows of each loss input, in the order they first come."""
+    groups: dict[str, list[SignalRow]] = {}
+    for row in rows:
+        groups.setdefault(row.signal, []).append(row)
+    return groups
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """The scale of one loss input over the rows shown (:func:`_signal_scale_of`)."""
+
+    kind: str  # signal_scale's
+    low: float
+    high: float
+    selection: bool = False
+
+    @property
+    def bound(self) -> float:
+        """A diverging scale's end: the largest |value| shown."""
+        return max(abs(self.low), abs(self.high))
+
+
+def _signal_scale_of(signal: str, rows: Sequence[SignalRow]) -> _Scale:
+    values = [value for row in rows if row.values is not None for value in row.values]
+    kind = signal_scale(signal, values)
+    low, high = (min(values), max(values)) if values else (0.0, 0.0)
+    selection = kind == "weights" and is_selection([_weighted(row) for row in rows])
+    return _Scale(kind, low, high, selection)
+
+
+def _weighted(row: SignalRow) -> WeightedRow:
+    """A row of weights as the SFT view's :class:`WeightedRow` (no value: no weight)."""
+    return WeightedRow(row.tokens, [None] * len(row.tokens) if row.values is None else list(row.values))
+
+
+def _signal_cells(row: SignalRow, scale: _Scale, merge: bool = False) -> list[Cell]:
+    """The cells of a completion: weights as the SFT view draws them (:func:`_sft_cells`), else each token on the
+    diverging or sequential scale, ``{signal} = value`` on hover, marked ``{token|value}`` when colours are off; a
+    completion without values one plain cell, the reason on hover."""
+    if row.values is None:
+        return [Cell("".join(row.tokens), title=f"no {row.signal} value" + (f": {row.note}" if row.note else ""),
+                     classes=("novalue",))]
+    if scale.kind == "weights":
+        return _sft_cells(_weighted(row), selection=scale.selection, low=scale.low, high=scale.high, merge=merge)
+    cells = []
+    for token, value in zip(row.tokens, row.values, strict=True):
+        if scale.kind == "diverging":
+            background, marker = diverging_background(value, scale.bound), "{" + token + "|" + f"{value:+.2g}" + "}"
+        else:
+            background = sequential_background(value, scale.low, scale.high)
+            marker = "{" + token + "|" + f"{value:.2g}" + "}"
+        text_colour = "#fff" if background[2] < 55 else "#000"
+        cells.append(Cell(token, background, text_colour, f"{row.signal} = {_number(value)}", (), marker))
+    return cells
+
+
+def _dpo_scale_html(signal: str, rows: Sequence[SignalRow], scale: _Scale) -> tuple[str, str]:
+    """The CSS background of a loss input's legend and the sentence that states its scale."""
+    if scale.kind == "weights":
+        return _weights_scale_html([_weighted(row) for row in rows], scale.selection, scale.low, scale.high,
+                                   "completion token")
+    if scale.kind == "diverging":
+        bound = _number(scale.bound)
+        legend = (f"linear-gradient(to right, hsl({NEGATIVE_HUE},70%,{WEIGHT_DARKEST}%), "
+                  f"hsl({NEGATIVE_HUE},70%,{WHITE}%), hsl({POSITIVE_HUE},70%,{WEIGHT_DARKEST}%))")
+        return legend, (f'A diverging scale centred on 0: <span class="min">&minus;{bound}</span> '
+                        f'<span class="legend" style="background:{legend}"></span> <span class="max">{bound}</span>, '
+                        f'red below 0, blue above, white at 0, symmetric to the largest |value| of these rows '
+                        f'({bound}; values from {_number(scale.low)} to {_number(scale.high)}).')
+    legend = (f"linear-gradient(to right, hsl({SEQUENTIAL_HUE},70%,{LIGHTEST}%), "
+              f"hsl({SEQUENTIAL_HUE},70%,{WEIGHT_DARKEST}%))")
+    return legend, (f'A sequential scale, from the smallest value of these rows, <span class="min">'
+                    f'{_number(scale.low)}</span> <span class="legend" style="background:{legend}"></span> '
+                    f'<span class="max">{_number(scale.high)}</span>, the largest.')
+
+
+def _dpo_scale_terminal(signal: str, rows: Sequence[SignalRow], scale: _Scale, color: bool) -> str:
+    """The terminal legend line of a loss input (:func:`_dpo_scale_html`)."""
+    if scale.kind == "weights":
+        return _weights_scale_terminal([_weighted(row) for row in rows], scale.selection, scale.low, scale.high, color,
+                                       "completion token")
+    if scale.kind == "diverging":
+        bound = _number(scale.bound)
+        if not color:
+            return (f"a diverging scale: tokens marked {{token|value}}, values from {_number(scale.low)} to "
+                    f"{_number(scale.high)}")
+        steps = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0]
+        swatch = _terminal_cells([Cell(" ", diverging_background(step, 1.0), "#000") for step in steps], color=True)
+        return (f"a diverging scale centred on 0: -{bound} {swatch} {bound} (red below 0, blue above, white at 0; "
+                f"symmetric to the largest |value| of these rows; values from {_number(scale.low)} to "
+                f"{_number(scale.high)})")
+    if not color:
+        return (f"a sequential scale: tokens marked {{token|value}}, values from {_number(scale.low)} to "
+                f"{_number(scale.high)}")
+    swatch = _terminal_cells([Cell(" ", sequential_background(step / 7, 0.0, 1.0), "#000") for step in range(8)],
+                             color=True)
+    return (f"a sequential scale: {_number(scale.low)} {swatch} {_number(scale.high)} (the smallest to the largest "
+            "value of these rows)")
+
+
+def _pair_blocks(rows: Sequence[SignalRow], prefix: str, prompt_block, row_block) -> list[str]:
+    """The blocks of one loss input's rows: each pair's prompt once (``prompt_block(label, prompt)``, ``prefix``, the
+    lines every prompt opens with, left out), then each of its completions (``row_block``)."""
+    blocks, previous = [], None
+    for row in rows:
+        if (row.label, row.prompt) != previous:
+            blocks.append(prompt_block(row.label, row.prompt.removeprefix(prefix)))
+            previous = (row.label, row.prompt)
+        blocks.append(row_block(row))
+    return blocks
+
+
+def _shared_prompt_lines(rows: Sequence[SignalRow]) -> str:
+    """The whole lines every pair's prompt opens with (the chat template's system prompt, a task instruction), or
+    ``""``: shown once."""
+    return _common_lines(list(dict.fromkeys(row.prompt for row in rows)))
+
+
+_DPO_STYLE = """.prompt { font-family: monospace; white-space: pre-wrap; color: #555; margin: 0.2em 0; }
+.novalue { color: #666; }
+.dropped { color: #666; text-decoration: line-through; }
+.swatch { display: inline-block; min-width: 3em; text-align: center; }
+h2 code { font-size: 1em; }"""
+
+
+def render_dpo_html(rows: Sequence[SignalRow], *, method: str, options: dict, title: str = "DPO token signals",
+                    source: str = "") -> str:
+    """A self-contained HTML page of the per-token values a DPO run's token signals give its token-level loss: the
+    method and its options, then for each loss input of ``rows`` (:func:`_signal_groups`) what it is and its scale
+    (:func:`signal_scale`: weights as the SFT view draws them; a diverging scale centred on 0, symmetric to the largest
+    ``|value|`` shown; or a sequential one), the lines every prompt opens with, and per pair its prompt (plain) and
+    each completion's summary line and tokens, coloured by their values, each value on hover."""
+    intro = (f'<p class="method">Method: <b>{html.escape(method)}</b>; options: '
+             f'{html.escape(_options_text(options))}.</p>\n'
+             f"<p>The per-token values the token-level loss gets for each pair's chosen and rejected completion, from "
+             f"one forward of the model as it starts training{', ' + html.escape(source) if source else ''} (the "
+             f"random control, if any, applied). Only the completion tokens carry values; the prompt is plain. Hover "
+             f"over a token for its value.</p>")
+    blocks, first_legend = [], None
+    for signal, group in _signal_groups(rows).items():
+        scale = _signal_scale_of(signal, group)
+        legend, sentence = _dpo_scale_html(signal, group, scale)
+        first_legend = first_legend or legend
+        meaning = SIGNAL_MEANINGS.get(signal, "A per-token input of the loss")
+        blocks.append(f'<h2><code>{html.escape(signal)}</code></h2>\n<p class="scale">{meaning}. {sentence}</p>')
+        prefix = _shared_prompt_lines(group)
+        if prefix:
+            blocks.append(f'<p>Every prompt opens with:</p>\n<div class="instruction">{html.escape(prefix)}</div>')
+
+        def prompt_block(label: str, prompt: str) -> str:
+            return f"<h3>{html.escape(label)}</h3>\n" + (
+                f'<div class="prompt">{html.escape(prompt)}</div>' if prompt else "")
+
+        def row_block(row: SignalRow, scale: _Scale = scale) -> str:
+            return (f'<p class="summary">{html.escape(row.summary())}</p>\n'
+                    f'<div class="trajectory {html.escape(row.side)}">{_html_cells(_signal_cells(row, scale))}</div>')
+
+        blocks += _pair_blocks(group, prefix, prompt_block, row_block)
+    return _page(title, first_legend or "none", _DPO_STYLE, intro, blocks)
+
+
+def render_dpo_terminal(rows: Sequence[SignalRow], *, method: str, options: dict, color: bool) -> str:
+    """A plain-text view of the same: the method and its options, then per loss input a legend line (in colour, a
+    swatch of its scale; without, ``{token|value}`` markers), the lines every prompt opens with, and per pair its
+    prompt and each completion's summary and tokens."""
+    lines = [f"method: {method}; options: {_options_text(options)}"]
+    for signal, group in _signal_groups(rows).items():
+        scale = _signal_scale_of(signal, group)
+        lines.append(f"== {signal}: {_dpo_scale_terminal(signal, group, scale, color)}; the prompt plain")
+        prefix = _shared_prompt_lines(group)
+        if prefix:
+            lines.append(f"Every prompt opens with:\n{prefix.rstrip()}")
+
+        def prompt_block(label: str, prompt: str) -> str:
+            return f"=== {label}" + (f"\n{prompt}" if prompt else "")
+
+        def row_block(row: SignalRow, scale: _Scale = scale) -> str:
+            return f"--- {row.summary()}\n" + _terminal_cells(_signal_cells(row, scale, merge=True), color)
+
+        lines += _pair_blocks(group, prefix, prompt_block, row_block)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class DPOSignals:
+    """What :func:`dpo_signals_from_config` computed: the token-level method (as run_info.json names it), its
+    options and the rows (per loss input, pair by pair, chosen then rejected)."""
+
+    method: str
+    options: dict
+    rows: list[SignalRow]
+
+
+def _per_token_losses() -> list[str]:
+    """The registered preference losses that read a per-token input of the token signals."""
+    from .losses.preference import PREFERENCE_LOSSES
+    from .trainers.dpo import TRAINER_INPUTS
+
+    return sorted(name for name, loss in PREFERENCE_LOSSES.items() if loss.needs - TRAINER_INPUTS and ":" not in name)
+
+
+def dpo_signals_from_config(config: str, num_rows: int = 8) -> DPOSignals:
+    """The per-token values a DPO run's token signals give its token-level loss for the chosen and the rejected
+    completion of the first ``num_rows`` rows of its prepared train dataset: the trainer built from the YAML
+    ``config`` as ``tokenweave train`` builds it (model, reference, frozen models, token signals, random control;
+    nothing trained), the rows collated by its data collator into one batch, and
+    :meth:`~tokenweave.trainers.dpo.TokenDPOTrainer.signal_values` (the model as loaded, in eval mode) read at each
+    completion token (entry ``t`` is about token ``t + 1``); each token's text decoded
+    (:func:`~tokenweave.data.token_columns.token_texts`). A loss input computed on the chosen rows only
+    (:data:`CHOSEN_ONLY_SIGNALS`) leaves the rejected completions without values. ``ValueError`` for a config that
+    is not a DPO run, whose loss is TRL's, or whose loss gets no per-token value. It writes nothing (the trainer is
+    built with a temporary ``output_dir``, no hub push, no tracker)."""
+    import logging
+    import tempfile
+
+    from .config import load_run_config
+    from .data.token_columns import token_texts
+    from .losses.preference import get_preference_loss
+    from .train import build_trainer
+    from .trainers.card import token_method
+    from .trainers.dpo import TRAINER_INPUTS
+
+    log = logging.getLogger(__name__)
+    run_args, training_args, model_args = load_run_config(config)
+    if run_args.method != "dpo":
+        raise ValueError(f"{config}: method {run_args.method!r}; the DPO token-signal view needs a DPO run config "
+                         "(method: dpo).")
+    loss_type = training_args.token_loss_type
+    choices = ", ".join(_per_token_losses())
+    if loss_type is None:
+        raise ValueError(f"{config}: loss_type {training_args.loss_type} is TRL's, which has no token-level inputs to "
+                         f"show: set loss_type to a token-level loss with per-token inputs ({choices}).")
+    needs = get_preference_loss(loss_type).needs
+    if not needs - TRAINER_INPUTS:
+        raise ValueError(f"{config}: loss_type {loss_type!r} gets no per-token value from the token signals (it needs "
+                         f"{sorted(needs) or 'nothing'}): set loss_type to one that does ({choices}).")
+    log.info("[dpo-heatmap] loading %s and preparing %s (the trainer of %s)...", model_args.model_name_or_path,
+             run_args.dataset_name, config)
+    # the view writes nothing: not the run's output_dir (which Trainer creates), not the hub, not a tracker
+    training_args.push_to_hub, training_args.report_to = False, []
+    with tempfile.TemporaryDirectory(prefix="dpo-heatmap-") as output_dir:
+        training_args.output_dir = output_dir
+        trainer = build_trainer(run_args, training_args, model_args)
+    described = token_method(trainer.args, "dpo")
+    dataset = trainer.train_dataset
+    examples = list(dataset.take(num_rows)) if not hasattr(dataset, "select") else [
+        dataset[index] for index in range(min(num_rows, len(dataset)))]
+    if not examples:
+        raise ValueError(f"{config}: the prepared train dataset has no rows.")
+    log.info("[dpo-heatmap] computing the token signals of %d pairs...", len(examples))
+    batch = trainer.data_collator(examples)
+    values = {name: tensor.float().cpu() for name, tensor in
+              trainer.signal_values(trainer._prepare_inputs(dict(batch))).items()}
+    if not values:
+        raise ValueError(f"{config}: the token signals give loss_type {loss_type!r} no per-token value "
+                         f"(token_signals {trainer.args.token_signals}): set loss_type to a loss with per-token inputs "
+                         f"({choices}) and the token signals it reads.")
+    tokenizer = trainer.processing_class
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    input_ids, completion_mask = batch["input_ids"].cpu(), batch["completion_mask"].cpu()
+    attention_mask = batch["attention_mask"].cpu()
+    sequences = {}  # (pair, side) -> (prompt text, completion token texts, completion positions)
+    for index, example in enumerate(examples):
+        for offset, side in enumerate(("chosen", "rejected")):
+            row = offset * len(examples) + index
+            positions = attention_mask[row].nonzero().flatten().tolist()
+            ids = input_ids[row, positions].tolist()
+            full = list(example["prompt_ids"]) + list(example[f"{side}_ids"])
+            if ids not in (full[: len(ids)], full[len(full) - len(ids) :]):
+                raise RuntimeError(f"Row {index}'s {side} tokens are not where the collated batch should have them.")
+            texts = token_texts(tokenizer, ids)
+            completion = [(position, text) for position, text in zip(positions, texts, strict=True)
+                          if completion_mask[row, position] and position > 0]
+            prompt = "".join(text for position, text in zip(positions, texts, strict=True)
+                             if not completion_mask[row, position])
+            sequences[index, side] = (prompt, [text for _, text in completion],
+                                      [position for position, _ in completion])
+    rows = []
+    for name, tensor in values.items():
+        for index in range(len(examples)):
+            for offset, side in enumerate(("chosen", "rejected")):
+                prompt, tokens, positions = sequences[index, side]
+                row = offset * len(examples) + index
+                note = CHOSEN_ONLY_SIGNALS.get(name, "") if side == "rejected" else ""
+                row_values = None if note else [float(tensor[row, position - 1]) for position in positions]
+                rows.append(SignalRow(name, side, tokens, row_values, f"pair {index}", prompt, note))
+    return DPOSignals(described["method"], described["options"], rows)
+

@@ -1,7 +1,8 @@
-"""TokenDPOTrainer over several processes: cDPO, TDPO1 and TDPO2 each train under ``accelerate launch`` with 2 CPU
+"""TokenDPOTrainer over several processes: cDPO, TDPO1, TDPO2, TGDPO (online reward model), T-REG (reward columns) and
+AlignDistil (two frozen teachers) each train under ``accelerate launch`` with 2 CPU
 processes and DeepSpeed ZeRO-2 / ZeRO-3, with and without LoRA; and ZeRO-3 logs the losses ZeRO-2 logs.
 
-The 6 runs of a ZeRO stage (3 losses × LoRA / no LoRA) share one launch (``tests/distributed/runs.py``).
+The 12 runs of a ZeRO stage (6 losses × LoRA / no LoRA) share one launch (``tests/distributed/runs.py``).
 
 TDPO with LoRA under ZeRO-3 is the case where the frozen LM head is gathered once per step and applied as
 ``F.linear`` (``tokenweave.models.lm_head_functions``): a module call recomputed in the backward finds it released.
@@ -23,22 +24,26 @@ from .runs import assert_trained, deepspeed_run_info, run_name, stage_launcher
 
 pytestmark = pytest.mark.slow
 
-LOSSES = ["cdpo", "tdpo1", "tdpo2"]
-CONFIG_FILES = {"cdpo": "cdpo_tiny.yaml", "tdpo1": "tdpo_tiny.yaml", "tdpo2": "tdpo_tiny.yaml"}
+LOSSES = ["cdpo", "tdpo1", "tdpo2", "tgdpo", "treg", "aligndistil"]
+CONFIG_FILES = {"cdpo": "cdpo_tiny.yaml", "tdpo1": "tdpo_tiny.yaml", "tdpo2": "tdpo_tiny.yaml",
+                "tgdpo": "tgdpo_tiny.yaml", "treg": "treg_tiny.yaml", "aligndistil": "aligndistil_tiny.yaml"}
 # lora_dropout 0: the ZeRO-2 and ZeRO-3 runs of a loss compute the same thing, so their logged losses can be compared.
 LORA_ARGS = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
              "--lora_target_modules", "q_proj", "v_proj"]
 # critical-token scores of the cDPO dataset: chosen weights stay 1, rejected weights are 1 - 0.3 = 0.7 (EOS: 1)
 CHOSEN_SCORE, REJECTED_SCORE = 0.9, 0.3
+# T-REG's token rewards of the columns dataset, per token (in its range (-0.5, 0.5))
+CHOSEN_REWARD, REJECTED_REWARD = 0.25, -0.25
 MAX_STEPS = 2
 
 
-def run_argv(loss_type: str, lora: bool, output_dir: Path, cdpo_dataset: str) -> list[str]:
-    """The command line of ``python -m tokenweave.train`` for one run: the method's tiny config, 2 steps."""
+def run_argv(loss_type: str, lora: bool, output_dir: Path, datasets: dict[str, str]) -> list[str]:
+    """The command line of ``python -m tokenweave.train`` for one run: the method's tiny config, 2 steps (cDPO and
+    T-REG on their column datasets)."""
     argv = ["--config", str(CONFIGS / CONFIG_FILES[loss_type]), "--output_dir", str(output_dir),
             "--loss_type", loss_type, "--max_steps", str(MAX_STEPS)]
-    if loss_type == "cdpo":
-        argv += ["--dataset_name", cdpo_dataset]
+    if loss_type in datasets:
+        argv += ["--dataset_name", datasets[loss_type]]
     return argv + (LORA_ARGS if lora else [])
 
 
@@ -59,12 +64,28 @@ def cdpo_dataset(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stage_runs(tmp_path_factory, cdpo_dataset):
-    """``stage_runs(zero_stage)``: the directory holding the 6 runs of that stage, launched once (on first use)."""
+def treg_dataset(tmp_path_factory) -> str:
+    """The arithmetic preference pairs with T-REG token-reward columns (one reward per completion token), on disk."""
+    dataset = with_columns(
+        load_arithmetic("train", "preference", num_examples=32),
+        build_tiny_llama()[1],
+        lambda n, index: [CHOSEN_REWARD] * n,
+        lambda n, index: [REJECTED_REWARD] * n,
+        names=("chosen_token_rewards", "rejected_token_rewards"),
+    )
+    path = tmp_path_factory.mktemp("treg-pairs")
+    dataset.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory, cdpo_dataset, treg_dataset):
+    """``stage_runs(zero_stage)``: the directory holding the 12 runs of that stage, launched once (on first use)."""
+    datasets = {"cdpo": cdpo_dataset, "treg": treg_dataset}
 
     def stage_spec(zero_stage: int, root: Path) -> list[list[str]]:
         return [
-            run_argv(loss, lora, root / run_name(loss, lora), cdpo_dataset) for loss in LOSSES for lora in (False, True)
+            run_argv(loss, lora, root / run_name(loss, lora), datasets) for loss in LOSSES for lora in (False, True)
         ]
 
     return stage_launcher(tmp_path_factory, "dpo", stage_spec)
@@ -91,6 +112,16 @@ def test_token_dpo_trains_under_deepspeed(zero_stage, loss_type, lora, stage_run
         for entry in logs:
             assert entry["weights/chosen"] == pytest.approx(1.0)
             assert 1 - REJECTED_SCORE < entry["weights/rejected"] < 1  # 0.7 per token, 1 for EOS
+    elif loss_type == "treg":  # the columns' rewards, over both processes' completion tokens
+        for entry in logs:
+            assert entry["token_rewards/chosen_mean"] == pytest.approx(CHOSEN_REWARD)
+            assert entry["token_rewards/rejected_mean"] == pytest.approx(REJECTED_REWARD)
+    elif loss_type == "tgdpo":  # the online reward model (the second tiny model) against the reference
+        assert all(entry["token_rewards/chosen_abs_mean"] > 1e-3 for entry in logs)
+    elif loss_type == "aligndistil":  # the two teachers (the two tiny models) differ: 0 < TVD < 2, the scale in range
+        for entry in logs:
+            assert 0 < entry["aligndistil/tvd_mean"] < 2
+            assert 0.005 <= entry["aligndistil/scale_mean"] <= entry["aligndistil/scale_max"] <= 100
     else:
         assert all("kl/chosen" in entry and "kl/rejected" in entry for entry in logs)
         assert logs[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6)  # the policy is its reference at step 1
@@ -109,6 +140,8 @@ def test_zero3_logs_what_zero2_logs(loss_type, lora, stage_runs):
         for stage in (2, 3)
     }
     keys = ["loss", "rewards/margins", "logps/chosen"] + (["kl/chosen", "kl/rejected"] if "tdpo" in loss_type else [])
+    keys += ["token_rewards/chosen_mean", "token_rewards/rejected_mean"] if loss_type in ("tgdpo", "treg") else []
+    keys += ["aligndistil/scale_mean", "aligndistil/tvd_mean"] if loss_type == "aligndistil" else []
     for zero2, zero3 in zip(logs[2], logs[3], strict=True):
         for key in keys:
             assert zero3[key] == pytest.approx(zero2[key], rel=1e-3, abs=1e-5), (key, zero2["step"])

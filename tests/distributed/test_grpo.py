@@ -67,8 +67,10 @@ def run_argv(policy_loss: str, lora: bool, output_dir) -> list[str]:
     return argv + (LORA_ARGS if lora else [])
 
 
-# Token signals that no loss implies, each trained from its tiny config (dapo) as the losses above.
-SIGNAL_RUNS = {"attention_credit": "attention_credit/credited_frac"}
+# Token signals that no loss implies, each trained from its tiny config (dapo) as the losses above. rlsd's tiny config
+# re-syncs its frozen teacher (the history model; with LoRA a full copy that takes W + ΔW) every 2 steps: after the
+# second step here, a collective under ZeRO-3.
+SIGNAL_RUNS = {"attention_credit": "attention_credit/credited_frac", "rlsd": "rlsd/factor_mean"}
 
 
 def signal_run_argv(signal: str, lora: bool, output_dir) -> list[str]:
@@ -139,6 +141,9 @@ def test_token_signal_trains_under_deepspeed(zero_stage, signal, lora, stage_run
     logs = [entry for entry in info["log_history"] if "loss" in entry]
     assert len(logs) == 2 and all(math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]) for entry in logs)
     assert any(SIGNAL_RUNS[signal] in entry for entry in logs)  # at the generation step
+    if signal == "rlsd":  # the frozen teacher, synced after step 2; λ of the recipe's schedule at steps 1 and 2
+        assert args.history_sync_steps == 2 and args.rlsd_teacher == "frozen"
+        assert [entry["rlsd/lambda"] for entry in logs] == pytest.approx([0.5 * 59 / 60, 0.5 * 58 / 60])
     assert_trained(output_dir, lora, initial_weights, num_lora_b=2 * 2)
 
 

@@ -21,8 +21,10 @@ one signature::
 
 ``needs`` is open: the DPO trainer (:class:`tokenweave.trainers.dpo.TokenDPOTrainer`) computes ``sequential_kl``
 itself, and every other input must be given by a token signal that is on (the config refuses a run where none
-does, before anything loads). Registered: ``cdpo`` (needs token_weights), ``tdpo1`` and ``tdpo2`` (need
-sequential_kl); your own, as ``@register_preference_loss`` or ``loss_type: package.module:function``.
+does, before anything loads). Registered here: ``cdpo`` (needs token_weights), ``tdpo1`` and ``tdpo2`` (need
+sequential_kl); in their own modules: ``tgdpo`` and ``treg`` (need token_rewards; :mod:`.tgdpo`, :mod:`.treg`),
+``aligndistil``; your own, as ``@register_preference_loss`` or ``loss_type: package.module:function``. A loss reads
+its own knobs from ``PreferenceLossConfig.options`` (the run's fields named ``<loss name>_...``).
 
 Contents, top to bottom:
 
@@ -37,9 +39,9 @@ Contents, top to bottom:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,9 @@ class PreferenceLossConfig:
     """cDPO: the conservative-DPO ε of TRL's ``sigmoid`` loss (``label_smoothing``; cDPO's code: 0)."""
     tdpo_alpha: float = 0.5
     """TDPO2: α, the weight of the sequential-KL difference in the margin (paper default 0.5)."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The run's fields of the loss's own method, by name: those named ``<loss name>_...`` (``tgdpo_alpha`` for
+    ``tgdpo``), so a registered loss reads its knobs without a field here."""
 
 
 PreferenceLossFn = Callable[..., PreferenceLossOutput]

@@ -1,11 +1,15 @@
-"""TokenDPOTrainer: TRL's DPOTrainer plus the registered token-level preference losses cDPO, TDPO1 and TDPO2.
+"""TokenDPOTrainer: TRL's DPOTrainer plus the registered token-level preference losses (cDPO, TDPO1/2, TGDPO, T-REG,
+AlignDistil, your own).
 
 A run picks its loss with TRL's own ``loss_type`` field, so one YAML key selects any DPO variant::
 
-    loss_type: sigmoid   # or ipo, hinge, ...: TRL's DPOTrainer, unchanged
-    loss_type: cdpo      # token-weighted DPO (critical tokens, arXiv 2411.19943)
-    loss_type: tdpo1     # TDPO1 (arXiv 2404.11999)
-    loss_type: tdpo2     # TDPO2, with tdpo_alpha
+    loss_type: sigmoid       # or ipo, hinge, ...: TRL's DPOTrainer, unchanged
+    loss_type: cdpo          # token-weighted DPO (critical tokens, arXiv 2411.19943)
+    loss_type: tdpo1         # TDPO1 (arXiv 2404.11999)
+    loss_type: tdpo2         # TDPO2, with tdpo_alpha
+    loss_type: tgdpo         # TGDPO (arXiv 2506.14574): token rewards from a frozen DPO model weight the log-ratios
+    loss_type: treg          # T-REG (arXiv 2412.02685): DPO + a token-reward regulariser
+    loss_type: aligndistil   # AlignDistil (arXiv 2503.02832): token-level distillation from a DPO and a reverse-DPO model
 
 A token-level loss is any name of the preference-loss registry (:mod:`tokenweave.losses.preference`), and must
 be the only entry of ``loss_type``. It replaces ``DPOTrainer._compute_loss`` by
@@ -18,11 +22,13 @@ loss names in its ``needs``:
 * always: per-token log-probs of the policy and the reference for the labelled tokens, from TRL's fused LM
   head (``model(..., labels=..., fused_lm_head=True).log_probs``), exactly as TRL computes them, as
   ``TokenPairs``;
-* any other input (``token_weights`` for cDPO, ...): from the token signals that provide it (:mod:`.signals`; cDPO's
-  weights: the ``critical_tokens`` signal, which ``loss_type: cdpo`` implies, or ``weights`` / ``weight_rules``), on
+* any other input (``token_weights`` for cDPO, ``token_rewards`` for TGDPO and T-REG, ...): from the token signals
+  that provide it (:mod:`.signals`; cDPO's weights: the ``critical_tokens`` signal, which ``loss_type: cdpo`` implies,
+  or ``weights`` / ``weight_rules``; the token rewards: the ``tgdpo`` and ``treg`` signals, :mod:`.token_rewards`), on
   the batch's :class:`~tokenweave.trainers.signals.TokenBatch` (rows ``[chosen; rejected]``, shifted like the
-  log-probs; the host, :mod:`.host`, applies the random control ``signal_control``), each split into its
-  ``(chosen, rejected)`` pair;
+  log-probs; the host, :mod:`.host`, applies the random control ``signal_control``; for a signal that
+  ``needs_hidden_states``, the policy's and the reference's final hidden states from the same forwards, and the other
+  frozen models' on demand, as ``TokenBatch.hidden``), each split into its ``(chosen, rejected)`` pair;
 * ``sequential_kl`` (TDPO): the final hidden states of both models, captured during the same forwards
   (:func:`tokenweave.models.final_hidden_states`), turned into full-vocabulary KL chunk by chunk
   (``chunked_sequential_kl``) by the LM heads (:func:`tokenweave.models.lm_head_functions`: under DeepSpeed
@@ -59,14 +65,18 @@ from ..models import (
     lm_head_functions,
     resolve_model,
 )
+from .aligndistil import AlignDistilConfig
 from .card import ModelCardMixin
 from .checkpointing import CheckpointingMixin
 from .collators import ROW_KEY
 from .critical import CriticalTokensConfig
 from .finite import FiniteTrainingMixin
-from .frozen import FrozenForwards, FrozenModels, FrozenModelsConfig
+from .frozen import FrozenForwards, FrozenModels, FrozenModelsConfig, HiddenStates
 from .host import SignalHostMixin
 from .signals import TokenBatch, TokenSignalConfig, active_signal_classes, resolve_token_signals
+from .tgdpo import TgdpoConfig
+from .token_rewards import TokenRewardsConfig
+from .treg import TregConfig
 from .weight_rules import WeightRulesConfig
 from .weights import WeightsDPOConfig
 
@@ -77,17 +87,18 @@ TRAINER_INPUTS = frozenset({"sequential_kl"})
 
 
 @dataclass
-class TokenDPOConfig(CriticalTokensConfig, WeightsDPOConfig, WeightRulesConfig, TokenSignalConfig, FrozenModelsConfig,
-                     DPOConfig):
-    """TRL's ``DPOConfig`` plus the token-level preference losses (``cdpo``, ``tdpo1``, ``tdpo2``, any registered) and
-    the token signals that give them their per-token inputs.
+class TokenDPOConfig(AlignDistilConfig, TgdpoConfig, TregConfig, TokenRewardsConfig, CriticalTokensConfig,
+                     WeightsDPOConfig, WeightRulesConfig, TokenSignalConfig, FrozenModelsConfig, DPOConfig):
+    """TRL's ``DPOConfig`` plus the token-level preference losses (``cdpo``, ``tdpo1``, ``tdpo2``, ``tgdpo``, ``treg``,
+    ``aligndistil``, any registered) and the token signals that give them their per-token inputs.
 
     The loss is chosen with TRL's ``loss_type``. TRL's loss types keep their meaning; a token-level
     one must be used alone (no ``loss_weights``), without ``precompute_ref_log_probs`` (it stores
     sequence sums only, and these losses need per-token reference quantities), ``ld_alpha`` or
     ``use_weighting``. Every input the loss needs besides ``sequential_kl`` (which the trainer computes) must come
     from a token signal that is on (``token_signals``): cDPO's ``token_weights`` from ``critical_tokens`` (on by
-    default with ``loss_type: cdpo``), ``weights`` or ``weight_rules``.
+    default with ``loss_type: cdpo``), ``weights`` or ``weight_rules``; TGDPO's and T-REG's ``token_rewards`` from the
+    ``tgdpo`` and ``treg`` signals (on by default with their loss); each method's own fields are in its mixin.
 
     cDPO's per-token weights come from the dataset: either ``chosen_weights``/``rejected_weights`` (the
     weights themselves) or ``chosen_scores``/``rejected_scores`` (critical-token scores ``s_t``, turned
@@ -112,7 +123,8 @@ class TokenDPOConfig(CriticalTokensConfig, WeightsDPOConfig, WeightRulesConfig, 
             "help": "Type of loss to use: any of TRL's DPO loss types ('sigmoid', 'ipo', 'hinge', ...; several "
             "are combined with `loss_weights`), or one token-level loss, alone: 'cdpo' (token-weighted DPO of "
             "'Critical Tokens Matter', arXiv 2411.19943), 'tdpo1' or 'tdpo2' (Token-level DPO, arXiv 2404.11999), "
-            "any registered with @register_preference_loss, or 'package.module:function' (your own)."
+            "'tgdpo' (arXiv 2506.14574), 'treg' (arXiv 2412.02685), 'aligndistil' (arXiv 2503.02832), any "
+            "registered with @register_preference_loss, or 'package.module:function' (your own)."
         },
     )
     tdpo_alpha: float = field(
@@ -156,7 +168,7 @@ class TokenDPOConfig(CriticalTokensConfig, WeightsDPOConfig, WeightRulesConfig, 
             if provided:
                 raise ConfigError(f"token_signals {self.token_signals} give per-token loss inputs {sorted(provided)}, "
                                   f"which TRL's loss_type {self.loss_type} does not read: use a token-level loss "
-                                  "(cdpo, tdpo1, tdpo2, ...).")
+                                  "(cdpo, tgdpo, treg, ...).")
             return
         needs = get_preference_loss(token_loss).needs
         missing, unread = sorted(needs - TRAINER_INPUTS - provided), sorted(provided - needs)
@@ -210,13 +222,20 @@ class TokenDPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         if self._is_vision_dataset:
             raise NotImplementedError(f"loss_type {self.token_loss_type!r} does not support vision datasets yet.")
         self.preference_loss = get_preference_loss(self.token_loss_type)
+        prefix = f"{self.token_loss_type}_"
         self.preference_loss_config = PreferenceLossConfig(
-            beta=self.beta, label_smoothing=self.label_smoothing, tdpo_alpha=self.args.tdpo_alpha
+            beta=self.beta, label_smoothing=self.label_smoothing, tdpo_alpha=self.args.tdpo_alpha,
+            options={name: value for name, value in vars(self.args).items() if name.startswith(prefix)},
         )
         if self.frozen_models is None:  # the loss's reference, through the frozen models (no signal named one)
             self.frozen_models = FrozenModels(self, {"reference"})
+        needing = [name for name, signal in self.signals.items() if signal.needs_hidden_states]
+        self.signals_need_hidden_states = bool(needing)
+        """Whether the forwards keep their final hidden states for the signals (``TokenBatch.hidden``)."""
         if "sequential_kl" in self.preference_loss.needs:
-            self._check_lm_heads()
+            self._check_lm_heads(f"loss_type {self.token_loss_type!r}")
+        if needing:
+            self._check_lm_heads(f"token_signals {needing}")
 
     # -- data -----------------------------------------------------------------------------------------
 
@@ -267,7 +286,7 @@ class TokenDPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         ``input_ids[:, t+1]``. ``chosen_*``/``rejected_*`` are their two halves.
         """
         mode = "train" if self.model.training else "eval"
-        capture_hidden = "sequential_kl" in self.preference_loss.needs
+        capture_hidden = "sequential_kl" in self.preference_loss.needs or self.signals_need_hidden_states
         model_kwargs = {key: value for key, value in inputs.items()
                         if key not in _NON_MODEL_KEYS and key not in self.signal_batch_keys}
         model_kwargs["use_cache"] = False
@@ -291,7 +310,8 @@ class TokenDPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         hidden = None
         if capture_hidden:  # the hidden state at position t predicts token t+1: the positions of `logps`
             hidden = tuple(states[0][:, -(seq_len + 1) : -1] for states in (policy_hidden, ref_hidden))
-        signal_inputs = self._signal_inputs(inputs, outputs, logps, ref_logps, mask, ref_model_kwargs, labels)
+        signal_inputs = self._signal_inputs(inputs, outputs, logps, ref_logps, mask, ref_model_kwargs, labels,
+                                            (model, ref_model), hidden)
         loss_inputs = self._preference_loss_inputs(signal_inputs, mask, (model, ref_model), hidden)
         result = self.preference_loss.fn(pairs, self.preference_loss_config, **loss_inputs)
 
@@ -356,23 +376,64 @@ class TokenDPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
         count = self.accelerator.gather_for_metrics(mask.sum()).sum()
         return (total / count).item() if count > 0 else 0.0
 
+    @torch.no_grad()
+    def signal_values(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The per-token inputs the loss gets for a collated batch (the token signals' ``token_weights``,
+        ``token_rewards``, ...: each ``[2B, L-1]``, rows ``[chosen; rejected]``, entry t about token t + 1, meaningful
+        where ``completion_mask[:, 1:]`` is set), the random control applied, from :meth:`_compute_token_loss` without
+        gradient in evaluation mode (its metrics go to the ``eval`` ones): what the heatmap shows."""
+        if self.preference_loss is None:
+            raise ValueError(f"loss_type {self.args.loss_type} is TRL's: no token-level inputs to show.")
+        inputs = self._prepare_inputs(inputs)
+        seen: dict[str, Any] = {}
+        loss = self.preference_loss
+
+        def capture(pairs, config, **loss_inputs):
+            seen.update(loss_inputs)
+            return loss.fn(pairs, config, **loss_inputs)
+
+        self.preference_loss = loss._replace(fn=capture)
+        training = self.model.training
+        self.model.eval()
+        try:
+            self._compute_token_loss(self.model, inputs, return_outputs=False)
+        finally:
+            self.preference_loss = loss
+            self.model.train(training)
+        shape = inputs["completion_mask"][:, 1:].shape
+        return {name: torch.cat(value) for name, value in seen.items()
+                if isinstance(value, tuple) and torch.cat(value).shape == shape}
+
     # -- the inputs a registered loss needs -------------------------------------------------------------
 
-    def _signal_inputs(self, inputs, outputs, logps, ref_logps, mask, model_kwargs, labels) -> dict[str, Any]:
+    def _signal_inputs(self, inputs, outputs, logps, ref_logps, mask, model_kwargs, labels,
+                       models: tuple[nn.Module, nn.Module], hidden: tuple[Tensor, Tensor] | None) -> dict[str, Any]:
         """The token signals' loss inputs for this batch (``token_weights`` the product of theirs, ``[2B, L-1]``): the
         signals see the batch as a :class:`~tokenweave.trainers.signals.TokenBatch`, rows ``[chosen; rejected]``,
-        shifted like ``logps``, the reference's log-probs known, each row identified by its dataset row and side."""
+        shifted like ``logps``, the reference's log-probs known, each row identified by its dataset row and side;
+        for a signal that ``needs_hidden_states``, ``TokenBatch.hidden`` holds the policy's and the reference's final
+        hidden states (``hidden``, from the loss's forwards of ``models``) and the other frozen models' on demand."""
         seq_len = mask.size(1)
 
         def forward(frozen_model) -> Tensor:
             return frozen_model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -seq_len:]
 
+        def hidden_forward(frozen_model) -> tuple[Tensor, Tensor]:
+            with final_hidden_states(frozen_model) as captured:
+                frozen_outputs = frozen_model(**model_kwargs, labels=labels, fused_lm_head=True)
+            return frozen_outputs.log_probs[:, -seq_len:], captured[0][:, -(seq_len + 1) : -1]
+
         rows = inputs.get(ROW_KEY)
         row_keys = None if rows is None else torch.stack(
             [rows.repeat(2), torch.arange(2, device=rows.device).repeat_interleave(rows.numel())], dim=1)
+        frozen = FrozenForwards(self.frozen_models, forward, {"reference": ref_logps}, hidden_forward=hidden_forward,
+                                hidden_first=self.signals_need_hidden_states,
+                                known_hidden=None if hidden is None else {"reference": (hidden[1], models[1])})
+        token_hidden = None
+        if self.signals_need_hidden_states:
+            token_hidden = HiddenStates(hidden[0], models[0], frozen, mask, self.accelerator)
         batch = TokenBatch("dpo", logps, mask, outputs.entropy[:, -seq_len:], None, self.batch_columns(inputs, 1),
-                           FrozenForwards(self.frozen_models, forward, {"reference": ref_logps}),
-                           self.model.training, row_keys=row_keys)
+                           frozen, self.model.training, row_keys=row_keys, hidden=token_hidden)
         token_weights, signal_inputs = self.signal_token_inputs(batch)
         return signal_inputs if token_weights is None else signal_inputs | {"token_weights": token_weights}
 
@@ -428,9 +489,11 @@ class TokenDPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Chec
             for side, weights, side_mask in zip(("chosen", "rejected"), loss_inputs["token_weights"], mask.chunk(2)):
                 metrics[f"weights/{side}"].append(self._global_masked_mean(weights, side_mask))
 
-    def _check_lm_heads(self) -> None:
-        """A loss that needs ``sequential_kl`` calls the LM heads directly (:func:`tokenweave.models.check_lm_heads`:
-        refuse heads whose logits would differ from the model's, and heads with a PEFT adapter, since the
-        reference's logits are computed with the same head module)."""
+    def _check_lm_heads(self, user: str) -> None:
+        """A loss that needs ``sequential_kl``, or a signal that needs hidden states, calls the LM heads directly
+        (:func:`tokenweave.models.check_lm_heads`: refuse heads whose logits would differ from the model's, and heads
+        with a PEFT adapter, since the reference's logits are computed with the same head module); ``user`` names
+        it."""
         models = [self.model] if self.ref_model is None else [self.model, self.ref_model]
-        check_lm_heads(models, f"loss_type {self.token_loss_type!r}")
+        frozen = list(self.frozen_models.loaded.values()) if self.frozen_models is not None else []
+        check_lm_heads([*models, *frozen], user)

@@ -225,17 +225,20 @@ class FrozenForwards:
     with the batch's mask; ``known`` holds what the trainer already computed (DPO's reference). ``hidden_forward(model)``
     (SFT) returns ``(log-probs [R, T], final hidden states [R, T, H])`` of the same positions, for :meth:`hidden`;
     ``hidden_first``: :meth:`logps` goes through it too (when a signal reads hidden states, so that another signal's
-    log-probs of the same model cost no second forward)."""
+    log-probs of the same model cost no second forward); ``known_hidden``: hidden states the trainer already has, with
+    their model (DPO's reference, kept from the loss's own forward)."""
 
     def __init__(self, models: FrozenModels | None, forward: Callable[[nn.Module], Tensor],
                  known: dict[str, Tensor] | None = None,
-                 hidden_forward: Callable[[nn.Module], tuple[Tensor, Tensor]] | None = None, hidden_first: bool = False):
+                 hidden_forward: Callable[[nn.Module], tuple[Tensor, Tensor]] | None = None, hidden_first: bool = False,
+                 known_hidden: dict[str, tuple[Tensor, nn.Module]] | None = None):
         self._models = models
         self._forward = forward
         self._hidden_forward = hidden_forward
         self._hidden_first = hidden_first
         self._cache = dict(known or {})
         self._hidden: dict[str, tuple[Tensor, HeadFn]] = {}
+        self._known_hidden = dict(known_hidden or {})
 
     def _model(self, name: str):
         if self._models is None:
@@ -254,6 +257,9 @@ class FrozenForwards:
     def hidden(self, name: str) -> tuple[Tensor, HeadFn]:
         """The frozen model's final hidden states at the batch's positions ``[R, T, H]`` (no gradient) and its LM
         head (:func:`~tokenweave.models.lm_head_functions`); its log-probs come with them."""
+        if name not in self._hidden and name in self._known_hidden:
+            states, model = self._known_hidden.pop(name)
+            self._hidden[name] = (states.detach(), lm_head_functions([model])[0])
         if name not in self._hidden:
             if self._hidden_forward is None:
                 raise KeyError("this trainer gives its signals no hidden states")
@@ -266,9 +272,10 @@ class FrozenForwards:
 
 
 class HiddenStates:
-    """SFT: the final hidden states (what the LM head reads) at a batch's positions ``[R, T, H]`` and the LM heads,
-    of the policy (with its graph) and of the frozen models (``TokenBatch.hidden``), for signals whose math needs the
-    whole next-token distribution (EAFT's top-k entropy, ASFT's KL to the reference). They apply the heads a chunk of
+    """SFT and DPO: the final hidden states (what the LM head reads) at a batch's positions ``[R, T, H]`` and the LM
+    heads, of the policy (with its graph) and of the frozen models (``TokenBatch.hidden``), for signals whose math
+    needs the whole next-token distribution (EAFT's top-k entropy, ASFT's KL to the reference, AlignDistil's teachers).
+    They apply the heads a chunk of
     positions at a time (:func:`~tokenweave.tokens.chunked.map_masked_chunks`), never ``[B, T, V]`` logits; under
     DeepSpeed ZeRO-3 a module head is a collective, so they pad to :meth:`num_chunks` chunks."""
 

@@ -54,6 +54,7 @@ from .frozen import FrozenForwards, FrozenModelsConfig
 from .hapo import HapoConfig
 from .host import SignalHostMixin, uses_row_identity
 from .rank import RankGrpoConfig
+from .rlsd import RlsdConfig
 from .rollout import ROW_KEYS, Generation, gather_values, loss_sees_generation_batch
 from .signals import TokenBatch, TokenSignalConfig, active_signal_classes, resolve_token_signals
 
@@ -74,8 +75,8 @@ _ENTROPY_QUANTILES = (0.2, 0.5, 0.8)
 
 
 @dataclass
-class TokenGRPOConfig(AttentionCreditConfig, RankGrpoConfig, HapoConfig, TokenSignalConfig, FrozenModelsConfig,
-                      GRPOConfig):
+class TokenGRPOConfig(RlsdConfig, AttentionCreditConfig, RankGrpoConfig, HapoConfig, TokenSignalConfig,
+                      FrozenModelsConfig, GRPOConfig):
     """TRL's ``GRPOConfig`` plus a policy-loss registry and token signals (each signal's fields come from its config
     mixin: :class:`~tokenweave.trainers.hapo.HapoConfig`, :class:`~tokenweave.trainers.rank.RankGrpoConfig`,
     :class:`~tokenweave.trainers.attention.AttentionCreditConfig`).

@@ -25,6 +25,9 @@ completion tokens. How the methods use them:
   ``token_inputs`` passes the span ids to the registered ``rank_grpo`` loss (the span-mean importance ratio).
 - Attention-derived credit (:mod:`.attention`): after generation, one extra no-grad forward with attention weights
   (the policy at that point is π_old), then ``"advantages"`` = the current advantages · γ ``[B, T]``.
+- RLSD (:mod:`.rlsd`): after generation, one extra no-grad forward of the teacher (the frozen history model, or the
+  policy) over teacher prompt + completion gives its log-probs ``[B, T]``, kept with the sign of the advantages;
+  ``token_inputs`` turns them into the advantage factor, against the student's log-probs of the micro-batch.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ trainer exists)::
     check_dataset(dataset, args,  the rows' values checked when the dataset is loaded, before any model
      dataset_name)
     frozen_models(args)           the frozen models it reads ("reference", "history", or a teacher's name)
-    needs_hidden_states           SFT: it reads TokenBatch.hidden (final hidden states and LM heads, for math over
+    needs_hidden_states           SFT, DPO: it reads TokenBatch.hidden (final hidden states and LM heads, for math over
                                   the whole vocabulary, a chunk of positions at a time: EAFT, ASFT)
     window_columns                SFT: the batch keys its prepare_window adds (Rho-1's global_batch selection)
     metric_prefixes, paper,       what `tokenweave plot`, run_info.json and the model card show of it
@@ -111,7 +111,7 @@ class TokenBatch:
     ``[R, T]`` tensors are about its tokens 1 .. L−1), for a signal that runs a model over it itself (ssToken's
     attention)."""
     hidden: HiddenStates | None = field(default=None, repr=False)
-    """SFT, for a signal that ``needs_hidden_states``: the final hidden states and LM heads of the policy and of the
+    """SFT and DPO, for a signal that ``needs_hidden_states``: the final hidden states and LM heads of the policy and of the
     frozen models at the batch's positions (:class:`~tokenweave.trainers.frozen.HiddenStates`), for math over the
     whole next-token distribution, a chunk of positions at a time."""
 
@@ -159,7 +159,8 @@ class TokenSignal:
     option_prefixes: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[Paper | None] = None
     needs_hidden_states: ClassVar[bool] = False
-    """SFT: ``token_inputs`` reads ``batch.hidden`` (the policy's final hidden states are then kept from its forward)."""
+    """SFT, DPO: ``token_inputs`` reads ``batch.hidden`` (the policy's final hidden states are then kept from its
+    forward)."""
     window_columns: ClassVar[tuple[str, ...]] = ()
     """SFT: the batch keys :meth:`prepare_window` adds to the micro-batches (read back from ``batch.columns``)."""
     named_by_losses: ClassVar[frozenset[str]] = frozenset()
