@@ -41,7 +41,7 @@ Budgets (``--budget``; ``--steps``, ``--rows``, ``--test_problems``, ``--batch_s
 * ``cpu`` (default; what RESULTS.md reports). Measured first, one run at a time with 1 torch thread on the 2 CPU
   cores this machine shares with other engineers' jobs: a LoRA step of 8 rows (~110 tokens each, ~90 of them the
   prompt) takes 11 s (Rho-1's, with the reference's forward, 15 s), of 4 rows 6 s; a held-out problem 0.4-0.7 s.
-  All 20 arms × 5 seeds at the configs' 24 steps of 8 and 200 problems would take about 10 hours, so, to fit the
+  All 20 arms × 5 seeds at the configs' 24 steps of 8 and 200 problems would take about 20 hours, so, to fit the
   part in about 75 minutes, cut in this order: steps (24 × 8 rows → 6 × 4: 24 of the 256 rows seen, about 7 of them
   noisy), test problems (200 → 40), then arms: kept ``plain``, ``oracle``, ``rho1`` + shuffle + inverse,
   ``token_cleaning`` + shuffle + inverse, ``profit`` + shuffle, ``eaft`` + shuffle, ``dft`` (13 arms × 5 seeds = 65
@@ -347,21 +347,35 @@ def noise_row(name: str, weights: list[np.ndarray], masks: list[np.ndarray]) -> 
 
 
 def noise_part(budget: Budget, work: Path, prepared: dict) -> dict:
-    started = time.perf_counter()
+    """The noise table's rows; each method's weights are a step of their own (``noise/<method>``: reused when the
+    command is run again with the same settings, so an interrupted part resumes)."""
     masks, ids = planted_masks(budget, work)
     rows = [noise_row("full tokens", [np.ones(len(m)) for m in masks], masks)]
+    seconds = 0.0
     for method in ("weights", *METHODS):
         controls = ["none", "shuffle"] + (["inverse"] if method in SELECTIONS else [])
-        method_started = time.perf_counter()
-        weights = method_weights(method, controls, budget, prepared, ids, work)
+
+        def build(directory: Path, method=method, controls=controls) -> None:
+            started = time.perf_counter()
+            weights = method_weights(method, controls, budget, prepared, ids, work)
+            directory.mkdir(parents=True)
+            np.savez(directory / "weights.npz", lengths=[len(row) for row in weights["none"]],
+                     **{control: np.concatenate(weights[control]) for control in controls})
+            (directory / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+            print(f"noise: {method} done in {time.perf_counter() - started:.0f} s", flush=True)
+
+        record = {"argv": run_argv(method, "shuffle", budget, 0, prepared), "controls": controls}
+        directory = run_steps(work / "noise", [Step(method, record, build)], "sft_tokens")[method]
+        saved = np.load(directory / "weights.npz")
+        method_seconds = json.loads((directory / "seconds.json").read_text())["seconds"]
+        seconds += method_seconds
         for control in controls:
+            weights = np.split(saved[control], np.cumsum(saved["lengths"])[:-1])
             name = ("oracle" if method == "weights" else method) + ("" if control == "none" else f" {control}")
-            rows.append(noise_row(name, weights[control], masks) | {"seconds": time.perf_counter() - method_started})
-        print(f"noise: {method} done in {time.perf_counter() - method_started:.0f} s", flush=True)
+            rows.append(noise_row(name, weights, masks) | {"seconds": method_seconds})
     planted = np.concatenate(masks)
     return {"rows": rows, "num_rows": len(masks), "noisy_rows": int(sum(m.any() for m in masks)),
-            "label_tokens": len(planted), "planted_tokens": int(planted.sum()),
-            "seconds": time.perf_counter() - started}
+            "label_tokens": len(planted), "planted_tokens": int(planted.sum()), "seconds": seconds}
 
 
 def noise_report(noise: dict) -> str:
@@ -555,15 +569,7 @@ def main() -> None:
     if reference_seconds.exists():
         results["reference_seconds"] = json.loads(reference_seconds.read_text())["seconds"]
     if "noise" in args.part:
-        def build_noise(directory: Path) -> None:
-            noise = noise_part(budget, work, prepared)
-            directory.mkdir(parents=True)
-            (directory / "noise.json").write_text(json.dumps(noise, indent=1) + "\n")
-
-        record = {"argv": run_argv(None, "none", budget, 0, prepared), "methods": ["weights", *METHODS],
-                  "prepared": {key: str(value) for key, value in prepared.items() if isinstance(value, Path)}}
-        noise_dir = run_steps(work, [Step("noise", record, build_noise)], "sft_tokens")["noise"]
-        results["noise"] = json.loads((noise_dir / "noise.json").read_text())
+        results["noise"] = noise_part(budget, work, prepared)
         save_results(results_path, results, "noise")
     if "accuracy" in args.part:
         results["accuracy"] = accuracy_part(budget, args.seeds, work, prepared, device)
