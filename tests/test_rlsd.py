@@ -10,6 +10,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
 
 from tokenweave.tokens.rlsd import rlsd_advantages, rlsd_factor, rlsd_lambda, rlsd_lambda_is_over
 from tokenweave.trainers.rlsd import ADVANTAGE_SIGN, TEACHER_LOGPS, teacher_prompt
@@ -148,6 +149,18 @@ def test_a_step_equals_trl_grpo_on_the_reweighted_advantages(model_dir, tmp_path
     assert metrics["rlsd/factor_mean"][0] == pytest.approx(((1 - lam + lam * w) * mask).sum().item() / mask.sum().item(),
                                                            abs=1e-6)
     assert metrics["rlsd/delta_mean"][0] == pytest.approx((delta * mask).sum().item() / mask.sum().item(), abs=1e-5)
+
+
+def test_gradient_accumulation_gives_the_same_update(model_dir, tmp_path):
+    # batch 8 × GA 1 and batch 4 × GA 2 on the same generation batch and teacher columns: the factor is each token's own
+    # (the student's log-prob from each micro-batch's forward), so the loss and gradients are the same
+    whole = rlsd_trainer(model_dir, tmp_path)
+    accumulated = rlsd_trainer(model_dir, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    batch = make_batch(whole)
+    full = batch | generation_columns(whole, batch)
+    expected = loss_and_grads(whole, [full])
+    assert max(grad.abs().max() for grad in expected[1]) > 0
+    assert_same_update(loss_and_grads(accumulated, split_tensor_dict(full, 2)), expected, atol=1e-6)
 
 
 def test_at_lambda_zero_a_step_equals_trl_grpo(model_dir, tmp_path):
