@@ -739,6 +739,33 @@ def _row_positions(batch: dict, lengths: Sequence[int]) -> list[tuple[int, int]]
     return [(0, offset) for offset in offsets]
 
 
+def _view_trainer(config: str, run_args, training_args, model_args, view: str):
+    """The trainer of run config ``config`` built as ``tokenweave train`` builds it (model, frozen models, token
+    signals, random control; nothing trained), writing nothing: a temporary ``output_dir``, no hub push, no tracker."""
+    import logging
+    import tempfile
+
+    from .train import build_trainer
+
+    logging.getLogger(__name__).info("[%s] loading %s and preparing %s (the trainer of %s)...", view,
+                                     model_args.model_name_or_path, run_args.dataset_name, config)
+    training_args.push_to_hub, training_args.report_to = False, []
+    with tempfile.TemporaryDirectory(prefix=f"{view}-") as output_dir:
+        training_args.output_dir = output_dir
+        return build_trainer(run_args, training_args, model_args)
+
+
+def _first_rows(trainer, num_rows: int, config: str) -> list[dict]:
+    """The first ``num_rows`` rows of the trainer's prepared train dataset, in order; ``ValueError`` when it has
+    none."""
+    dataset = trainer.train_dataset
+    examples = list(dataset.take(num_rows)) if not hasattr(dataset, "select") else [
+        dataset[index] for index in range(min(num_rows, len(dataset)))]
+    if not examples:
+        raise ValueError(f"{config}: the prepared train dataset has no rows.")
+    return examples
+
+
 def sft_weights_from_config(config: str, num_rows: int = 8) -> SFTWeights:
     """The weights an SFT run's loss puts on the label tokens of the first ``num_rows`` rows of its prepared train
     dataset, in order: the trainer built from the YAML ``config`` as ``tokenweave train`` builds it (model, frozen
@@ -749,12 +776,10 @@ def sft_weights_from_config(config: str, num_rows: int = 8) -> SFTWeights:
     (:func:`~tokenweave.data.noisy_arithmetic.planted_label_mask`). It writes nothing (the trainer is built with a
     temporary ``output_dir``, no hub push, no tracker)."""
     import logging
-    import tempfile
 
     from .config import load_run_config
     from .data.noisy_arithmetic import planted_label_mask
     from .data.token_columns import token_texts
-    from .train import build_trainer
     from .trainers.card import token_method
     from .trainers.signals import active_signal_classes
 
@@ -762,23 +787,13 @@ def sft_weights_from_config(config: str, num_rows: int = 8) -> SFTWeights:
     run_args, training_args, model_args = load_run_config(config)
     if run_args.method != "sft":
         raise ValueError(f"{config}: method {run_args.method!r}; the SFT token-weight view needs an SFT run config.")
-    log.info("[sft-heatmap] loading %s and preparing %s (the trainer of %s)...", model_args.model_name_or_path,
-             run_args.dataset_name, config)
-    # the view writes nothing: not the run's output_dir (which Trainer creates), not the hub, not a tracker
-    training_args.push_to_hub, training_args.report_to = False, []
-    with tempfile.TemporaryDirectory(prefix="sft-heatmap-") as output_dir:
-        training_args.output_dir = output_dir
-        trainer = build_trainer(run_args, training_args, model_args)
+    trainer = _view_trainer(config, run_args, training_args, model_args, "sft-heatmap")
     described = token_method(trainer.args, "sft")
     weighing = [signal for signal in active_signal_classes(trainer.args) if "token_weights" in signal.provides]
     if not weighing:
         raise ValueError(f"{config}: no token signal weighs the tokens (token_signals {trainer.args.token_signals}): "
                          "every label token would weigh 1. Give token_signals, e.g. [dft] or [profit].")
-    dataset = trainer.train_dataset
-    examples = list(dataset.take(num_rows)) if not hasattr(dataset, "select") else [
-        dataset[index] for index in range(min(num_rows, len(dataset)))]
-    if not examples:
-        raise ValueError(f"{config}: the prepared train dataset has no rows.")
+    examples = _first_rows(trainer, num_rows, config)
     log.info("[sft-heatmap] weighing the label tokens of %d rows...", len(examples))
     batch = trainer.data_collator(examples)
     weights = trainer.signal_weights(batch).float().cpu()
@@ -1108,12 +1123,10 @@ def dpo_signals_from_config(config: str, num_rows: int = 8) -> DPOSignals:
     is not a DPO run, whose loss is TRL's, or whose loss gets no per-token value. It writes nothing (the trainer is
     built with a temporary ``output_dir``, no hub push, no tracker)."""
     import logging
-    import tempfile
 
     from .config import load_run_config
     from .data.token_columns import token_texts
     from .losses.preference import get_preference_loss
-    from .train import build_trainer
     from .trainers.card import token_method
     from .trainers.dpo import TRAINER_INPUTS
 
@@ -1131,23 +1144,13 @@ def dpo_signals_from_config(config: str, num_rows: int = 8) -> DPOSignals:
     if not needs - TRAINER_INPUTS:
         raise ValueError(f"{config}: loss_type {loss_type!r} gets no per-token value from the token signals (it needs "
                          f"{sorted(needs) or 'nothing'}): set loss_type to one that does ({choices}).")
-    log.info("[dpo-heatmap] loading %s and preparing %s (the trainer of %s)...", model_args.model_name_or_path,
-             run_args.dataset_name, config)
-    # the view writes nothing: not the run's output_dir (which Trainer creates), not the hub, not a tracker
-    training_args.push_to_hub, training_args.report_to = False, []
-    with tempfile.TemporaryDirectory(prefix="dpo-heatmap-") as output_dir:
-        training_args.output_dir = output_dir
-        trainer = build_trainer(run_args, training_args, model_args)
+    trainer = _view_trainer(config, run_args, training_args, model_args, "dpo-heatmap")
     described = token_method(trainer.args, "dpo")
-    dataset = trainer.train_dataset
-    examples = list(dataset.take(num_rows)) if not hasattr(dataset, "select") else [
-        dataset[index] for index in range(min(num_rows, len(dataset)))]
-    if not examples:
-        raise ValueError(f"{config}: the prepared train dataset has no rows.")
+    examples = _first_rows(trainer, num_rows, config)
     log.info("[dpo-heatmap] computing the token signals of %d pairs...", len(examples))
     batch = trainer.data_collator(examples)
     values = {name: tensor.float().cpu() for name, tensor in
-              trainer.signal_values(trainer._prepare_inputs(dict(batch))).items()}
+              trainer.signal_values(batch).items()}
     if not values:
         raise ValueError(f"{config}: the token signals give loss_type {loss_type!r} no per-token value "
                          f"(token_signals {trainer.args.token_signals}): set loss_type to a loss with per-token inputs "
