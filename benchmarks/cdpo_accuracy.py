@@ -25,11 +25,10 @@ import json
 import shutil
 from pathlib import Path
 
-from intervals import difference_row
-
 from tokenweave.inference.evaluate import evaluate_model
 from tokenweave.pipelines.critical import REPORT_FILE, STATISTICS_FILE, run_critical_pipeline
 from tokenweave.pipelines.quickstart import MAX_NEW_TOKENS, MODELS, REPO_ROOT, quickstart_config
+from tokenweave.stats import difference_row
 
 SHARED = ("base", "warm_start")  # evaluated once: they do not depend on the seed
 PER_SEED = ("dpo", "cdpo", "cdpo_shuffled")

@@ -21,7 +21,7 @@ Evaluation is greedy on the same held-out problems (the task's test split); the 
     python benchmarks/grpo_signal_accuracy.py --signal rlsd --seeds 0 1 2 3 4 --num_test_examples 100 --output rlsd.md
 
 A finished run (its ``run_info.json``) and an evaluation (its JSON file, for as many problems) are reused.
-Intervals: :func:`intervals.paired_bootstrap` of ``correct(A) − correct(B)`` per problem and seed.
+Intervals: :func:`tokenweave.stats.paired_bootstrap` of ``correct(A) − correct(B)`` per problem and seed.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from intervals import paired_bootstrap
 
 from tokenweave.inference.evaluate import evaluate_model
 from tokenweave.inference.loading import save_merged_model
+from tokenweave.stats import paired_bootstrap
 from tokenweave.train import RUN_INFO_FILE, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -37,13 +37,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from cdpo_accuracy import evaluate
-from intervals import difference_row
 
 from tokenweave.inference.loading import save_merged_model
 from tokenweave.pipelines.critical import run_critical_pipeline, training_runs
 from tokenweave.pipelines.quickstart import REPO_ROOT, quickstart_config
 from tokenweave.pipelines.steps import Step, run_steps
 from tokenweave.pipelines.token_rewards import reward_models, write_rewarded_dataset
+from tokenweave.stats import difference_row
 
 PIPELINE_ARMS = ("dpo", "cdpo", "cdpo_shuffled")
 ARMS = (*PIPELINE_ARMS, "tgdpo", "tgdpo_shuffled", "treg", "treg_shuffled", "aligndistil")

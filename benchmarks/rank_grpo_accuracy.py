@@ -14,7 +14,7 @@ the same held-out requests (the task's test split); base and warm start are eval
 A finished run (its ``run_info.json``) and an evaluation (its JSON file, for as many requests) are reused.
 
 The interval: per test request and seed, ``d = NDCG@5(Rank-GRPO) − NDCG@5(GRPO)`` (and the same for Recall@5);
-:func:`intervals.paired_bootstrap` resamples requests with the same draw for every seed, 10 000 times.
+:func:`tokenweave.stats.paired_bootstrap` resamples requests with the same draw for every seed, 10 000 times.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import argparse
 import json
 from pathlib import Path
 
-from intervals import paired_bootstrap
-
 from tokenweave.inference.evaluate import evaluate_model
 from tokenweave.inference.loading import save_merged_model
 from tokenweave.rewards.ranking import ndcg_at_k, recall_at_k
+from tokenweave.stats import paired_bootstrap
 from tokenweave.train import RUN_INFO_FILE, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

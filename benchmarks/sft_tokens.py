@@ -32,7 +32,7 @@ Parts (``--part``, any of them, in this order):
 * ``accuracy``: every arm of the budget, for each ``--seeds`` seed (the run's ``seed``: LoRA initialisation, data
   order and the shuffle's permutations; the same for every arm of a seed, so the arms are paired), then greedy
   accuracy on the same ``test_problems`` held-out problems of the clean test split (the arithmetic task's test
-  questions; 40 new tokens). Paired bootstrap intervals (``intervals.paired_bootstrap``: problems resampled, the
+  questions; 40 new tokens). Paired bootstrap intervals (``tokenweave.stats.paired_bootstrap``: problems resampled, the
   seeds of a problem kept together) of method − plain SFT, method − its shuffle control, method − its inverse, and
   control − plain.
 
@@ -80,7 +80,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from intervals import paired_bootstrap
 
 from tokenweave.config import parse_run_config
 from tokenweave.data.loading import load_run_dataset
@@ -90,6 +89,7 @@ from tokenweave.data.noisy_arithmetic import (
     tokenize_like_sft,
 )
 from tokenweave.pipelines.steps import Step, run_steps
+from tokenweave.stats import paired_bootstrap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = REPO_ROOT / "configs"

@@ -4,7 +4,7 @@ itself through others (no import cycle, within a layer either).
 The order (DESIGN.md; the README's layout section), top to bottom::
 
     cli.py, heatmap.py  >  pipelines/  >  train.py, config.py  >  inference/  >  trainers/  >  losses/  >  tokens/
-    >  models/, data/, rewards/, checks.py, registry.py
+    >  models/, data/, rewards/, checks.py, registry.py, stats.py
 
 Every ``import`` and ``from ... import`` of the package's modules is read with ``ast``: at module level, under
 ``if TYPE_CHECKING:`` and inside functions alike (they tie the modules just the same), relative imports resolved
@@ -18,7 +18,7 @@ from .conftest import REPO_ROOT
 
 PACKAGE = "tokenweave"
 LAYERS = (
-    ("models", "data", "rewards", "checks", "registry"),
+    ("models", "data", "rewards", "checks", "registry", "stats"),
     ("tokens",),
     ("losses",),
     ("trainers",),

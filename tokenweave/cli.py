@@ -217,6 +217,19 @@ def _localize_command(args) -> None:
         print(f"wrote the report to {args.output}")
 
 
+def _evidence_command(args) -> None:
+    """Every token signal against its control (:mod:`tokenweave.pipelines.evidence`): the table and the figure."""
+    from .pipelines.evidence.run import CRITICAL_CONFIG, run_evidence, write_evidence
+    from .plots import plot_evidence
+
+    measurements = run_evidence(args.work_dir, args.seeds, budget=args.budget, parts=args.parts,
+                                critical_config=args.critical_config or CRITICAL_CONFIG)
+    paths = write_evidence(measurements, args.work_dir)
+    figures = plot_evidence(measurements, Path(args.work_dir) / "evidence")
+    print(paths["markdown"].read_text(), end="")
+    print("\n".join(f"wrote {path}" for path in [*paths.values(), *figures]))
+
+
 def _quickstart_command(args) -> None:
     """The quickstart (:mod:`tokenweave.pipelines.quickstart`), its summary, and the heatmap page of its pairs."""
     from datasets import load_from_disk
@@ -280,6 +293,8 @@ def _add_task_arguments(parser: argparse.ArgumentParser, default_num_examples: i
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipelines.evidence import BUDGETS, PARTS
+
     parser = argparse.ArgumentParser(prog="tokenweave", description="Token-aware fine-tuning and RL on top of TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -440,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Held-out problems each model is evaluated on (default: 16).",
     )
 
+    evidence = command(
+        "evidence", _evidence_command,
+        help="Each token signal against its matched random control on ground truth and perturbation tests, over "
+             "paired seeds: one table (evidence.md, evidence.json) and one figure (evidence.png, .svg) in --work_dir.",
+    )
+    evidence.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="Seeds (at least 5 to report).")
+    evidence.add_argument("--budget", choices=list(BUDGETS), default="cpu",
+                          help="The counts per seed: cpu (two CPU cores) or gpu (the same at a larger scale).")
+    evidence.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
+                          help="The measurements to run: critical (localization, rollout test), perturbation "
+                               "(attention credit, HAPO's entropy), ranks (Rank-GRPO).")
+    evidence.add_argument("--work_dir", default="outputs/evidence", help="Where the steps, the table and the figure go.")
+    evidence.add_argument("--critical_config", default=None,
+                          help="The critical-token pipeline config of the arithmetic rows (its warm start is their "
+                               "model; default: the repository's configs/critical_smollm2_full.yaml).")
     plot = command("plot", _plot_command, help="Training curves of one or more runs as PNG (loss, rewards, token-aware metrics) and a "
                    "Markdown table comparing them (runs.md).")
     plot.add_argument("runs", nargs="+", help="Run output directories (run_info.json, or checkpoint-N/).")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +172,37 @@ def plot_command(
     table = Path(output_dir) / "runs.md"
     table.write_text(comparison_table(runs, paths, accuracies))
     return figures, table
+
+
+def plot_evidence(measurements, output_stem: str | Path, samples: int = 10_000) -> list[Path]:
+    """``tokenweave evidence``'s figure: one row per measurement (a :class:`tokenweave.pipelines.evidence.Measurement`
+    with units), its effect (signal − control, in percentage points for shares) and 95 % interval, a line at 0;
+    written as ``<output_stem>.png`` and ``.svg``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(row, row.summary(samples)) for row in measurements if row.num_units]
+    figure, axis = plt.subplots(figsize=(10, 0.8 * len(rows) + 1.6))
+    for index, (row, summary) in enumerate(reversed(rows)):
+        scale = 100.0 if row.percent else 1.0
+        effect, low, high = (summary[key] * scale for key in ("effect", "low", "high"))
+        colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
+        axis.errorbar(effect, index, xerr=[[effect - low], [high - effect]], fmt="o", color=colour, capsize=4)
+    axis.axvline(0.0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(rows)))
+    axis.set_yticklabels([textwrap.fill(f"{row.signal}: {row.measurement}" + ("" if row.percent else " (raw)"), 60)
+                          for row, _ in reversed(rows)], fontsize=8)
+    axis.set_xlabel("effect: signal − its control, percentage points (95% interval)")
+    seeds = sorted({seed for row, _ in rows for seed in row.seeds})
+    axis.set_title(f"Token signals against their controls (seeds {', '.join(map(str, seeds))})", fontsize=10)
+    axis.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    stem = Path(output_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for path in paths:
+        figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return paths

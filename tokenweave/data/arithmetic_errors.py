@@ -31,6 +31,7 @@ every earlier step was right, the reference values are the values the trajectory
    its verdict came from something the rule does not read.
 
 :func:`first_error` returns a :class:`FirstError` (character offset, kind, step) or an :class:`Unreadable` (why).
+:func:`calculation_spans` gives where a trajectory's calculations ``L op R = C`` are (the tokens it computes with).
 """
 
 from __future__ import annotations
@@ -171,3 +172,15 @@ def first_error(completion: str, solution: str) -> FirstError | Unreadable:
             return error
         num_steps += 1
     return Unreadable("no error found", "no answer line and no wrong step")
+
+
+def calculation_spans(completion: str) -> list[tuple[int, int]]:
+    """The ``[start, end)`` characters of each calculation ``L op R = C`` in the step lines of ``completion`` (from the
+    first character of ``L`` to the last of ``C``): the tokens a trajectory computes with, as opposed to its layout and
+    its answer sentence (``tokenweave evidence`` asks how often a signal's tokens are these)."""
+    spans = []
+    for line, offset in _lines(completion):
+        step = _parse_step(line, offset)
+        if step is not None:
+            spans.append((step.left[1], step.result[1] + len(step.result[0])))
+    return spans

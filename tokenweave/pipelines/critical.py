@@ -354,6 +354,14 @@ def _training_run(path: str, method: str, seed: int | None = None, own_dataset: 
     return TrainingRun(run_args, training_args, model_args, record)
 
 
+def warm_start_step(config: CriticalPipelineConfig, launch: dict | None = None) -> Step:
+    """The step that trains ``warm_start_config`` from the base model and merges it (its record names the base model
+    and the run, not the seed: one warm start serves every seed)."""
+    run = training_runs(config)["warm_start"]
+    return Step("warm_start", {"model": config.model, "run": run.record},
+                lambda staging: _warm_start(run, config.model, staging, launch))
+
+
 def run_critical_pipeline(config: CriticalPipelineConfig, launch: dict | None = None) -> dict[str, Path]:
     """Run every step not done yet (module docstring); returns each step's output directory. ``launch``: launch
     flags (``--accelerate_config``, ``--num_processes``, ...) the training steps run under (:meth:`TrainingRun.train`),
@@ -368,15 +376,7 @@ def run_critical_pipeline(config: CriticalPipelineConfig, launch: dict | None = 
     policy = str(work_dir / "warm_start") if "warm_start" in runs else config.model
     warm = ("warm_start",) if "warm_start" in runs else ()
     sampling = _sampling_arguments(config)
-    steps = []
-    if warm:
-        steps.append(
-            Step(
-                "warm_start",
-                {"model": config.model, "run": runs["warm_start"].record},
-                lambda staging: _warm_start(runs["warm_start"], config.model, staging, launch),
-            )
-        )
+    steps = [warm_start_step(config, launch)] if warm else []
     steps += [
         Step("samples", sampling, lambda staging: _sample({**sampling, "model": policy}, staging, launch),
              inputs=warm),

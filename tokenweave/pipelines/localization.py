@@ -8,7 +8,8 @@ not the template tokens, not EOS, whose cDPO weight is 1 whatever its score.
 * :func:`localization_report` (``tokenweave localize``): for each rejected trajectory the arithmetic task can read,
   the token of its first error (:func:`tokenweave.data.arithmetic_errors.first_error`) against the ranking of the
   message tokens by score, lowest first: hit@k and MRR (:mod:`tokenweave.tokens.localization`), next to the exact
-  expectation of a random ranking of the same tokens, and how many trajectories the rule could not read (by reason).
+  expectation of a random ranking of the same tokens, and how many trajectories the rule could not read (by reason);
+  each readable trajectory's own values too (``trajectories``: the evidence table's units).
 * :func:`rollout_report`: cDPO's own test. From the prefix just before the lowest-scored message token, continuations
   are sampled with that token forbidden (:func:`tokenweave.inference.rollout.rollout_correct_share`), and the same
   from a uniformly random message token of the same trajectory (seeded per row); the report gives the share of
@@ -57,8 +58,8 @@ def first_error_token(example: dict) -> tuple[int, str] | Unreadable:
 def localization_report(pairs: Dataset, ks: Sequence[int] = KS) -> dict:
     """hit@k and MRR of the lowest ``rejected_scores`` against each rejected trajectory's first error, and of a random
     ranking of the same message tokens (module docstring)."""
-    score_metrics, random_metrics, kinds, unreadable = [], [], Counter(), Counter()
-    for example in pairs:
+    score_metrics, random_metrics, kinds, unreadable, trajectories = [], [], Counter(), Counter(), []
+    for row, example in enumerate(pairs):
         located = first_error_token(example)
         if isinstance(located, Unreadable):
             unreadable[located.reason] += 1
@@ -69,6 +70,7 @@ def localization_report(pairs: Dataset, ks: Sequence[int] = KS) -> dict:
         score_metrics.append(rank_metrics(candidates, target - content.first, ks))
         random_metrics.append(random_rank_metrics(len(candidates), ks))
         kinds[kind] += 1
+        trajectories.append({"row": row, "kind": kind, "scores": score_metrics[-1], "random": random_metrics[-1]})
     return {
         "num_trajectories": len(pairs),
         "num_readable": len(score_metrics),
@@ -76,6 +78,7 @@ def localization_report(pairs: Dataset, ks: Sequence[int] = KS) -> dict:
         "error_kinds": dict(kinds),
         "scores": _means(score_metrics),
         "random": _means(random_metrics),
+        "trajectories": trajectories,
     }
 
 

@@ -1,14 +1,9 @@
-"""The statistics the benchmarks report: the paired bootstrap interval of benchmarks/intervals.py."""
-
-import importlib.util
+"""The intervals tokenweave reports (tokenweave/stats.py): the paired bootstrap over problems shared by the seeds,
+and the bootstrap stratified by seed of the evidence measurements."""
 
 import pytest
 
-from .conftest import REPO_ROOT
-
-spec = importlib.util.spec_from_file_location("intervals", REPO_ROOT / "benchmarks" / "intervals.py")
-intervals = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(intervals)
+from tokenweave import stats as intervals
 
 
 def test_a_constant_difference_has_a_zero_width_interval():
@@ -43,3 +38,22 @@ def test_difference_row_formats_the_paired_mean_and_its_interval():
     mean, low, high = intervals.paired_bootstrap([[1, 0, 0, 0], [0, 0, 1, 0]])
     assert row == f"| a − b | +25.0% | [{low:+.1%}, {high:+.1%}] |" and mean == 0.25 and low <= 0.25 <= high
     assert intervals.difference_row("a", "b", [[1, 0]], [[1, 0]]) == "| a − b | +0.0% | [+0.0%, +0.0%] |"
+
+
+def test_stratified_bootstrap_pools_units_and_resamples_within_each_seed():
+    """Seed 0 has 30 units of +1, seed 1 has 10 of 0: the pooled mean is 0.75, and since each seed keeps its count in
+    every resample, the interval has zero width (a pooled resample would move it)."""
+    assert intervals.stratified_bootstrap([[1.0] * 30, [0.0] * 10], samples=300) == (0.75, 0.75, 0.75)
+
+
+def test_stratified_bootstrap_interval_has_the_width_of_the_standard_error():
+    row = [1.0, 0.0] * 100  # mean 0.5, standard error 0.5 / sqrt(200) per seed's units, pooled over 2 seeds
+    mean, low, high = intervals.stratified_bootstrap([row, row], samples=4000)
+    assert mean == 0.5 and low < 0.5 < high
+    assert high - low == pytest.approx(2 * 1.96 * 0.5 / 400**0.5, rel=0.15)
+
+
+def test_stratified_bootstrap_skips_empty_seeds_and_refuses_no_units():
+    assert intervals.stratified_bootstrap([[], [0.5, 0.5]], samples=50) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="No unit"):
+        intervals.stratified_bootstrap([[], []])

@@ -1,9 +1,13 @@
-"""The interval every accuracy benchmark reports: a paired percentile bootstrap over test problems.
+"""The intervals tokenweave reports: percentile bootstraps of paired differences, over seeds.
 
-``differences[seed][problem]`` is, for one seed and one held-out problem, method A's score minus method B's (for
+* :func:`paired_bootstrap` (every accuracy benchmark, and learning comparisons): ``differences[seed][problem]`` is, for one seed and one held-out problem, method A's score minus method B's (for
 example ``correct(cDPO) − correct(DPO)``, or a difference of NDCG@5). The statistic is the mean over problems and
 seeds; the bootstrap resamples problems, with the same draw for every seed (so each problem's seeds stay paired),
 and the interval is the percentiles ``(1 − level) / 2`` and ``(1 + level) / 2`` of the resampled means.
+* :func:`stratified_bootstrap` (``tokenweave evidence``'s ground-truth measurements): where each seed has its own
+  units (its own sampled trajectories), ``differences[seed][unit]`` of a signal's value minus its control's on the
+  same unit; the statistic is the mean over every unit of every seed, and the bootstrap resamples units within each
+  seed (each seed keeps its count), the same percentiles.
 """
 
 from __future__ import annotations
@@ -27,6 +31,23 @@ def paired_bootstrap(
     )
     tail = (1 - level) / 2
     return sum(per_problem) / num_problems, means[int(tail * samples)], means[int((1 - tail) * samples) - 1]
+
+
+def stratified_bootstrap(
+    differences: list[list[float]], *, samples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of every ``differences[seed][unit]`` and its percentile bootstrap interval, units resampled within each
+    seed (module docstring). Returns ``(mean, low, high)``; ``ValueError`` when there is no unit at all."""
+    strata = [row for row in differences if row]
+    total = sum(len(row) for row in strata)
+    if not total:
+        raise ValueError("No unit to take a mean of: every seed's list of differences is empty.")
+    rng = random.Random(seed)
+    means = sorted(
+        sum(row[rng.randrange(len(row))] for row in strata for _ in range(len(row))) / total for _ in range(samples)
+    )
+    tail = (1 - level) / 2
+    return sum(map(sum, strata)) / total, means[int(tail * samples)], means[int((1 - tail) * samples) - 1]
 
 
 def difference_row(first: str, second: str, first_scores: list[list[float]], second_scores: list[list[float]]) -> str:

@@ -1,0 +1,60 @@
+"""``tokenweave evidence``: each token signal against its matched control, on ground truth and perturbation tests,
+over paired seeds, in one table (Markdown and JSON) and one figure.
+
+==========================  ====================================================  ===================================
+signal                      measurement (unit)                                    control (the same unit)
+==========================  ====================================================  ===================================
+critical tokens             the lowest-scored token is the first error, hit@1     a random ranking of the same tokens
+                            (rejected trajectory; :mod:`.critical`)               (exact)
+critical tokens             continuations correct with that token forbidden       a random message token forbidden
+                            (cDPO's rollout test; :mod:`.critical`)
+attention credit            answer changes when a top-FAI token is replaced by    random tokens of the same trajectory
+                            the second-ranked one (:mod:`.perturbation`)
+attention credit            credited tokens that are calculation tokens           the share of all its tokens (exact)
+HAPO's entropy signal       answer changes at the highest-entropy tokens          random tokens of the same trajectory
+                            (forking tokens; :mod:`.perturbation`)
+Rank-GRPO's spans           the advantage's sign agrees with the item's           the completion's sequence-level
+                            relevance (ranked item; :mod:`.ranks`)                advantage (GRPO)
+==========================  ====================================================  ===================================
+
+What each seed varies: the questions (the arithmetic test split and the recommendation requests drawn with that seed;
+the critical-token pipeline's sampled training questions and trajectories) and the random controls' draws. The
+models: the critical-token pipeline's warm start (LoRA SFT of the base model, ``--critical_config``'s
+``warm_start_config``; trained once, shared by the seeds) for the arithmetic rows, and the recommendation warm start
+(``configs/recommend_sft_smollm2_lora.yaml``, merged) for Rank-GRPO's. ``--budget`` sets the counts
+(:data:`BUDGETS`: ``cpu`` for two CPU cores, ``gpu`` for the same command at a larger scale).
+
+Every part of every seed is a resumable step (:mod:`tokenweave.pipelines.steps`) under ``work_dir``: a rerun
+reuses what is done and refuses a step made with other settings. The table: ``evidence.md``, ``evidence.json`` (every
+unit's pair); the figure (each row's effect and interval): ``evidence.png`` and ``.svg``, written by the command.
+
+:mod:`.run` runs the parts and writes the table; this module holds only what the command line needs (no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PARTS = ("critical", "perturbation", "ranks")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The counts of one evidence run, per seed."""
+
+    critical_questions: int  # training questions the critical-token pipeline samples (8 trajectories each)
+    rollout_trajectories: int  # rejected trajectories in the rollout test
+    rollout_samples: int  # continuations per tested token
+    perturbation_questions: int  # greedy arithmetic trajectories perturbed
+    top_k: int  # tokens perturbed per trajectory, by the signal and at random
+    max_new_tokens: int  # of the greedy trajectories and their continuations
+    rank_requests: int  # recommendation requests
+    rank_samples: int  # lists sampled per request (a GRPO group)
+
+
+BUDGETS = {
+    "cpu": Budget(critical_questions=64, rollout_trajectories=48, rollout_samples=4, perturbation_questions=48,
+                  top_k=3, max_new_tokens=48, rank_requests=32, rank_samples=4),
+    "gpu": Budget(critical_questions=256, rollout_trajectories=192, rollout_samples=8, perturbation_questions=256,
+                  top_k=3, max_new_tokens=64, rank_requests=256, rank_samples=8),
+}

@@ -1,0 +1,125 @@
+"""Run ``tokenweave evidence``'s parts over the seeds (the package docstring) and write its table."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ...inference.loading import load_model_and_tokenizer, save_merged_model
+from ...train import train
+from ..critical import run_critical_pipeline, warm_start_step
+from ..quickstart import REPO_ROOT, quickstart_config
+from ..steps import Step, run_steps
+from . import BUDGETS, PARTS, Budget
+from .critical import critical_evidence
+from .perturbation import perturbation_evidence
+from .ranks import rank_evidence
+from .table import Measurement, evidence_json, evidence_markdown, load_measurements
+
+LOG_PREFIX = "evidence"
+CRITICAL_CONFIG = REPO_ROOT / "configs" / "critical_smollm2_full.yaml"
+RANK_WARM_START_CONFIG = REPO_ROOT / "configs" / "recommend_sft_smollm2_lora.yaml"
+MEASUREMENTS_FILE = "measurements.json"
+
+
+def _measurements_step(name: str, settings: dict, measure, inputs: tuple[str, ...] = ()) -> Step:
+    """A step whose output is the measurements ``measure()`` returns, as JSON."""
+
+    def build(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        (directory / MEASUREMENTS_FILE).write_text(evidence_json(measure()))
+
+    return Step(name, settings, build, inputs)
+
+
+def _read(directory: Path) -> list[Measurement]:
+    return load_measurements((directory / MEASUREMENTS_FILE).read_text())
+
+
+def _loaded(model: Path):
+    loaded, tokenizer = load_model_and_tokenizer(str(model))
+    tokenizer.padding_side = "left"
+    return loaded.eval(), tokenizer
+
+
+def _critical_configs(work_dir: Path, seeds: Sequence[int], budget: Budget, config_file: Path) -> dict:
+    """Each seed's critical-token pipeline config: the file's, its localization and rollout steps, no training."""
+    configs = {}
+    for seed in seeds:
+        config = quickstart_config(str(work_dir / f"seed{seed}"), seed, config_file)
+        configs[seed] = replace(config, cdpo_config=None, compare_dpo=False, compare_shuffled=False,
+                                num_examples=budget.critical_questions, measure_localization=True,
+                                rollout_trajectories=budget.rollout_trajectories,
+                                rollout_samples=budget.rollout_samples)
+    return configs
+
+
+def _rank_warm_start(directory: Path) -> None:
+    train(["--config", str(RANK_WARM_START_CONFIG), "--output_dir", str(directory / "adapter")])
+    save_merged_model(str(directory / "adapter"), str(directory))
+
+
+def run_evidence(
+    work_dir: str | Path, seeds: Sequence[int], budget: str = "cpu", parts: Sequence[str] = PARTS,
+    critical_config: str | Path = CRITICAL_CONFIG,
+) -> list[Measurement]:
+    """Every measurement of ``parts`` over ``seeds`` at ``budget`` (module docstring), each step reused when done."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or budget not in BUDGETS:
+        raise ValueError(f"tokenweave evidence: unknown part(s) {unknown} (known: {list(PARTS)}) or budget "
+                         f"{budget!r} (known: {list(BUDGETS)}).")
+    counts, work_dir = BUDGETS[budget], Path(work_dir)
+    configs = _critical_configs(work_dir, seeds, counts, Path(critical_config))
+    measurements = []
+    warm_start = run_steps(work_dir, [warm_start_step(configs[seeds[0]])], LOG_PREFIX)["warm_start"]
+    if "critical" in parts:
+        steps_by_seed = {}
+        for seed, config in configs.items():
+            seed_warm_start = Path(config.work_dir) / "warm_start"
+            if not seed_warm_start.exists():  # the same step, with its record: the pipeline reuses it
+                shutil.copytree(warm_start, seed_warm_start)
+            steps_by_seed[seed] = run_critical_pipeline(config)
+        measurements += critical_evidence(steps_by_seed)
+    if "perturbation" in parts:
+        model, tokenizer = _loaded(warm_start)
+        settings = {"budget": asdict(counts), "model": str(warm_start)}
+        steps = [_measurements_step(
+            f"perturbation_seed{seed}", {**settings, "seed": seed},
+            lambda seed=seed: perturbation_evidence(
+                model, tokenizer, seeds=[seed], num_questions=counts.perturbation_questions, top_k=counts.top_k,
+                max_new_tokens=counts.max_new_tokens),
+        ) for seed in seeds]
+        measurements += _merged([_read(path) for path in run_steps(work_dir, steps, LOG_PREFIX).values()])
+    if "ranks" in parts:
+        rank_model = run_steps(work_dir, [Step("recommendation_warm_start", {"config": str(RANK_WARM_START_CONFIG)},
+                                               _rank_warm_start)], LOG_PREFIX)["recommendation_warm_start"]
+        model, tokenizer = _loaded(rank_model)
+        steps = [_measurements_step(
+            f"ranks_seed{seed}", {"budget": asdict(counts), "seed": seed},
+            lambda seed=seed: [rank_evidence(model, tokenizer, seeds=[seed], num_requests=counts.rank_requests,
+                                             num_samples_per_prompt=counts.rank_samples)],
+        ) for seed in seeds]
+        measurements += _merged([_read(path) for path in run_steps(work_dir, steps, LOG_PREFIX).values()])
+    return measurements
+
+
+def _merged(per_seed: list[list[Measurement]]) -> list[Measurement]:
+    """The rows of several seeds' steps, each row's seeds together (the rows in the first step's order)."""
+    merged = per_seed[0]
+    for rows in per_seed[1:]:
+        for row, other in zip(merged, rows, strict=True):
+            row.pairs.update(other.pairs)
+    return merged
+
+
+def write_evidence(measurements: list[Measurement], output_dir: str | Path) -> dict[str, Path]:
+    """``evidence.md`` and ``evidence.json`` in ``output_dir``; returns their paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": output_dir / "evidence.md", "json": output_dir / "evidence.json"}
+    paths["markdown"].write_text(evidence_markdown(measurements) + "\n")
+    paths["json"].write_text(evidence_json(measurements))
+    return paths
+
