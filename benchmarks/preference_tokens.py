@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from cdpo_accuracy import evaluate
@@ -42,7 +41,7 @@ from tokenweave.inference.loading import save_merged_model
 from tokenweave.pipelines.critical import run_critical_pipeline, training_runs
 from tokenweave.pipelines.quickstart import REPO_ROOT, quickstart_config
 from tokenweave.pipelines.steps import Step, run_steps
-from tokenweave.pipelines.token_rewards import reward_models, write_rewarded_dataset
+from tokenweave.pipelines.token_rewards import pairs_rewards_step
 from tokenweave.stats import difference_row
 
 PIPELINE_ARMS = ("dpo", "cdpo", "cdpo_shuffled")
@@ -84,23 +83,12 @@ def seed_arms(seed: int, work_dir: Path, config_file: Path, first_warm_start: Pa
     variants |= {f"{name}_shuffled": run.variant(signal_control="shuffle", signal_control_seed=seed)
                  for name, run in list(variants.items())}
 
-    def rewards_step(name: str, reward_model: Path | None) -> Step:
-        run = variants[name]
-
-        def build(directory: Path) -> None:
-            model_args = replace(run.model_args, model_name_or_path=warm)
-            models = reward_models(run.training_args, model_args, None if reward_model is None else str(reward_model))
-            write_rewarded_dataset(replace(run.run_args, dataset_name=str(pairs)), run.training_args, model_args,
-                                   models, directory)
-
-        return Step(f"{name}_rewards", {"run": run.record, "reward_model": str(reward_model), "warm_start": warm,
-                                        "pairs": str(pairs)}, build)
-
     def train_step(name: str, run, dataset: Path) -> Step:
         return Step(name, {"run": run.record, "model": warm, "dataset": str(dataset)},
                     lambda directory: run.train(warm, dataset, directory))
 
-    steps_list = [rewards_step("tgdpo", steps["dpo"]), rewards_step("treg", None),
+    steps_list = [pairs_rewards_step("tgdpo", variants["tgdpo"], warm, pairs, steps["dpo"]),
+                  pairs_rewards_step("treg", variants["treg"], warm, pairs, None),
                   Step("swapped_pairs", {"pairs": str(pairs)}, lambda directory: swapped_pairs(pairs, directory))]
     done = run_steps(root, steps_list, "preference_tokens")
     training = [train_step(name, variants[name], done[f"{name.removesuffix('_shuffled')}_rewards"])

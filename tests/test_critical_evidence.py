@@ -187,6 +187,15 @@ def test_localization_report_by_hand(tiny_tokenizer):
     harmonic_mean = [sum(1 / r for r in range(1, n + 1)) / n for n in lengths]
     assert report["random"]["mrr"] == pytest.approx(sum(harmonic_mean) / 3)
     assert report["random"]["hit@1"] == pytest.approx(sum(1 / n for n in lengths) / 3)
+    # each readable trajectory's own values, in row order (the evidence table's units)
+    assert [entry["row"] for entry in report["trajectories"]] == [0, 1, 2]
+    assert [entry["scores"]["hit@1"] for entry in report["trajectories"]] == [1.0, 0.0, 0.0]
+    assert [entry["random"]["hit@1"] for entry in report["trajectories"]] == pytest.approx([1 / n for n in lengths])
+    # another signal's per-token values rank the same tokens: here the scores turned around, so the target ranks last
+    for row in rows:
+        row["rejected_token_rewards"] = [-score for score in row["rejected_scores"]]
+    turned = localization_report(Dataset.from_list(rows), scores_column="rejected_token_rewards")
+    assert turned["scores"]["hit@1"] == 0.0 and turned["random"] == report["random"]
 
 
 def test_localization_without_reference_solutions(tiny_tokenizer):

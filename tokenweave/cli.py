@@ -464,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     evidence.add_argument("--budget", choices=list(BUDGETS), default="cpu",
                           help="The counts per seed: cpu (two CPU cores) or gpu (the same at a larger scale).")
     evidence.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
-                          help="The measurements to run: critical (localization, rollout test), perturbation "
-                               "(attention credit, HAPO's entropy), ranks (Rank-GRPO).")
+                          help="The measurements to run: critical (localization, rollout test), preference (TGDPO's "
+                               "and T-REG's token rewards on the same trajectories), perturbation (attention credit, "
+                               "HAPO's entropy), ranks (Rank-GRPO).")
     evidence.add_argument("--work_dir", default="outputs/evidence", help="Where the steps, the table and the figure go.")
     evidence.add_argument("--critical_config", default=None,
                           help="The critical-token pipeline config of the arithmetic rows (its warm start is their "

@@ -55,9 +55,10 @@ def first_error_token(example: dict) -> tuple[int, str] | Unreadable:
     return content.token_at(error.offset), error.kind
 
 
-def localization_report(pairs: Dataset, ks: Sequence[int] = KS) -> dict:
-    """hit@k and MRR of the lowest ``rejected_scores`` against each rejected trajectory's first error, and of a random
-    ranking of the same message tokens (module docstring)."""
+def localization_report(pairs: Dataset, ks: Sequence[int] = KS, scores_column: str = "rejected_scores") -> dict:
+    """hit@k and MRR of the lowest ``scores_column`` values (one per rejected token: the critical-token scores, or
+    another signal's, e.g. TGDPO's ``rejected_token_rewards``) against each rejected trajectory's first error, and of
+    a random ranking of the same message tokens (module docstring)."""
     score_metrics, random_metrics, kinds, unreadable, trajectories = [], [], Counter(), Counter(), []
     for row, example in enumerate(pairs):
         located = first_error_token(example)
@@ -66,7 +67,7 @@ def localization_report(pairs: Dataset, ks: Sequence[int] = KS) -> dict:
             continue
         target, kind = located
         content = message_tokens(example)
-        candidates = example["rejected_scores"][content.first : content.end]
+        candidates = example[scores_column][content.first : content.end]
         score_metrics.append(rank_metrics(candidates, target - content.first, ks))
         random_metrics.append(random_rank_metrics(len(candidates), ks))
         kinds[kind] += 1

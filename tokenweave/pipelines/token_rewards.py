@@ -37,6 +37,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,19 @@ def format_summary(summary: dict) -> str:
         for side in ("chosen", "rejected"))
     return (f"token-rewards ({summary['loss_type']}): {summary['rows']} pairs; {sides}; "
             f"{'reused' if summary['reused'] else 'wrote'} {summary['output']} ({summary['seconds']:.1f} s)")
+
+
+def pairs_rewards_step(name: str, run, warm_start: str, pairs: Path, reward_model: Path | None) -> Step:
+    """The step ``<name>_rewards`` that writes the token rewards of ``run``'s loss (a pipeline ``TrainingRun`` whose
+    ``loss_type`` is tgdpo or treg) over the pairs dataset ``pairs``, its models the policy ``warm_start`` and, for
+    TGDPO, ``reward_model`` (the pipelines' use: the critical-token pairs, scored before training from the warm
+    start)."""
+
+    def build(directory: Path) -> None:
+        model_args = replace(run.model_args, model_name_or_path=warm_start)
+        models = reward_models(run.training_args, model_args, None if reward_model is None else str(reward_model))
+        write_rewarded_dataset(replace(run.run_args, dataset_name=str(pairs)), run.training_args, model_args, models,
+                               directory)
+
+    return Step(f"{name}_rewards", {"run": run.record, "reward_model": str(reward_model), "warm_start": warm_start,
+                                    "pairs": str(pairs)}, build)

@@ -8,6 +8,8 @@ critical tokens             the lowest-scored token is the first error, hit@1   
                             (rejected trajectory; :mod:`.critical`)               (exact)
 critical tokens             continuations correct with that token forbidden       a random message token forbidden
                             (cDPO's rollout test; :mod:`.critical`)
+TGDPO's, T-REG's token      the lowest-rewarded token is the first error, hit@1   a random ranking of the same tokens
+rewards                     (the same rejected trajectories; :mod:`.preference`)  (exact)
 attention credit            answer changes when a top-FAI token is replaced by    random tokens of the same trajectory
                             the second-ranked one (:mod:`.perturbation`)
 attention credit            credited tokens that are calculation tokens           the share of all its tokens (exact)
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PARTS = ("critical", "perturbation", "ranks")
+PARTS = ("critical", "preference", "perturbation", "ranks")
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from ...inference.loading import load_model_and_tokenizer, save_merged_model
 from ...train import train
-from ..critical import run_critical_pipeline, warm_start_step
+from ..critical import run_critical_pipeline, training_runs, warm_start_step
 from ..quickstart import REPO_ROOT, quickstart_config
 from ..steps import Step, run_steps
+from ..token_rewards import pairs_rewards_step
 from . import BUDGETS, PARTS, Budget
 from .critical import critical_evidence
 from .perturbation import perturbation_evidence
+from .preference import METHODS, token_reward_evidence
 from .ranks import rank_evidence
 from .table import Measurement, evidence_json, evidence_markdown, load_measurements
 
@@ -45,15 +47,32 @@ def _loaded(model: Path):
 
 
 def _critical_configs(work_dir: Path, seeds: Sequence[int], budget: Budget, config_file: Path) -> dict:
-    """Each seed's critical-token pipeline config: the file's, its localization and rollout steps, no training."""
+    """Each seed's critical-token pipeline config: the file's with the budget's counts, its localization and rollout
+    steps, no training after them."""
     configs = {}
     for seed in seeds:
         config = quickstart_config(str(work_dir / f"seed{seed}"), seed, config_file)
-        configs[seed] = replace(config, cdpo_config=None, compare_dpo=False, compare_shuffled=False,
+        configs[seed] = replace(config, compare_dpo=False, compare_shuffled=False, cdpo_config=None,
                                 num_examples=budget.critical_questions, measure_localization=True,
                                 rollout_trajectories=budget.rollout_trajectories,
                                 rollout_samples=budget.rollout_samples)
     return configs
+
+
+def _token_rewards(config, cdpo_config: str, steps: dict[str, Path]) -> dict[str, Path]:
+    """TGDPO's and T-REG's rewarded pairs of one seed (:mod:`.preference`): the DPO reward model trained on the
+    pairs from the warm start, then each method's token rewards, as steps under the seed's ``preference/``."""
+    runs = training_runs(replace(config, cdpo_config=cdpo_config, compare_dpo=True))
+    warm, pairs = str(steps["warm_start"]), steps["pairs"]
+    root = Path(config.work_dir).parent / "preference"
+    dpo = run_steps(root, [Step("dpo", {"run": runs["dpo"].record, "model": warm, "dataset": str(pairs)},
+                                lambda directory: runs["dpo"].train(warm, pairs, directory))], LOG_PREFIX)["dpo"]
+    plain = {"token_signals": None, "signal_control": "none"}
+    done = run_steps(root, [
+        pairs_rewards_step("tgdpo", runs["cdpo"].variant(loss_type="tgdpo", **plain), warm, pairs, dpo),
+        pairs_rewards_step("treg", runs["cdpo"].variant(loss_type="treg", **plain), warm, pairs, None),
+    ], LOG_PREFIX)
+    return {name: done[f"{name}_rewards"] for name in METHODS}
 
 
 def _rank_warm_start(directory: Path) -> None:
@@ -74,14 +93,19 @@ def run_evidence(
     configs = _critical_configs(work_dir, seeds, counts, Path(critical_config))
     measurements = []
     warm_start = run_steps(work_dir, [warm_start_step(configs[seeds[0]])], LOG_PREFIX)["warm_start"]
-    if "critical" in parts:
+    if "critical" in parts or "preference" in parts:
         steps_by_seed = {}
         for seed, config in configs.items():
             seed_warm_start = Path(config.work_dir) / "warm_start"
             if not seed_warm_start.exists():  # the same step, with its record: the pipeline reuses it
                 shutil.copytree(warm_start, seed_warm_start)
             steps_by_seed[seed] = run_critical_pipeline(config)
-        measurements += critical_evidence(steps_by_seed)
+        if "critical" in parts:
+            measurements += critical_evidence(steps_by_seed)
+        if "preference" in parts:
+            cdpo_config = quickstart_config(str(work_dir), seeds[0], Path(critical_config)).cdpo_config
+            measurements += token_reward_evidence({seed: _token_rewards(configs[seed], cdpo_config, steps)
+                                                   for seed, steps in steps_by_seed.items()})
     if "perturbation" in parts:
         model, tokenizer = _loaded(warm_start)
         settings = {"budget": asdict(counts), "model": str(warm_start)}
