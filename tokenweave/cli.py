@@ -11,7 +11,9 @@
     tokenweave attention-heatmap --model smollm2-135m [--config run.yaml] --output page.html [--terminal]
     tokenweave sft-heatmap --config configs/sft_weight_rules_tiny.yaml [--rows 8] [--output page.html] [--terminal]
     tokenweave dpo-heatmap --config configs/tgdpo_tiny.yaml [--rows 8] [--output page.html] [--terminal]
+    tokenweave grpo-heatmap --config configs/rlsd_tiny.yaml [--prompts 2] [--output page.html] [--terminal]
     tokenweave localize --pairs outputs/critical_tokens/pairs [--output report.json]
+    tokenweave evidence [--seeds 0 1 2 3 4] [--budget cpu] [--parts critical ...] [--work_dir outputs/evidence]
     tokenweave plot outputs/run_a outputs/run_b --output plots/
     tokenweave env
     tokenweave quickstart
@@ -201,6 +203,22 @@ def _dpo_heatmap_command(args) -> None:
         print(render_dpo_terminal(view.rows, color=terminal_color(sys.stdout), **common), end="")
     if args.output:
         page = render_dpo_html(view.rows, title=f"DPO token signals: {view.method}", source=args.config, **common)
+        Path(args.output).write_text(page, encoding="utf-8")
+        print(f"wrote {len(view.rows)} completions' token values to {args.output}")
+
+
+def _grpo_heatmap_command(args) -> None:
+    """``tokenweave grpo-heatmap``: each completion token's advantage and the per-token values a GRPO run's token
+    signals give its policy loss, for completions of its first prompts (:func:`tokenweave.heatmap.grpo_signals_from_config`)."""
+    from .heatmap import grpo_signals_from_config, render_dpo_html, render_dpo_terminal, terminal_color
+
+    view = grpo_signals_from_config(args.config, num_prompts=args.prompts)
+    common = {"method": view.method, "options": view.options}
+    if args.terminal:
+        print(render_dpo_terminal(view.rows, color=terminal_color(sys.stdout), **common), end="")
+    if args.output:
+        page = render_dpo_html(view.rows, title=f"GRPO token signals: {view.method}", source=args.config,
+                               trainer="grpo", **common)
         Path(args.output).write_text(page, encoding="utf-8")
         print(f"wrote {len(view.rows)} completions' token values to {args.output}")
 
@@ -432,6 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     dpo_heatmap.add_argument("--rows", type=int, default=8, help="The first N pairs of the prepared train dataset.")
     dpo_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
     dpo_heatmap.add_argument("--terminal", action="store_true", help="Print the valued tokens to the terminal.")
+
+    grpo_heatmap = command(
+        "grpo-heatmap", _grpo_heatmap_command,
+        help="Show each completion token's advantage and the per-token values a GRPO run's token signals give its "
+        "policy loss (RLSD's factor, attention credit's per-token advantages, HAPO's entropy signal, ...) for "
+        "completions the model samples for the first prompts of its train dataset, before training, as an HTML page "
+        "or in the terminal.",
+    )
+    grpo_heatmap.set_defaults(needs_output=True)
+    grpo_heatmap.add_argument("--config", required=True, help="The GRPO run config (with token_signals).")
+    grpo_heatmap.add_argument("--prompts", type=int, default=2,
+                              help="The first N prompts of the prepared train dataset (num_generations_eval each).")
+    grpo_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
+    grpo_heatmap.add_argument("--terminal", action="store_true", help="Print the valued tokens to the terminal.")
 
     localize = command(
         "localize", _localize_command,

@@ -847,6 +847,15 @@ SIGNAL_MEANINGS = {
                      "weights, <code>weights</code>, <code>weight_rules</code>)",
     "distillation_loss": "AlignDistil's per-token distillation loss L<sub>t</sub> on each chosen completion token",
 }
+GRPO_SIGNAL_MEANINGS = {
+    "advantages": "Each completion token's advantage as the policy loss gets it (GRPO's one advantage per "
+                  "completion, or a signal's per-token advantages: attention credit's &gamma;<sub>t</sub>&middot;A, "
+                  "Rank-GRPO's per-rank advantages)",
+    "token_weights": "The factor on each completion token's policy loss, the token signals' weights multiplied "
+                     "(RLSD's (1 &minus; &lambda;) + &lambda;&middot;clip(exp(sign(A)&middot;&delta;<sub>t</sub>), "
+                     "1 &minus; &epsilon;, 1 + &epsilon;), a critical-token or column weight)",
+    "entropy_signal": "HAPO's entropy signal &#x125;<sub>t</sub> in [&minus;1, 1] (above its pivot: positive)",
+}
 
 
 @dataclass(frozen=True)
@@ -1036,24 +1045,27 @@ h2 code { font-size: 1em; }"""
 
 
 def render_dpo_html(rows: Sequence[SignalRow], *, method: str, options: dict, title: str = "DPO token signals",
-                    source: str = "") -> str:
-    """A self-contained HTML page of the per-token values a DPO run's token signals give its token-level loss: the
-    method and its options, then for each loss input of ``rows`` (:func:`_signal_groups`) what it is and its scale
+                    source: str = "", trainer: str = "dpo") -> str:
+    """A self-contained HTML page of the per-token values a DPO run's token signals give its token-level loss (a GRPO
+    run's, with ``trainer="grpo"``: :func:`grpo_signals_from_config`): the method and its options, then for each loss input of ``rows`` (:func:`_signal_groups`) what it is and its scale
     (:func:`signal_scale`: weights as the SFT view draws them; a diverging scale centred on 0, symmetric to the largest
     ``|value|`` shown; or a sequential one), the lines every prompt opens with, and per pair its prompt (plain) and
     each completion's summary line and tokens, coloured by their values, each value on hover."""
+    what = ("for each pair's chosen and rejected completion, from one forward of the model as it starts training"
+            if trainer == "dpo" else "for completions the model samples as it starts training, from one generation "
+            "batch and one forward")
+    meanings = SIGNAL_MEANINGS if trainer == "dpo" else GRPO_SIGNAL_MEANINGS
     intro = (f'<p class="method">Method: <b>{html.escape(method)}</b>; options: '
              f'{html.escape(_options_text(options))}.</p>\n'
-             f"<p>The per-token values the token-level loss gets for each pair's chosen and rejected completion, from "
-             f"one forward of the model as it starts training{', ' + html.escape(source) if source else ''} (the "
-             f"random control, if any, applied). Only the completion tokens carry values; the prompt is plain. Hover "
-             f"over a token for its value.</p>")
+             f"<p>The per-token values the token-level loss gets {what}{', ' + html.escape(source) if source else ''} "
+             f"(the random control, if any, applied). Only the completion tokens carry values; the prompt is plain. "
+             f"Hover over a token for its value.</p>")
     blocks, first_legend = [], None
     for signal, group in _signal_groups(rows).items():
         scale = _signal_scale_of(signal, group)
         legend, sentence = _dpo_scale_html(signal, group, scale)
         first_legend = first_legend or legend
-        meaning = SIGNAL_MEANINGS.get(signal, "A per-token input of the loss")
+        meaning = meanings.get(signal, "A per-token input of the loss")
         blocks.append(f'<h2><code>{html.escape(signal)}</code></h2>\n<p class="scale">{meaning}. {sentence}</p>')
         prefix = _shared_prompt_lines(group)
         if prefix:
@@ -1094,9 +1106,10 @@ def render_dpo_terminal(rows: Sequence[SignalRow], *, method: str, options: dict
 
 
 @dataclass(frozen=True)
-class DPOSignals:
-    """What :func:`dpo_signals_from_config` computed: the token-level method (as run_info.json names it), its
-    options and the rows (per loss input, pair by pair, chosen then rejected)."""
+class SignalView:
+    """What :func:`dpo_signals_from_config` (or :func:`grpo_signals_from_config`) computed: the token-level method
+    (as run_info.json names it), its options and the rows (per loss input, pair by pair, chosen then rejected; or
+    prompt by prompt, each sampled completion)."""
 
     method: str
     options: dict
@@ -1111,7 +1124,7 @@ def _per_token_losses() -> list[str]:
     return sorted(name for name, loss in PREFERENCE_LOSSES.items() if loss.needs - TRAINER_INPUTS and ":" not in name)
 
 
-def dpo_signals_from_config(config: str, num_rows: int = 8) -> DPOSignals:
+def dpo_signals_from_config(config: str, num_rows: int = 8) -> SignalView:
     """The per-token values a DPO run's token signals give its token-level loss for the chosen and the rejected
     completion of the first ``num_rows`` rows of its prepared train dataset: the trainer built from the YAML
     ``config`` as ``tokenweave train`` builds it (model, reference, frozen models, token signals, random control;
@@ -1184,5 +1197,49 @@ def dpo_signals_from_config(config: str, num_rows: int = 8) -> DPOSignals:
                 note = CHOSEN_ONLY_SIGNALS.get(name, "") if side == "rejected" else ""
                 row_values = None if note else [float(tensor[row, position - 1]) for position in positions]
                 rows.append(SignalRow(name, side, tokens, row_values, f"pair {index}", prompt, note))
-    return DPOSignals(described["method"], described["options"], rows)
+    return SignalView(described["method"], described["options"], rows)
 
+
+
+def grpo_signals_from_config(config: str, num_prompts: int = 2) -> SignalView:
+    """The per-token values a GRPO run's token signals give its policy loss for completions of the first
+    ``num_prompts`` prompts of its prepared train dataset: the trainer built from the YAML ``config`` as ``tokenweave
+    train`` builds it (nothing trained), in evaluation mode, generates and scores one batch of
+    ``num_generations_eval`` completions per prompt (``_generate_and_score_completions``, every signal's after-
+    generation step included), then :meth:`~tokenweave.trainers.grpo.TokenGRPOTrainer.signal_values`: each
+    completion token's advantage and the signals' per-token loss inputs (RLSD's factor, a weight, HAPO's entropy
+    signal). ``ValueError`` for a config that is not a GRPO run or has no token signal. It writes nothing."""
+    import logging
+
+    from .config import load_run_config
+    from .data.token_columns import token_texts
+    from .trainers.card import token_method
+
+    run_args, training_args, model_args = load_run_config(config)
+    if run_args.method != "grpo":
+        raise ValueError(f"{config}: method {run_args.method!r}; the GRPO token-signal view needs a GRPO run config "
+                         "(method: grpo).")
+    if not training_args.token_signals:
+        raise ValueError(f"{config}: no token_signals: the view shows what a GRPO run's token signals give its loss "
+                         "(set token_signals, e.g. [rlsd]).")
+    trainer = _view_trainer(config, run_args, training_args, model_args, "grpo-heatmap")
+    described = token_method(trainer.args, "grpo")
+    prompts = _first_rows(trainer, num_prompts, config)
+    generations = trainer.num_generations_eval
+    logging.getLogger(__name__).info("[grpo-heatmap] sampling %d completions of %d prompts and computing the token "
+                                     "signals...", generations * len(prompts), len(prompts))
+    trainer.model.eval()
+    output = trainer._generate_and_score_completions([row for row in prompts for _ in range(generations)])
+    values = {name: tensor.cpu() for name, tensor in trainer.signal_values(output).items()}
+    tokenizer = trainer.processing_class
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    rows = []
+    for name, tensor in values.items():
+        for row in range(output["completion_ids"].size(0)):
+            prompt_ids = output["prompt_ids"][row][output["prompt_mask"][row].bool()].tolist()
+            length = int(output["completion_mask"][row].sum())
+            ids = output["completion_ids"][row, :length].tolist()
+            rows.append(SignalRow(name, f"completion {row % generations}", token_texts(tokenizer, ids),
+                                  tensor[row, :length].tolist(), f"prompt {row // generations}",
+                                  tokenizer.decode(prompt_ids)))
+    return SignalView(described["method"], described["options"], rows)

@@ -289,6 +289,28 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
             **{key: batch.get(key) for key in _MODEL_INPUT_KEYS},
         )
 
+    @torch.no_grad()
+    def signal_values(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """For a generation batch (``_generate_and_score_completions``'s output), each completion token's
+        ``advantages`` as the loss gets them (``[B, T]``, a signal's per-token advantages included) and the
+        per-token inputs the token signals give the policy loss (``token_weights``: their product, the random control
+        applied; ``entropy_signal``, ...), from one forward of the model without gradient; 0 outside the completion
+        tokens: what the heatmap shows (``tokenweave grpo-heatmap``)."""
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        logps, entropies, _ = self.completion_logps_and_entropies(self.model, inputs, compute_entropy=True)
+        old_logps = inputs.get("old_per_token_logps")
+        old_logps = logps if old_logps is None else old_logps
+        batch = self._token_batch(inputs, logps, old_logps, entropies, mask, self.model.training)
+        weights, loss_inputs = self.signal_token_inputs(batch)
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        values = {"advantages": advantages.expand(mask.shape).float()}
+        if weights is not None:
+            values["token_weights"] = weights.float()
+        values |= {name: value.float() for name, value in loss_inputs.items()
+                   if isinstance(value, torch.Tensor) and value.shape == mask.shape and value.is_floating_point()}
+        return {name: value * mask for name, value in values.items()}
+
     # -- loss ----------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
