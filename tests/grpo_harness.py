@@ -197,3 +197,29 @@ def attention_credit_advantages(trainer, batch: dict) -> torch.Tensor:
 
     generation = Generation(trainer, batch, True, [], [])
     return trainer.signals["attention_credit"].after_generation(generation)["advantages"]
+
+
+def rlsd_trainer(model_dir, output_dir, perturb_teacher=True, **overrides):
+    """A trainer with the rlsd signal (``policy_loss: grpo`` unless overridden); the frozen teacher's weights moved
+    away from the policy's (so that δ is far from 0 and the clip acts at both ends), the same way on every process."""
+    trainer = make_trainer(model_dir, output_dir, token_signals=["rlsd"], **({"policy_loss": "grpo"} | overrides))
+    if perturb_teacher and trainer.args.rlsd_teacher == "frozen":
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in trainer.frozen_models.loaded["history"].parameters():
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    return trainer
+
+
+def rlsd_rows() -> list[dict]:
+    """The dataset rows of the hand-made batch's 8 completions (2 prompts x 4): the rlsd teacher's answers."""
+    dataset = train_dataset()
+    return [dataset[0]] * 4 + [dataset[1]] * 4
+
+
+def rlsd_generation_columns(trainer, batch: dict, rows: slice = slice(None)) -> dict:
+    """What the rlsd signal adds to the generation batch (``after_generation`` on the hand-made batch, or on the
+    process's ``rows`` of it)."""
+    from tokenweave.trainers.rollout import Generation
+
+    return trainer.signals["rlsd"].after_generation(Generation(trainer, batch, True, [], rlsd_rows()[rows]))

@@ -295,3 +295,44 @@ def test_localize_command_prints_and_writes_the_report(tmp_path, tiny_tokenizer,
     printed = capsys.readouterr().out
     assert "over 1 of 2 rejected trajectories" in printed and "unreadable: {'other format': 1}" in printed
     assert json.loads((tmp_path / "report.json").read_text()) == localization_report(Dataset.from_list(rows))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prefix-sharing pairs: the rejected trajectory against a correct continuation from before its lowest-scored token
+
+
+def test_prefix_pairs_continue_the_rejected_trajectory_from_its_lowest_scored_token(monkeypatch):
+    """Row 0's lowest-scored message token is the wrong result digit '7': the rollouts start from the tokens before it
+    with it forbidden, and the first correct continuation ('8' then the answer line) makes the chosen response; row 1
+    gets no correct continuation and is left out; the scores are left for scoring again."""
+    from tokenweave.pipelines import prefix_pairs as module
+
+    tokenizer = build_tiny_llama()[1]
+    tokenizer.padding_side = "left"
+    rows = [scored_pair(tokenizer, "23 + 45 = 67\nThe answer is 67."), scored_pair(tokenizer, "23 - 45 = 68\nThe answer is 68.")]
+    targets = []
+    for row in rows:
+        target, _ = first_error_token(row)
+        row["rejected_scores"][target] = 0.01  # the lowest message token: the first error
+        row["question_id"] = len(targets)
+        targets.append(target)
+    seen = {}
+
+    def scripted(model, tokenizer_, prefixes, forbidden, starts, answers, **kwargs):
+        seen.update(prefixes=prefixes, forbidden=forbidden, starts=starts, answers=answers, kwargs=kwargs)
+        right = tokenizer_("8\nThe answer is 68.", add_special_tokens=False)["input_ids"] + [tokenizer_.eos_token_id]
+        wrong = tokenizer_("9\nThe answer is 69.", add_special_tokens=False)["input_ids"]
+        return [[(wrong, False), (right, True), (wrong, False)], [(wrong, False)]]
+
+    monkeypatch.setattr(module, "rollout_continuations", scripted)
+    result = module.prefix_pairs(Dataset.from_list(rows), None, tokenizer, num_rollouts=3, seed=5)
+    tokenized = [tokenize_like_dpo(row, tokenizer) for row in rows]
+    assert seen["prefixes"] == [t["prompt_ids"] + t["rejected_ids"][:target] for t, target in zip(tokenized, targets)]
+    assert seen["forbidden"] == [t["rejected_ids"][target] for t, target in zip(tokenized, targets)]
+    assert [tokenizer.decode([token]) for token in seen["forbidden"]] == ["7", "-"]
+    assert seen["starts"] == [len(t["prompt_ids"]) for t in tokenized] and seen["answers"] == ["68", "68"]
+    assert seen["kwargs"]["num_rollouts"] == 3 and seen["kwargs"]["seed"] == 5
+    assert len(result) == 1 and result[0]["question_id"] == 0 and result[0]["chosen_source"] == "prefix"
+    assert result[0]["chosen"] == [{"role": "assistant", "content": "23 + 45 = 68\nThe answer is 68."}]
+    assert result[0]["rejected"] == rows[0]["rejected"] and result[0]["prefix_position"] == targets[0]
+    assert "rejected_scores" not in result.column_names and result[0]["solution"] == SOLUTION

@@ -62,3 +62,17 @@ def test_figure_has_one_labelled_row_per_measured_row(tmp_path, monkeypatch):
     # bottom to top, so the table's first row is at the top; the unmeasured row is left out
     assert [label.replace("\n", " ") for label in seen["labels"]] == [
         "signal C: agreement (raw)", "signal B: answer changes", "signal A: hit@1"]
+
+
+def test_rows_over_shared_units_resample_them_together_across_seeds():
+    """Held-out problems shared by the seeds: seed 0's +1 and seed 1's −1 on the same problem cancel in every
+    resample (the paired bootstrap), while units of their own per seed would not."""
+    shared = Measurement("cDPO", "held-out accuracy", "shuffled cDPO", "problems", shared_units=True)
+    own = Measurement("cDPO", "held-out accuracy", "shuffled cDPO", "problems")
+    for row in (shared, own):
+        for problem in range(20):
+            row.add(0, float(problem % 2), float(1 - problem % 2))
+            row.add(1, float(1 - problem % 2), float(problem % 2))
+    assert shared.summary(500)["low"] == shared.summary(500)["high"] == 0.0
+    assert own.summary(500)["low"] < 0 < own.summary(500)["high"]
+    assert load_measurements(evidence_json([shared], samples=50))[0].shared_units

@@ -22,12 +22,13 @@ from .grpo_harness import (
     loss_and_grads,
     make_batch,
     make_trainer,
+    rlsd_generation_columns,
+    rlsd_rows,
+    rlsd_trainer,
     token_logps_and_entropies,
-    train_dataset,
 )
 
-DATASET = train_dataset()
-ROWS = [DATASET[0]] * 4 + [DATASET[1]] * 4  # the rows of the hand-made batch's 8 completions (2 prompts x 4)
+ROWS = rlsd_rows()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,23 +108,6 @@ def test_teacher_prompt_replaces_the_last_user_message():
 # ---------------------------------------------------------------------------------------------------------------
 # The signal in TokenGRPOTrainer, on the harness's hand-made generation batch (off-policy: old log-probs shifted).
 # ---------------------------------------------------------------------------------------------------------------
-def rlsd_trainer(model_dir, tmp_path, perturb_teacher=True, **overrides):
-    """A trainer with the rlsd signal; the frozen teacher's weights moved away from the policy's (so that δ is far
-    from 0 and the clip acts at both ends)."""
-    trainer = make_trainer(model_dir, tmp_path, token_signals=["rlsd"], **({"policy_loss": "grpo"} | overrides))
-    if perturb_teacher and trainer.args.rlsd_teacher == "frozen":
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for param in trainer.frozen_models.loaded["history"].parameters():
-                param.add_(0.5 * torch.randn(param.shape, generator=generator))
-    return trainer
-
-
-def generation_columns(trainer, batch):
-    """What the rlsd signal adds to the generation batch (``after_generation`` on the hand-made batch)."""
-    return trainer.signals["rlsd"].after_generation(Generation(trainer, batch, True, [], ROWS))
-
-
 @pytest.mark.parametrize("teacher", ["frozen", "dynamic"])
 def test_a_step_equals_trl_grpo_on_the_reweighted_advantages(model_dir, tmp_path, teacher):
     # the factor multiplies each token's loss: TRL's GRPO on A_t = A·factor_t gives the same loss and gradients; the
@@ -132,7 +116,7 @@ def test_a_step_equals_trl_grpo_on_the_reweighted_advantages(model_dir, tmp_path
     trainer = rlsd_trainer(model_dir, tmp_path, rlsd_teacher=teacher)
     reference = make_trainer(model_dir, tmp_path, GRPOTrainer, GRPOConfig, loss_type="grpo")
     batch = make_batch(trainer)
-    columns = generation_columns(trainer, batch)
+    columns = rlsd_generation_columns(trainer, batch)
     current, _ = token_logps_and_entropies(trainer, batch)
     student = current if teacher == "frozen" else batch["old_per_token_logps"]
     delta = columns[TEACHER_LOGPS] - student
@@ -157,7 +141,7 @@ def test_gradient_accumulation_gives_the_same_update(model_dir, tmp_path):
     whole = rlsd_trainer(model_dir, tmp_path)
     accumulated = rlsd_trainer(model_dir, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
     batch = make_batch(whole)
-    full = batch | generation_columns(whole, batch)
+    full = batch | rlsd_generation_columns(whole, batch)
     expected = loss_and_grads(whole, [full])
     assert max(grad.abs().max() for grad in expected[1]) > 0
     assert_same_update(loss_and_grads(accumulated, split_tensor_dict(full, 2)), expected, atol=1e-6)
@@ -169,13 +153,13 @@ def test_at_lambda_zero_a_step_equals_trl_grpo(model_dir, tmp_path):
     trainer = rlsd_trainer(model_dir, tmp_path)
     reference = make_trainer(model_dir, tmp_path, GRPOTrainer, GRPOConfig, loss_type="grpo")
     batch = make_batch(trainer)
-    columns = generation_columns(trainer, batch)
+    columns = rlsd_generation_columns(trainer, batch)
     assert columns[TEACHER_LOGPS][batch["completion_mask"].bool()].abs().min() > 0  # the teacher's forward ran
     trainer.state.global_step = 59
     assert_same_update(loss_and_grads(trainer, [batch | columns]), loss_and_grads(reference, [batch]), atol=1e-6)
     assert trainer._metrics["train"]["rlsd/lambda"] == [0.0] and trainer._metrics["train"]["rlsd/factor_mean"] == [1.0]
     # and once λ is 0 for good, the teacher's forward is skipped
-    skipped = generation_columns(trainer, batch)
+    skipped = rlsd_generation_columns(trainer, batch)
     assert not skipped[TEACHER_LOGPS].any()
     signs = torch.sign(batch["advantages"]).unsqueeze(1).expand_as(batch["completion_mask"])
     assert torch.equal(skipped[ADVANTAGE_SIGN], signs.float())
@@ -217,7 +201,7 @@ def test_the_random_control_permutes_each_completions_factors(model_dir, tmp_pat
     # that vary from token to token
     trainer = rlsd_trainer(model_dir, tmp_path, rlsd_teacher="dynamic", signal_control="shuffle")
     batch = make_batch(trainer)
-    batch = batch | generation_columns(trainer, batch) | {ROW_KEYS: trainer.generation_row_keys(8)}
+    batch = batch | rlsd_generation_columns(trainer, batch) | {ROW_KEYS: trainer.generation_row_keys(8)}
     logps, entropies = token_logps_and_entropies(trainer, batch)
     mask = batch["completion_mask"]
 

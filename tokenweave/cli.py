@@ -494,11 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evidence.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="Seeds (at least 5 to report).")
     evidence.add_argument("--budget", choices=list(BUDGETS), default="cpu",
-                          help="The counts per seed: cpu (two CPU cores) or gpu (the same at a larger scale).")
+                          help="The counts per seed: cpu (two CPU cores), gpu (the same at a larger scale) or tiny "
+                               "(a check that the command runs, with --critical_config configs/critical_tiny.yaml).")
     evidence.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
                           help="The measurements to run: critical (localization, rollout test), preference (TGDPO's "
                                "and T-REG's token rewards on the same trajectories), perturbation (attention credit, "
-                               "HAPO's entropy), ranks (Rank-GRPO).")
+                               "HAPO's entropy), ranks (Rank-GRPO), learning (cDPO on prefix-sharing and independent "
+                               "pairs against DPO and shuffled cDPO at each step budget: the longest).")
     evidence.add_argument("--work_dir", default="outputs/evidence", help="Where the steps, the table and the figure go.")
     evidence.add_argument("--critical_config", default=None,
                           help="The critical-token pipeline config of the arithmetic rows (its warm start is their "

@@ -19,7 +19,9 @@ computes it on the whole batch.
 And Rank-GRPO's per-rank advantages when a prompt's group spans the processes: 8 hand-written answers to one request
 (``rank_generation``), 4 on each rank, through the rank_grpo signal's ``after_generation`` (its rewards gathered over
 processes); rank 0 writes both ranks' advantages under :data:`RANK_ADVANTAGES`. And attention credit's advantages
-(A · γ) of each rank's half of the hand-made batch, under :data:`ATTENTION_ADVANTAGES`.
+(A · γ) of each rank's half of the hand-made batch, under :data:`ATTENTION_ADVANTAGES`. And RLSD: each rank adds its
+half's teacher columns (``after_generation``: the frozen teacher's log-probs of its own rows) and runs the loss,
+gradients averaged, under :data:`RLSD_UPDATE`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ NUM_PROCESSES = 2
 HAPO_OFF = dict(hapo_adaptive_temperature=False)  # sampling is not exercised: the batch is made by hand
 RANK_ADVANTAGES = "rank_grpo advantages"  # the results' entry of the Rank-GRPO group split over the processes
 ATTENTION_ADVANTAGES = "attention_credit advantages"  # and of attention credit on the two halves of the batch
+RLSD_UPDATE = "rlsd update"  # and RLSD's loss and averaged gradients
 
 
 def invariance(args) -> None:
@@ -47,10 +50,25 @@ def invariance(args) -> None:
     from tokenweave.losses.policy import POLICY_LOSSES
     from tests.grpo_harness import (
         ATTENTION_CREDIT, attention_credit_advantages, loss_and_grads, make_batch, make_trainer, process_slice,
-        rank_advantages, with_generation_signals,
+        rank_advantages, rlsd_generation_columns, rlsd_trainer, with_generation_signals,
     )
 
+    def averaged_update(trainer, local: dict) -> dict:
+        """The loss of this rank's half and the gradients averaged over the ranks, as DDP averages them."""
+        local_loss, grads = loss_and_grads(trainer, [local])
+        local_losses = [torch.zeros((), dtype=torch.float64) for _ in range(world_size)]
+        dist.all_gather(local_losses, torch.tensor(local_loss, dtype=torch.float64))
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= world_size
+        return {
+            "loss": sum(local_losses).item() / world_size,  # what Trainer logs: the mean over processes
+            "grads": grads,
+            "local_losses": [loss.item() for loss in local_losses],
+        }
+
     results = {}
+    world_size = rank = None
     for policy_loss in sorted(POLICY_LOSSES):
         # One process's view: a generation batch of 4 per process, one update per generation (GA 1).
         trainer = make_trainer(
@@ -60,17 +78,7 @@ def invariance(args) -> None:
         assert world_size == NUM_PROCESSES and dist.is_initialized() and dist.get_backend() == "gloo"
         # hapo: ĥ with the statistics of both ranks' tokens (a collective)
         local = with_generation_signals(trainer, process_slice(make_batch(trainer), rank, world_size))
-        local_loss, grads = loss_and_grads(trainer, [local])
-        local_losses = [torch.zeros((), dtype=torch.float64) for _ in range(world_size)]
-        dist.all_gather(local_losses, torch.tensor(local_loss, dtype=torch.float64))
-        for grad in grads:  # DDP: gradients averaged over processes
-            dist.all_reduce(grad)
-            grad /= world_size
-        results[policy_loss] = {
-            "loss": sum(local_losses).item() / world_size,  # what Trainer logs: the mean over processes
-            "grads": grads,
-            "local_losses": [loss.item() for loss in local_losses],
-        }
+        results[policy_loss] = averaged_update(trainer, local)
         del trainer
         gc.collect()
     # Rank-GRPO: one group of 8 completions split over the 2 processes (4 each); the per-rank advantages of each
@@ -88,6 +96,11 @@ def invariance(args) -> None:
     gathered = [None] * world_size
     dist.all_gather_object(gathered, local)
     results[ATTENTION_ADVANTAGES] = gathered
+    # RLSD: each rank's half with the teacher's log-probs of its own rows
+    trainer = rlsd_trainer(args.model_dir, args.output_dir, per_device_train_batch_size=4)
+    local = process_slice(make_batch(trainer), rank, world_size)
+    local |= rlsd_generation_columns(trainer, local, slice(4 * rank, 4 * rank + 4))
+    results[RLSD_UPDATE] = averaged_update(trainer, local)
     if rank == 0:
         torch.save(results, args.output)
     dist.barrier()

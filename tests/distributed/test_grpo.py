@@ -27,9 +27,11 @@ from ..grpo_harness import (
     attention_credit_advantages,
     process_slice,
     rank_advantages,
+    rlsd_generation_columns,
+    rlsd_trainer,
     with_generation_signals,
 )
-from .grpo_invariance_probe import ATTENTION_ADVANTAGES, HAPO_OFF, RANK_ADVANTAGES
+from .grpo_invariance_probe import ATTENTION_ADVANTAGES, HAPO_OFF, RANK_ADVANTAGES, RLSD_UPDATE
 
 pytestmark = pytest.mark.slow
 
@@ -229,3 +231,15 @@ def test_attention_credit_is_process_invariant(model_dir, two_process_results, t
                                gradient_accumulation_steps=2, **ATTENTION_CREDIT)
     credited = batch | {"advantages": expected}
     assert_same_update(loss_and_grads(accumulated, split_tensor_dict(credited, 2)), loss_and_grads(whole, [credited]))
+
+
+def test_rlsd_is_process_invariant(model_dir, two_process_results, tmp_path):
+    """RLSD on 2 processes × 4 rows, each adding its own rows' teacher log-probs after generation, gives the loss and
+    the averaged gradients of one process holding all 8 (the factor is each token's own)."""
+    whole = rlsd_trainer(model_dir, tmp_path)
+    batch = make_batch(whole)
+    expected = loss_and_grads(whole, [batch | rlsd_generation_columns(whole, batch)])
+    assert max(grad.abs().max() for grad in expected[1]) > 0
+    two = two_process_results[RLSD_UPDATE]
+    assert_same_update((two["loss"], two["grads"]), expected)
+    assert abs(two["local_losses"][0] - two["local_losses"][1]) > 1e-3  # the halves differ

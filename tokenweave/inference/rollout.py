@@ -7,9 +7,9 @@ same test at a random position of the same trajectory.
 
 * :class:`ForbidFirstToken`: a logits processor that sets one token per row to ``-inf`` at the first generated
   position only (its probability there is zero; later positions are untouched).
-* :func:`rollout_correct_share`: for each prefix, ``num_rollouts`` sampled continuations with that prefix's token
+* :func:`rollout_continuations`: for each prefix, ``num_rollouts`` sampled continuations with that prefix's token
   forbidden, batched (left padding, each prefix read once: :func:`.generation.generate_with_shared_prefix`), each
-  completed text labelled by the answer reward; returns the share correct per prefix.
+  completed text labelled by the answer reward; :func:`rollout_correct_share`: the share correct per prefix.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ForbidFirstToken(LogitsProcessor):
 
 
 @torch.no_grad()
-def rollout_correct_share(
+def rollout_continuations(
     model,
     tokenizer,
     prefixes: Sequence[Sequence[int]],
@@ -59,13 +59,15 @@ def rollout_correct_share(
     batch_size: int = 32,
     seed: int = 0,
     desc: str = "rollouts",
-) -> list[float]:
-    """The share of correct continuations of each prefix with its token forbidden at the first position.
+) -> list[list[tuple[list[int], bool]]]:
+    """For each prefix, ``num_rollouts`` continuations sampled with its token forbidden at the first position, each
+    ``(new token ids, correct)``.
 
     ``prefixes[i]`` are token ids (prompt, then the trajectory up to the tested token); ``forbidden_ids[i]`` is the
     tested token; the completion text is ``prefixes[i][completion_starts[i]:]`` plus the continuation, decoded
     without special tokens, and is correct when its answer equals ``answers[i]``
     (:func:`tokenweave.rewards.math.is_correct`). Sampling is at ``temperature`` with top-p 1 and no top-k, seeded.
+    The new token ids stop after the first EOS.
     """
     if not len(prefixes) == len(forbidden_ids) == len(completion_starts) == len(answers):
         raise ValueError("prefixes, forbidden_ids, completion_starts and answers must have the same length.")
@@ -74,7 +76,7 @@ def rollout_correct_share(
     if tokenizer.padding_side != "left":
         raise ValueError("Batched rollouts need a tokenizer with padding_side='left'.")
     device = next(model.parameters()).device
-    correct = [0] * len(prefixes)
+    continuations: list[list[tuple[list[int], bool]]] = [[] for _ in prefixes]
     prefixes_per_batch = max(1, batch_size // num_rollouts)
     torch.manual_seed(seed)
     with tqdm(total=len(prefixes) * num_rollouts, desc=desc, unit="rollout") as progress:
@@ -100,7 +102,18 @@ def rollout_correct_share(
             )
             for index, new_tokens in enumerate(output[:, width:].tolist()):
                 row = rows[index // num_rollouts]
+                if tokenizer.eos_token_id in new_tokens:
+                    new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id) + 1]
                 ids = list(prefixes[row][completion_starts[row] :]) + new_tokens
-                correct[row] += is_correct(tokenizer.decode(ids, skip_special_tokens=True), answers[row])
+                continuations[row].append((new_tokens, is_correct(tokenizer.decode(ids, skip_special_tokens=True),
+                                                                  answers[row])))
             progress.update(len(rows) * num_rollouts)
-    return [count / num_rollouts for count in correct]
+    return continuations
+
+
+def rollout_correct_share(model, tokenizer, prefixes, forbidden_ids, completion_starts, answers, **kwargs) -> list[float]:
+    """The share of correct continuations of each prefix with its token forbidden at the first position
+    (:func:`rollout_continuations`, the same arguments)."""
+    continuations = rollout_continuations(model, tokenizer, prefixes, forbidden_ids, completion_starts, answers,
+                                          **kwargs)
+    return [sum(correct for _, correct in row) / len(row) for row in continuations]

@@ -17,6 +17,9 @@ HAPO's entropy signal       answer changes at the highest-entropy tokens        
                             (forking tokens; :mod:`.perturbation`)
 Rank-GRPO's spans           the advantage's sign agrees with the item's           the completion's sequence-level
                             relevance (ranked item; :mod:`.ranks`)                advantage (GRPO)
+cDPO, in learning           held-out accuracy after cDPO on prefix-sharing or     shuffled cDPO; DPO; cDPO on
+                            independent pairs, at each step budget (test          independent pairs of the same
+                            problem; :mod:`.learning`)                            questions
 ==========================  ====================================================  ===================================
 
 What each seed varies: the questions (the arithmetic test split and the recommendation requests drawn with that seed;
@@ -24,7 +27,8 @@ the critical-token pipeline's sampled training questions and trajectories) and t
 models: the critical-token pipeline's warm start (LoRA SFT of the base model, ``--critical_config``'s
 ``warm_start_config``; trained once, shared by the seeds) for the arithmetic rows, and the recommendation warm start
 (``configs/recommend_sft_smollm2_lora.yaml``, merged) for Rank-GRPO's. ``--budget`` sets the counts
-(:data:`BUDGETS`: ``cpu`` for two CPU cores, ``gpu`` for the same command at a larger scale).
+(:data:`BUDGETS`: ``cpu`` for two CPU cores, ``gpu`` for the same command at a larger scale, ``tiny`` a check that the
+command runs, with ``--critical_config configs/critical_tiny.yaml``).
 
 Every part of every seed is a resumable step (:mod:`tokenweave.pipelines.steps`) under ``work_dir``: a rerun
 reuses what is done and refuses a step made with other settings. The table: ``evidence.md``, ``evidence.json`` (every
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PARTS = ("critical", "preference", "perturbation", "ranks")
+PARTS = ("critical", "preference", "perturbation", "ranks", "learning")
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,19 @@ class Budget:
     max_new_tokens: int  # of the greedy trajectories and their continuations
     rank_requests: int  # recommendation requests
     rank_samples: int  # lists sampled per request (a GRPO group)
+    learning_steps: tuple[int, ...]  # the step budgets of the learning runs
+    learning_test_problems: int  # held-out problems each learning run is evaluated on
+    prefix_rollouts: int  # continuations tried per rejected trajectory for a prefix-sharing pair
 
 
 BUDGETS = {
+    "tiny": Budget(critical_questions=4, rollout_trajectories=2, rollout_samples=2, perturbation_questions=2, top_k=1,
+                   max_new_tokens=8, rank_requests=2, rank_samples=2, learning_steps=(1,), learning_test_problems=2,
+                   prefix_rollouts=2),
     "cpu": Budget(critical_questions=64, rollout_trajectories=48, rollout_samples=4, perturbation_questions=48,
-                  top_k=3, max_new_tokens=48, rank_requests=32, rank_samples=4),
+                  top_k=3, max_new_tokens=48, rank_requests=32, rank_samples=4, learning_steps=(8, 32),
+                  learning_test_problems=100, prefix_rollouts=8),
     "gpu": Budget(critical_questions=256, rollout_trajectories=192, rollout_samples=8, perturbation_questions=256,
-                  top_k=3, max_new_tokens=64, rank_requests=256, rank_samples=8),
+                  top_k=3, max_new_tokens=64, rank_requests=256, rank_samples=8, learning_steps=(8, 32, 64),
+                  learning_test_problems=500, prefix_rollouts=16),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ...inference.loading import load_model_and_tokenizer, save_merged_model
@@ -15,6 +15,7 @@ from ..steps import Step, run_steps
 from ..token_rewards import pairs_rewards_step
 from . import BUDGETS, PARTS, Budget
 from .critical import critical_evidence
+from .learning import learning_evidence, learning_verdicts
 from .perturbation import perturbation_evidence
 from .preference import METHODS, token_reward_evidence
 from .ranks import rank_evidence
@@ -40,8 +41,8 @@ def _read(directory: Path) -> list[Measurement]:
     return load_measurements((directory / MEASUREMENTS_FILE).read_text())
 
 
-def _loaded(model: Path):
-    loaded, tokenizer = load_model_and_tokenizer(str(model))
+def _loaded(model: str):
+    loaded, tokenizer = load_model_and_tokenizer(model)
     tokenizer.padding_side = "left"
     return loaded.eval(), tokenizer
 
@@ -63,7 +64,7 @@ def _token_rewards(config, cdpo_config: str, steps: dict[str, Path]) -> dict[str
     """TGDPO's and T-REG's rewarded pairs of one seed (:mod:`.preference`): the DPO reward model trained on the
     pairs from the warm start, then each method's token rewards, as steps under the seed's ``preference/``."""
     runs = training_runs(replace(config, cdpo_config=cdpo_config, compare_dpo=True))
-    warm, pairs = str(steps["warm_start"]), steps["pairs"]
+    warm, pairs = str(steps["policy"] or config.model), steps["pairs"]
     root = Path(config.work_dir).parent / "preference"
     dpo = run_steps(root, [Step("dpo", {"run": runs["dpo"].record, "model": warm, "dataset": str(pairs)},
                                 lambda directory: runs["dpo"].train(warm, pairs, directory))], LOG_PREFIX)["dpo"]
@@ -91,24 +92,29 @@ def run_evidence(
                          f"{budget!r} (known: {list(BUDGETS)}).")
     counts, work_dir = BUDGETS[budget], Path(work_dir)
     configs = _critical_configs(work_dir, seeds, counts, Path(critical_config))
-    measurements = []
-    warm_start = run_steps(work_dir, [warm_start_step(configs[seeds[0]])], LOG_PREFIX)["warm_start"]
-    if "critical" in parts or "preference" in parts:
+    measurements, first = [], configs[seeds[0]]
+    # the arithmetic rows' model: the warm start (trained once, in the work dir; copied into each seed's pipeline,
+    # which then reuses it), or the base model of a pipeline config without one
+    warm_start = (run_steps(work_dir, [warm_start_step(first)], LOG_PREFIX)["warm_start"]
+                  if first.warm_start_config is not None else None)
+    if {"critical", "preference", "learning"} & set(parts):
         steps_by_seed = {}
         for seed, config in configs.items():
             seed_warm_start = Path(config.work_dir) / "warm_start"
-            if not seed_warm_start.exists():  # the same step, with its record: the pipeline reuses it
+            if warm_start is not None and not seed_warm_start.exists():
                 shutil.copytree(warm_start, seed_warm_start)
-            steps_by_seed[seed] = run_critical_pipeline(config)
+            steps_by_seed[seed] = run_critical_pipeline(config) | {"policy": seed_warm_start if warm_start else None}
+        cdpo_config = quickstart_config(str(work_dir), seeds[0], Path(critical_config)).cdpo_config
         if "critical" in parts:
             measurements += critical_evidence(steps_by_seed)
         if "preference" in parts:
-            cdpo_config = quickstart_config(str(work_dir), seeds[0], Path(critical_config)).cdpo_config
             measurements += token_reward_evidence({seed: _token_rewards(configs[seed], cdpo_config, steps)
                                                    for seed, steps in steps_by_seed.items()})
     if "perturbation" in parts:
-        model, tokenizer = _loaded(warm_start)
-        settings = {"budget": asdict(counts), "model": str(warm_start)}
+        policy = str(warm_start or first.model)
+        model, tokenizer = _loaded(policy)
+        settings = {"questions": counts.perturbation_questions, "top_k": counts.top_k,
+                    "max_new_tokens": counts.max_new_tokens, "model": policy}
         steps = [_measurements_step(
             f"perturbation_seed{seed}", {**settings, "seed": seed},
             lambda seed=seed: perturbation_evidence(
@@ -119,13 +125,18 @@ def run_evidence(
     if "ranks" in parts:
         rank_model = run_steps(work_dir, [Step("recommendation_warm_start", {"config": str(RANK_WARM_START_CONFIG)},
                                                _rank_warm_start)], LOG_PREFIX)["recommendation_warm_start"]
-        model, tokenizer = _loaded(rank_model)
+        model, tokenizer = _loaded(str(rank_model))
         steps = [_measurements_step(
-            f"ranks_seed{seed}", {"budget": asdict(counts), "seed": seed},
+            f"ranks_seed{seed}", {"requests": counts.rank_requests, "samples": counts.rank_samples, "seed": seed},
             lambda seed=seed: [rank_evidence(model, tokenizer, seeds=[seed], num_requests=counts.rank_requests,
                                              num_samples_per_prompt=counts.rank_samples)],
         ) for seed in seeds]
         measurements += _merged([_read(path) for path in run_steps(work_dir, steps, LOG_PREFIX).values()])
+    if "learning" in parts:  # last: the longest part
+        verdicts = {seed: learning_verdicts(configs[seed], cdpo_config, seed_steps, counts.learning_steps,
+                                            counts.learning_test_problems, counts.prefix_rollouts)
+                    for seed, seed_steps in steps_by_seed.items()}
+        measurements += learning_evidence(verdicts, counts.learning_steps)
     return measurements
 
 

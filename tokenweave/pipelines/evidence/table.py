@@ -6,7 +6,8 @@ measured on the same unit (a random ranking of the same tokens, random tokens of
 sequence-level advantage of the same completion; ``unit`` is its plural, as the table counts them: "trajectories").
 ``pairs[seed]`` holds, for every unit of that seed, the signal's
 value and the control's. The row's effect is the mean of ``signal − control`` over every unit of every seed, with the
-95 % interval of :func:`tokenweave.stats.stratified_bootstrap` (units resampled within each seed): a positive effect
+95 % interval of :func:`tokenweave.stats.stratified_bootstrap` (units resampled within each seed; for units every seed
+shares, such as held-out problems, :func:`tokenweave.stats.paired_bootstrap`): a positive effect
 whose interval excludes 0 says the signal does better than its control on that measurement.
 
 :func:`evidence_markdown` writes the rows as one Markdown table; :func:`evidence_json` as JSON with every unit's pair,
@@ -18,13 +19,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from ...stats import stratified_bootstrap
+from ...stats import paired_bootstrap, stratified_bootstrap
 
 
 @dataclass
 class Measurement:
     """One row of the evidence table (module docstring). ``pairs`` maps a seed to its units' ``(signal, control)``
-    values; ``percent`` formats the values as percentages (shares and rates) rather than plain numbers."""
+    values; ``percent`` formats the values as percentages (shares and rates) rather than plain numbers; ``shared_units`` says every seed measures the
+    same units in the same order (held-out test problems), so the interval resamples units with the same draw for
+    every seed (:func:`tokenweave.stats.paired_bootstrap`) instead of within each seed."""
 
     signal: str
     measurement: str
@@ -32,6 +35,7 @@ class Measurement:
     unit: str
     pairs: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     percent: bool = True
+    shared_units: bool = False
 
     def add(self, seed: int, signal_value: float, control_value: float) -> None:
         """Record one unit of ``seed``."""
@@ -49,7 +53,8 @@ class Measurement:
         """The means of the signal's and the control's values, the effect (their paired difference) and its interval,
         the seeds and the number of units."""
         units = [pair for seed in self.seeds for pair in self.pairs[seed]]
-        effect, low, high = stratified_bootstrap(
+        bootstrap = paired_bootstrap if self.shared_units else stratified_bootstrap
+        effect, low, high = bootstrap(
             [[signal - control for signal, control in self.pairs[seed]] for seed in self.seeds], samples=samples
         )
         return {
@@ -111,5 +116,5 @@ def load_measurements(text: str) -> list[Measurement]:
     for entry in json.loads(text):
         pairs = {int(seed): [tuple(pair) for pair in units] for seed, units in entry["pairs"].items()}
         rows.append(Measurement(entry["signal"], entry["measurement"], entry["control"], entry["unit"], pairs,
-                                entry["percent"]))
+                                entry["percent"], entry.get("shared_units", False)))
     return rows
