@@ -112,3 +112,44 @@ def test_calculation_tokens_are_those_inside_a_step_line():
     pieces = [tokenizer.decode([token]) for token in ids]
     inside = "".join(piece for piece, flag in zip(pieces, flags, strict=True) if flag)
     assert inside == "23 + 45 = 68"
+
+
+def test_the_measurements_perturb_the_signals_top_tokens_and_random_ones_of_the_same_trajectory(monkeypatch):
+    """Hand-made trajectories, FAI, γ and entropies: the tokens perturbed are each trajectory's top-FAI and
+    top-entropy tokens and its random ones (all within its candidates); each row's values are the shares of changed
+    answers at them; the calculation row compares the credited tokens with all tokens."""
+    from tokenweave.inference.perturbation import GreedyTrajectory
+    from tokenweave.pipelines.evidence import perturbation as module
+    from tokenweave.trainers.attention import AttentionCredit
+
+    tokenizer = build_tiny_llama()[1]
+    text = "1 + 2 = 3\nThe answer is 3."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    entropy = [0.0] * n
+    entropy[4], entropy[12] = 2.0, 1.0  # top-2 entropy: positions 4, 12
+    fai = torch.zeros(2, n + 1)
+    fai[:, 0], fai[:, 6] = 0.9, 0.5  # top-2 FAI: positions 0, 6
+    gamma = torch.ones(2, n + 1)
+    gamma[:, 0] = gamma[:, 2] = 1.5  # credited: '1' and '+', both in the calculation "1 + 2 = 3"
+    trajectories = [GreedyTrajectory([1, 2], ids + [tokenizer.eos_token_id], entropy + [0.0], [5] * (n + 1), text, "3")
+                    for _ in range(2)]
+    monkeypatch.setattr(module, "load_run_dataset", lambda *args, **kwargs: {"prompt": [[], []]})
+    monkeypatch.setattr(module, "greedy_trajectories", lambda *args, **kwargs: trajectories)
+    monkeypatch.setattr(module, "_credit", lambda *args: AttentionCredit(gamma, torch.zeros_like(fai), fai))
+    asked = []
+
+    def answers(model, tokenizer_, trajectories_, perturbations, **kwargs):
+        asked.extend(perturbations)
+        return ["4" if position in (0, 4) else "3" for _, position in perturbations]  # these two change the answer
+
+    monkeypatch.setattr(module, "replace_and_continue", answers)
+    anchors, forking, calculations = module.perturbation_evidence(None, tokenizer, seeds=[7], num_questions=2, top_k=2)
+    randoms = {row: random_positions(n, 2, seed=7, row=row) for row in (0, 1)}
+    assert sorted(asked) == sorted({(row, p) for row in (0, 1) for p in [0, 6, 4, 12, *randoms[row]]})
+    assert all(position < n for _, position in asked)  # never the final EOS
+    for row in (0, 1):
+        control = sum(p in (0, 4) for p in randoms[row]) / 2
+        assert anchors.pairs[7][row] == (0.5, control) and forking.pairs[7][row] == (0.5, control)
+    calculation_share = sum(calculation_tokens(tokenizer, ids)) / n
+    assert calculations.pairs[7] == [(1.0, calculation_share)] * 2
