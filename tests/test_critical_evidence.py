@@ -333,6 +333,7 @@ def test_prefix_pairs_continue_the_rejected_trajectory_from_its_lowest_scored_to
     assert seen["starts"] == [len(t["prompt_ids"]) for t in tokenized] and seen["answers"] == ["68", "68"]
     assert seen["kwargs"]["num_rollouts"] == 3 and seen["kwargs"]["seed"] == 5
     assert len(result) == 1 and result[0]["question_id"] == 0 and result[0]["chosen_source"] == "prefix"
+    assert result[0]["pair_row"] == 0
     assert result[0]["chosen"] == [{"role": "assistant", "content": "23 + 45 = 68\nThe answer is 68."}]
     assert result[0]["rejected"] == rows[0]["rejected"] and result[0]["prefix_position"] == targets[0]
     assert "rejected_scores" not in result.column_names and result[0]["solution"] == SOLUTION

@@ -130,10 +130,11 @@ def test_the_measurements_perturb_the_signals_top_tokens_and_random_ones_of_the_
     entropy[4], entropy[12] = 2.0, 1.0  # top-2 entropy: positions 4, 12
     fai = torch.zeros(2, n + 1)
     fai[:, 0], fai[:, 6] = 0.9, 0.5  # top-2 FAI: positions 0, 6
+    fai[:, n] = 5.0  # the final EOS has the highest FAI, but is no candidate
     gamma = torch.ones(2, n + 1)
     gamma[:, 0] = gamma[:, 2] = 1.5  # credited: '1' and '+', both in the calculation "1 + 2 = 3"
-    trajectories = [GreedyTrajectory([1, 2], ids + [tokenizer.eos_token_id], entropy + [0.0], [5] * (n + 1), text, "3")
-                    for _ in range(2)]
+    trajectories = [GreedyTrajectory([1, 2], ids + [tokenizer.eos_token_id], entropy + [9.0], [5] * (n + 1), text, "3")
+                    for _ in range(2)]  # and the highest entropy
     monkeypatch.setattr(module, "load_run_dataset", lambda *args, **kwargs: {"prompt": [[], []]})
     monkeypatch.setattr(module, "greedy_trajectories", lambda *args, **kwargs: trajectories)
     monkeypatch.setattr(module, "_credit", lambda *args: AttentionCredit(gamma, torch.zeros_like(fai), fai))

@@ -28,13 +28,13 @@ def test_markdown_rows_give_means_effect_interval_verdict_seeds_and_units():
     lines = evidence_markdown(fixed_rows(), samples=500).splitlines()
     assert lines[0].startswith("| signal | measurement | control | signal | control | effect [95% interval] |")
     assert lines[2] == ("| signal A | hit@1 | random ranking | 100.0% | 25.0% | +75.0% [+75.0%, +75.0%] | "
-                        "beats its control | 0-4 | 20 trajectories |")
+                        "beats its control | +75.0% / +75.0% / +75.0% / +75.0% / +75.0% | 0-4 | 20 trajectories |")
     # differences +1, -1 (seed 0) and 0 (seed 1): mean 0; resampling seed 0's two units gives -1, 0 or +1 over 3 units
     assert lines[3].startswith("| signal B | answer changes | random tokens | 50.0% | 50.0% | +0.0% [")
-    assert lines[3].endswith("| no difference shown | 0, 1 | 3 trajectories |")
+    assert lines[3].endswith("| no difference shown | +0.0% / +0.0% | 0, 1 | 3 trajectories |")
     assert lines[4] == ("| signal C | agreement | sequence advantage | 0.000 | 0.500 | -0.500 [-0.500, -0.500] | "
-                        "below its control | 3 | 2 ranked items |")
-    assert lines[5] == "| signal D | not run | nothing | - | - | - | not measured | - | 0 |"
+                        "below its control | -0.500 | 3 | 2 ranked items |")
+    assert lines[5] == "| signal D | not run | nothing | - | - | - | not measured | - | - | 0 |"
 
 
 def test_json_keeps_every_pair_and_reads_back_to_the_same_table():
@@ -61,7 +61,8 @@ def test_figure_has_one_labelled_row_per_measured_row(tmp_path, monkeypatch):
     assert [path.name for path in paths] == ["evidence.png", "evidence.svg"] and all(p.stat().st_size for p in paths)
     # bottom to top, so the table's first row is at the top; the unmeasured row is left out
     assert [label.replace("\n", " ") for label in seen["labels"]] == [
-        "signal C: agreement (raw)", "signal B: answer changes", "signal A: hit@1"]
+        "signal C: agreement, against sequence advantage (raw)", "signal B: answer changes, against random tokens",
+        "signal A: hit@1, against random ranking"]
 
 
 def test_rows_over_shared_units_resample_them_together_across_seeds():

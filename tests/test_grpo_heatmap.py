@@ -28,8 +28,13 @@ def recorded(monkeypatch):
     return calls
 
 
-def test_the_view_shows_what_rlsds_policy_loss_gets(tiny_model_cache, one_torch_thread, recorded):
-    view = grpo_signals_from_config(str(CONFIGS / "rlsd_tiny.yaml"), num_prompts=2)
+@pytest.mark.parametrize("extra", [{}, {"top_entropy_quantile": 0.5}], ids=["rlsd", "rlsd-and-trls-entropy-mask"])
+def test_the_view_shows_what_rlsds_policy_loss_gets(tmp_path, tiny_model_cache, one_torch_thread, recorded, extra):
+    """The view's values are the loss's own inputs, TRL's per-token factors (here its top-entropy mask) included."""
+    config = yaml.safe_load((CONFIGS / "rlsd_tiny.yaml").read_text()) | extra
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    view = grpo_signals_from_config(str(path), num_prompts=2)
     [(trainer, output, values)] = recorded
     assert set(values) == {"advantages", "token_weights"}
     seen = {}
@@ -45,11 +50,13 @@ def test_the_view_shows_what_rlsds_policy_loss_gets(tiny_model_cache, one_torch_
     mask = seen["mask"].bool()
     assert torch.equal(values["token_weights"][mask], seen["token_weights"][mask].float())
     assert torch.equal(values["advantages"][mask], seen["advantages"].expand(mask.shape)[mask].float())
-    # RLSD's factor is (1 − λ) + λ·clip(·, 1 − ε, 1 + ε), λ 0.5 at step 1, ε 0.2: within [0.9, 1.1], 1 where A = 0
     weights = values["token_weights"][mask]
-    assert weights.min() >= 0.9 - 1e-6 and weights.max() <= 1.1 + 1e-6
-    zero = (values["advantages"] == 0) & mask
-    assert torch.all(values["token_weights"][zero] == 1.0)
+    if extra:  # half the tokens masked out by TRL's entropy mask: weight 0
+        assert (weights == 0).any() and (weights != 0).any()
+    else:  # RLSD's factor (1 − λ) + λ·clip(·, 1 − ε, 1 + ε), λ 0.5 at step 1, ε 0.2: in [0.9, 1.1], 1 where A = 0
+        assert weights.min() >= 0.9 - 1e-6 and weights.max() <= 1.1 + 1e-6
+        zero = (values["advantages"] == 0) & mask
+        assert torch.all(values["token_weights"][zero] == 1.0)
     # the rows drawn: per value, every completion with one value per completion token, in generation order
     generations = trainer.num_generations_eval
     for name in values:

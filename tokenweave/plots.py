@@ -184,7 +184,7 @@ def plot_evidence(measurements, output_stem: str | Path, samples: int = 10_000) 
     import matplotlib.pyplot as plt
 
     rows = [(row, row.summary(samples)) for row in measurements if row.num_units]
-    figure, axis = plt.subplots(figsize=(10, 0.8 * len(rows) + 1.6))
+    figure, axis = plt.subplots(figsize=(11, 0.9 * len(rows) + 1.6))
     for index, (row, summary) in enumerate(reversed(rows)):
         scale = 100.0 if row.percent else 1.0
         effect, low, high = (summary[key] * scale for key in ("effect", "low", "high"))
@@ -192,8 +192,9 @@ def plot_evidence(measurements, output_stem: str | Path, samples: int = 10_000) 
         axis.errorbar(effect, index, xerr=[[effect - low], [high - effect]], fmt="o", color=colour, capsize=4)
     axis.axvline(0.0, color="black", linewidth=0.8)
     axis.set_yticks(range(len(rows)))
-    axis.set_yticklabels([textwrap.fill(f"{row.signal}: {row.measurement}" + ("" if row.percent else " (raw)"), 60)
-                          for row, _ in reversed(rows)], fontsize=8)
+    axis.set_yticklabels([textwrap.fill(f"{row.signal}: {row.measurement}, against {row.control}"
+                                        + ("" if row.percent else " (raw)"), 70) for row, _ in reversed(rows)],
+                         fontsize=7)
     axis.set_xlabel("effect: signal − its control, percentage points (95% interval)")
     seeds = sorted({seed for row, _ in rows for seed in row.seeds})
     axis.set_title(f"Token signals against their controls (seeds {', '.join(map(str, seeds))})", fontsize=10)

@@ -5,8 +5,9 @@ anchors) can be tested without training: take the model's own greedy trajectory,
 **second-ranked** token of the distribution that chose it, continue greedily, and see whether the final answer
 changes. The same test at random tokens of the same trajectory is the control (``tokenweave evidence``).
 
-Greedy trajectories make the test exact: the unperturbed continuation of a greedy trajectory is the trajectory itself,
-so any change of the answer is caused by the one replaced token; and since the trajectory's own token is the
+Greedy trajectories make the test nearly exact: the unperturbed continuation of a greedy trajectory is the trajectory
+itself (up to near-ties that the padding of another batch can flip), so a change of the answer is caused by the one
+replaced token; and since the trajectory's own token is the
 top-ranked one, "forbid the token and continue greedily" (cDPO's rollout test, attention credit's "forbid") and
 "take the second-ranked token" (the forking-token test) are the same perturbation.
 
@@ -119,9 +120,8 @@ def replace_and_continue(
                 sequences = model.generate(**batch, max_new_tokens=max(budgets), pad_token_id=tokenizer.pad_token_id,
                                            **GREEDY)
             for head, budget, continuation in zip(heads, budgets, sequences[:, width:].tolist(), strict=True):
-                ids = _until_eos(head, tokenizer.eos_token_id)
-                if ids == head:  # the replacement was not EOS: the continuation follows, within the budget
-                    ids = _until_eos(head + continuation[: max(budget, 0)], tokenizer.eos_token_id)
+                # the continuation follows within the budget, cut at the first EOS (the replacement itself, if EOS)
+                ids = _until_eos(head + continuation[: max(budget, 0)], tokenizer.eos_token_id)
                 answers.append(extract_answer(tokenizer.decode(ids, skip_special_tokens=True)))
             progress.update(len(chunk))
     return answers

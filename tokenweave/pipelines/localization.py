@@ -67,6 +67,9 @@ def localization_report(pairs: Dataset, ks: Sequence[int] = KS, scores_column: s
             continue
         target, kind = located
         content = message_tokens(example)
+        if len(example[scores_column]) != len(example["rejected_tokens"]):
+            raise ValueError(f"Row {row}: {len(example[scores_column])} values in {scores_column!r} for "
+                             f"{len(example['rejected_tokens'])} rejected tokens: not the same tokenisation.")
         candidates = example[scores_column][content.first : content.end]
         score_metrics.append(rank_metrics(candidates, target - content.first, ks))
         random_metrics.append(random_rank_metrics(len(candidates), ks))

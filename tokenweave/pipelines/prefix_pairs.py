@@ -13,7 +13,8 @@ tokens before ``t``, with its token ``t`` forbidden at the first position
 (:func:`tokenweave.inference.rollout.rollout_continuations`); the first correct one makes the chosen response: the
 text of the rejected tokens before ``t`` and the continuation. Pairs without a correct continuation are left out.
 The rows keep the pair's ``question_id``, ``prompt``, ``rejected``, ``answer`` and ``solution`` and get
-``chosen_source: "prefix"`` and ``prefix_position`` (``t``, in the rejected tokens); the token columns of the scores
+``chosen_source: "prefix"``, ``prefix_position`` (``t``, in the rejected tokens) and ``pair_row`` (the pair's row in
+``pairs``); the token columns of the scores
 are left out, for scoring again (:func:`tokenweave.inference.scoring.score_with_models`).
 """
 
@@ -60,5 +61,5 @@ def prefix_pairs(
         text = tokenizer.decode(ids[:position] + correct, skip_special_tokens=True)
         rows.append({key: example[key] for key in KEPT_COLUMNS if key in example}
                     | {"chosen": [{"role": "assistant", "content": text}], "chosen_source": "prefix",
-                       "prefix_position": position})
+                       "prefix_position": position, "pair_row": row})
     return Dataset.from_list(rows)

@@ -12,6 +12,9 @@ record is written as ``step_config.json`` inside the step's directory.
   and what changed, and says how to proceed (delete those directories to recompute them, or use another work
   directory). Finished work is never silently reused for a changed config, nor silently thrown away.
 * A directory with no record (not written by a step) is an error too.
+
+A step that reads the output of a step run by another :func:`run_steps` call puts :func:`made_from` of that output
+into its settings (not its path), so a change upstream reaches it all the same.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ class Step:
     config: dict
     build: Callable[[Path], None]
     inputs: tuple[str, ...] = ()
+
+
+def made_from(output: Path) -> dict:
+    """The record of the finished step whose output directory is ``output``: what it was made from (for the
+    settings of a step that reads it, across :func:`run_steps` calls)."""
+    return json.loads((Path(output) / STEP_RECORD).read_text())
 
 
 class StepConfigChanged(ValueError):

@@ -233,11 +233,12 @@ def format_summary(summary: dict) -> str:
             f"{'reused' if summary['reused'] else 'wrote'} {summary['output']} ({summary['seconds']:.1f} s)")
 
 
-def pairs_rewards_step(name: str, run, warm_start: str, pairs: Path, reward_model: Path | None) -> Step:
+def pairs_rewards_step(name: str, run, warm_start: str, pairs: Path, reward_model: Path | None,
+                       upstream: dict | None = None) -> Step:
     """The step ``<name>_rewards`` that writes the token rewards of ``run``'s loss (a pipeline ``TrainingRun`` whose
     ``loss_type`` is tgdpo or treg) over the pairs dataset ``pairs``, its models the policy ``warm_start`` and, for
     TGDPO, ``reward_model`` (the pipelines' use: the critical-token pairs, scored before training from the warm
-    start)."""
+    start); ``upstream``: what those were made from (:func:`~.steps.made_from`), recorded too."""
 
     def build(directory: Path) -> None:
         model_args = replace(run.model_args, model_name_or_path=warm_start)
@@ -245,5 +246,5 @@ def pairs_rewards_step(name: str, run, warm_start: str, pairs: Path, reward_mode
         write_rewarded_dataset(replace(run.run_args, dataset_name=str(pairs)), run.training_args, model_args, models,
                                directory)
 
-    return Step(f"{name}_rewards", {"run": run.record, "reward_model": str(reward_model), "warm_start": warm_start,
-                                    "pairs": str(pairs)}, build)
+    record = {"run": run.record, "reward_model": str(reward_model), "warm_start": warm_start, "pairs": str(pairs)}
+    return Step(f"{name}_rewards", record | ({"upstream": upstream} if upstream else {}), build)

@@ -293,17 +293,18 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
     def signal_values(self, inputs: dict) -> dict[str, torch.Tensor]:
         """For a generation batch (``_generate_and_score_completions``'s output), each completion token's
         ``advantages`` as the loss gets them (``[B, T]``, a signal's per-token advantages included) and the
-        per-token inputs the token signals give the policy loss (``token_weights``: their product, the random control
-        applied; ``entropy_signal``, ...), from one forward of the model without gradient; 0 outside the completion
-        tokens: what the heatmap shows (``tokenweave grpo-heatmap``)."""
+        per-token inputs of the policy loss (``token_weights``: the product of every per-token factor, TRL's and the
+        token signals', the random control applied; ``entropy_signal``, ...), from one forward of the model without
+        gradient; 0 outside the completion tokens: what the heatmap shows (``tokenweave grpo-heatmap``). In
+        evaluation mode, the random control's permutations are those of an evaluation batch."""
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
         logps, entropies, _ = self.completion_logps_and_entropies(self.model, inputs, compute_entropy=True)
         old_logps = inputs.get("old_per_token_logps")
         old_logps = logps if old_logps is None else old_logps
-        batch = self._token_batch(inputs, logps, old_logps, entropies, mask, self.model.training)
-        weights, loss_inputs = self.signal_token_inputs(batch)
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        weights, loss_inputs, _ = self._loss_token_inputs(inputs, logps, old_logps, entropies, advantages, mask,
+                                                          self.model.training)
         values = {"advantages": advantages.expand(mask.shape).float()}
         if weights is not None:
             values["token_weights"] = weights.float()
@@ -329,15 +330,8 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
         old_logps = inputs.get("old_per_token_logps")
         old_logps = logps.detach() if old_logps is None else old_logps
 
-        # "Beyond the 80/20 rule": only the top-entropy tokens (TRL's entropy_mask)
-        entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
-                        if self.top_entropy_quantile < 1.0 else None)
-        weights = self._token_weights(inputs, logps, old_logps, advantages, mask, entropy_mask)
-        batch = self._token_batch(inputs, logps, old_logps, entropies, mask, training)
-        signal_weights, loss_kwargs = self.signal_token_inputs(batch)
-        if signal_weights is not None:
-            weights.append(signal_weights)
-        token_weights = functools.reduce(operator.mul, (w.to(logps.dtype) for w in weights)) if weights else None
+        token_weights, loss_kwargs, entropy_mask = self._loss_token_inputs(inputs, logps, old_logps, entropies,
+                                                                           advantages, mask, training)
         per_token_loss, loss_metrics = self.policy_loss_fn(
             logps, old_logps, advantages, mask, self.policy_loss_config, token_weights=token_weights, entropy=entropies,
             **loss_kwargs, **(self.args.policy_loss_kwargs or {}),
@@ -365,6 +359,20 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
 
         self._log_loss_metrics(mode, entropies, mask, per_token_kl, loss_metrics)
         return loss
+
+    def _loss_token_inputs(self, inputs, logps, old_logps, entropies, advantages, mask, training):
+        """``(token weights or None, the signals' other loss inputs, TRL's entropy mask or None)``: the product of
+        every per-token factor on the policy loss (:meth:`_token_weights`'s and the token signals')."""
+        # "Beyond the 80/20 rule": only the top-entropy tokens (TRL's entropy_mask)
+        entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+                        if self.top_entropy_quantile < 1.0 else None)
+        weights = self._token_weights(inputs, logps, old_logps, advantages, mask, entropy_mask)
+        batch = self._token_batch(inputs, logps, old_logps, entropies, mask, training)
+        signal_weights, loss_kwargs = self.signal_token_inputs(batch)
+        if signal_weights is not None:
+            weights.append(signal_weights)
+        token_weights = functools.reduce(operator.mul, (w.to(logps.dtype) for w in weights)) if weights else None
+        return token_weights, loss_kwargs, entropy_mask
 
     def _token_batch(self, inputs, logps, old_logps, entropies, mask, training) -> TokenBatch:
         """The micro-batch as the signals see it: the completion tokens, the batch's ``[B, T]`` columns, the frozen

@@ -7,8 +7,8 @@ resumable steps under ``seed<N>/learning/``:
 
 1. ``prefix_pairs``: each rejected trajectory against a correct continuation of itself from just before its
    lowest-scored token (:func:`tokenweave.pipelines.prefix_pairs.prefix_pairs`), scored by the positive and negative
-   models as the pipeline scores its pairs; ``independent_pairs``: the pipeline's pairs of the same questions (so the
-   two kinds of pairs differ only in their chosen responses);
+   models as the pipeline scores its pairs; ``independent_pairs``: the pipeline's pairs those were made from, in the
+   same order (the same rejected trajectories: the two kinds of pairs differ only in their chosen responses);
 2. for each kind of pairs, each budget of optimizer steps and each arm (``dpo``, ``cdpo``, ``cdpo_shuffled``: the
    critical config's cDPO run, with ``loss_type: sigmoid``, as it is, and with ``signal_control: shuffle``), one run
    from the warm start with ``max_steps`` = the budget;
@@ -34,7 +34,7 @@ from ...inference.scoring import score_with_models
 from ..critical import training_runs
 from ..prefix_pairs import prefix_pairs
 from ..quickstart import MAX_NEW_TOKENS
-from ..steps import Step, run_steps
+from ..steps import Step, made_from, run_steps
 from .table import Measurement
 
 LOG_PREFIX = "evidence"
@@ -57,9 +57,8 @@ def _prefix_pairs(config, steps: dict[str, Path], settings: dict, directory: Pat
 
 
 def _independent_pairs(pairs: Path, prefix: Path, directory: Path) -> None:
-    questions = set(load_from_disk(str(prefix))["question_id"])
-    independent = load_from_disk(str(pairs))
-    independent.filter(lambda row: row["question_id"] in questions).save_to_disk(str(directory))
+    """The pairs the prefix-sharing pairs were made from, in their order: the same rejected trajectories."""
+    load_from_disk(str(pairs)).select(load_from_disk(str(prefix))["pair_row"]).save_to_disk(str(directory))
 
 
 def _evaluation(model: Path, test_problems: int, difficulty: str) -> Step:
@@ -68,7 +67,7 @@ def _evaluation(model: Path, test_problems: int, difficulty: str) -> Step:
         evaluate_model(str(model), difficulty=difficulty, num_examples=test_problems, max_new_tokens=MAX_NEW_TOKENS,
                        output=str(directory / EVAL_FILE))
 
-    return Step(f"eval_{model.name}", {"model": str(model), "test_problems": test_problems,
+    return Step(f"eval_{model.name}", {"model": made_from(model), "test_problems": test_problems,
                                        "max_new_tokens": MAX_NEW_TOKENS, "difficulty": difficulty}, build)
 
 
@@ -80,19 +79,21 @@ def learning_verdicts(config, cdpo_config: str, steps: dict[str, Path], budgets:
     warm = str(steps["policy"] or config.model)  # the warm start, or the base model
     settings = {"num_rollouts": rollouts, "temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
                 "seed": config.seed}
+    upstream = {name: made_from(steps[name]) for name in ("pairs", "positive", "negative")}
+    upstream["policy"] = made_from(steps["policy"]) if steps["policy"] is not None else config.model
     pairs = run_steps(root, [
-        Step("prefix_pairs", {**settings, "pairs": str(steps["pairs"]), "policy": warm},
+        Step("prefix_pairs", {**settings, **upstream},
              lambda directory: _prefix_pairs(config, steps, settings, directory)),
-        Step("independent_pairs", {"pairs": str(steps["pairs"])},
-             lambda directory: _independent_pairs(steps["pairs"], root / "prefix_pairs", directory),
-             inputs=("prefix_pairs",)),
+        Step("independent_pairs", {}, lambda directory: _independent_pairs(steps["pairs"], root / "prefix_pairs",
+                                                                            directory), inputs=("prefix_pairs",)),
     ], LOG_PREFIX)
     trainings = []
     for kind in KINDS:
         for budget in budgets:
             for arm in ARMS:
                 run, dataset = runs[arm].variant(max_steps=budget), pairs[f"{kind}_pairs"]
-                trainings.append(Step(f"{arm}_{kind}_{budget}", {"run": run.record, "model": warm, "dataset": str(dataset)},
+                record = {"run": run.record, "model": upstream["policy"], "dataset": made_from(dataset)}
+                trainings.append(Step(f"{arm}_{kind}_{budget}", record,
                                       lambda directory, run=run, dataset=dataset: run.train(warm, dataset, directory)))
     trained = run_steps(root, trainings, LOG_PREFIX)
     evaluated = run_steps(root, [_evaluation(path, test_problems, config.task_difficulty) for path in trained.values()],

@@ -14,7 +14,7 @@ three measurements, each unit one trajectory:
   share of all the trajectory's tokens that are: the exact expectation of a random selection of the same count.
 
 The candidates of a trajectory are its completion tokens but a final EOS; trajectories with fewer than ``2 · top_k``
-candidates are skipped. The random tokens are ``top_k`` distinct candidates drawn with
+candidates, or without a final answer to change, are skipped. The random tokens are ``top_k`` distinct candidates drawn with
 :func:`tokenweave.tokens.controls.row_generator` ``(seed, row)``; they may include a signal's tokens, as a random
 selection would. One set of random tokens serves both signals' controls (the same count on the same trajectory).
 """
@@ -91,7 +91,7 @@ def perturbation_evidence(
         chosen = {}
         for row, trajectory in enumerate(trajectories):
             count = trajectory.candidates(eos)
-            if count < 2 * top_k:
+            if count < 2 * top_k or trajectory.answer is None:  # no answer to change
                 continue
             chosen[row] = {"fai": top_positions(credit.fai[row, :count].tolist(), top_k),
                            "entropy": top_positions(trajectory.entropy[:count], top_k),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import replace
@@ -11,7 +12,7 @@ from ...inference.loading import load_model_and_tokenizer, save_merged_model
 from ...train import train
 from ..critical import run_critical_pipeline, training_runs, warm_start_step
 from ..quickstart import REPO_ROOT, quickstart_config
-from ..steps import Step, run_steps
+from ..steps import Step, made_from, run_steps
 from ..token_rewards import pairs_rewards_step
 from . import BUDGETS, PARTS, Budget
 from .critical import critical_evidence
@@ -22,6 +23,7 @@ from .ranks import rank_evidence
 from .table import Measurement, evidence_json, evidence_markdown, load_measurements
 
 LOG_PREFIX = "evidence"
+logger = logging.getLogger(__name__)
 CRITICAL_CONFIG = REPO_ROOT / "configs" / "critical_smollm2_full.yaml"
 RANK_WARM_START_CONFIG = REPO_ROOT / "configs" / "recommend_sft_smollm2_lora.yaml"
 MEASUREMENTS_FILE = "measurements.json"
@@ -66,14 +68,21 @@ def _token_rewards(config, cdpo_config: str, steps: dict[str, Path]) -> dict[str
     runs = training_runs(replace(config, cdpo_config=cdpo_config, compare_dpo=True))
     warm, pairs = str(steps["policy"] or config.model), steps["pairs"]
     root = Path(config.work_dir).parent / "preference"
-    dpo = run_steps(root, [Step("dpo", {"run": runs["dpo"].record, "model": warm, "dataset": str(pairs)},
+    upstream = {"model": policy_record(steps["policy"], config.model), "pairs": made_from(pairs)}
+    dpo = run_steps(root, [Step("dpo", {"run": runs["dpo"].record, **upstream},
                                 lambda directory: runs["dpo"].train(warm, pairs, directory))], LOG_PREFIX)["dpo"]
     plain = {"token_signals": None, "signal_control": "none"}
     done = run_steps(root, [
-        pairs_rewards_step("tgdpo", runs["cdpo"].variant(loss_type="tgdpo", **plain), warm, pairs, dpo),
-        pairs_rewards_step("treg", runs["cdpo"].variant(loss_type="treg", **plain), warm, pairs, None),
+        pairs_rewards_step("tgdpo", runs["cdpo"].variant(loss_type="tgdpo", **plain), warm, pairs, dpo,
+                           upstream | {"reward_model": made_from(dpo)}),
+        pairs_rewards_step("treg", runs["cdpo"].variant(loss_type="treg", **plain), warm, pairs, None, upstream),
     ], LOG_PREFIX)
     return {name: done[f"{name}_rewards"] for name in METHODS}
+
+
+def policy_record(policy: Path | None, model: str) -> dict | str:
+    """What the arithmetic rows' model is: the warm start's record (:func:`made_from`), or the base model's name."""
+    return made_from(policy) if policy is not None else model
 
 
 def _rank_warm_start(directory: Path) -> None:
@@ -93,10 +102,16 @@ def run_evidence(
     counts, work_dir = BUDGETS[budget], Path(work_dir)
     configs = _critical_configs(work_dir, seeds, counts, Path(critical_config))
     measurements, first = [], configs[seeds[0]]
+    cdpo_config = quickstart_config(str(work_dir), seeds[0], Path(critical_config)).cdpo_config
+    if cdpo_config is None and {"preference", "learning"} & set(parts):
+        raise ValueError(f"{critical_config} has no cdpo_config: the preference and learning parts train its run.")
+    if len(seeds) < 5:
+        logger.warning(f"[{LOG_PREFIX}] {len(seeds)} seed(s): the evidence standard is at least 5 paired seeds.")
     # the arithmetic rows' model: the warm start (trained once, in the work dir; copied into each seed's pipeline,
     # which then reuses it), or the base model of a pipeline config without one
+    arithmetic = {"critical", "preference", "perturbation", "learning"} & set(parts)
     warm_start = (run_steps(work_dir, [warm_start_step(first)], LOG_PREFIX)["warm_start"]
-                  if first.warm_start_config is not None else None)
+                  if arithmetic and first.warm_start_config is not None else None)
     if {"critical", "preference", "learning"} & set(parts):
         steps_by_seed = {}
         for seed, config in configs.items():
@@ -104,22 +119,21 @@ def run_evidence(
             if warm_start is not None and not seed_warm_start.exists():
                 shutil.copytree(warm_start, seed_warm_start)
             steps_by_seed[seed] = run_critical_pipeline(config) | {"policy": seed_warm_start if warm_start else None}
-        cdpo_config = quickstart_config(str(work_dir), seeds[0], Path(critical_config)).cdpo_config
         if "critical" in parts:
             measurements += critical_evidence(steps_by_seed)
         if "preference" in parts:
             measurements += token_reward_evidence({seed: _token_rewards(configs[seed], cdpo_config, steps)
                                                    for seed, steps in steps_by_seed.items()})
     if "perturbation" in parts:
-        policy = str(warm_start or first.model)
-        model, tokenizer = _loaded(policy)
+        model, tokenizer = _loaded(str(warm_start or first.model))
         settings = {"questions": counts.perturbation_questions, "top_k": counts.top_k,
-                    "max_new_tokens": counts.max_new_tokens, "model": policy}
+                    "max_new_tokens": counts.max_new_tokens, "difficulty": first.task_difficulty,
+                    "model": policy_record(warm_start, first.model)}
         steps = [_measurements_step(
             f"perturbation_seed{seed}", {**settings, "seed": seed},
             lambda seed=seed: perturbation_evidence(
-                model, tokenizer, seeds=[seed], num_questions=counts.perturbation_questions, top_k=counts.top_k,
-                max_new_tokens=counts.max_new_tokens),
+                model, tokenizer, seeds=[seed], num_questions=counts.perturbation_questions,
+                difficulty=first.task_difficulty, top_k=counts.top_k, max_new_tokens=counts.max_new_tokens),
         ) for seed in seeds]
         measurements += _merged([_read(path) for path in run_steps(work_dir, steps, LOG_PREFIX).values()])
     if "ranks" in parts:
@@ -127,7 +141,8 @@ def run_evidence(
                                                _rank_warm_start)], LOG_PREFIX)["recommendation_warm_start"]
         model, tokenizer = _loaded(str(rank_model))
         steps = [_measurements_step(
-            f"ranks_seed{seed}", {"requests": counts.rank_requests, "samples": counts.rank_samples, "seed": seed},
+            f"ranks_seed{seed}", {"requests": counts.rank_requests, "samples": counts.rank_samples, "seed": seed,
+                                  "model": made_from(rank_model)},
             lambda seed=seed: [rank_evidence(model, tokenizer, seeds=[seed], num_requests=counts.rank_requests,
                                              num_samples_per_prompt=counts.rank_samples)],
         ) for seed in seeds]

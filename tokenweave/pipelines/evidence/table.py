@@ -57,10 +57,12 @@ class Measurement:
         effect, low, high = bootstrap(
             [[signal - control for signal, control in self.pairs[seed]] for seed in self.seeds], samples=samples
         )
+        per_seed = [sum(a - b for a, b in self.pairs[seed]) / len(self.pairs[seed]) for seed in self.seeds]
         return {
             "signal_mean": sum(signal for signal, _ in units) / len(units),
             "control_mean": sum(control for _, control in units) / len(units),
             "effect": effect, "low": low, "high": high, "seeds": self.seeds, "num_units": len(units),
+            "per_seed": per_seed,
         }
 
     def format(self, value: float, signed: bool = False) -> str:
@@ -77,15 +79,17 @@ def _seed_list(seeds: list[int]) -> str:
 
 
 def evidence_markdown(measurements: list[Measurement], samples: int = 10_000) -> str:
-    """The evidence table: one row per measurement (module docstring), the effect's interval in brackets and a verdict
-    that says whether the interval is above 0 (the signal beats its control), below it, or contains it."""
+    """The evidence table: one row per measurement (module docstring), the effect's interval in brackets, a verdict
+    that says whether the interval is above 0 (the signal beats its control), below it, or contains it, and each
+    seed's own effect (how much the seeds agree)."""
     lines = [
-        "| signal | measurement | control | signal | control | effect [95% interval] | verdict | seeds | units |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| signal | measurement | control | signal | control | effect [95% interval] | verdict | effect per seed "
+        "| seeds | units |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in measurements:
         if not row.num_units:
-            lines.append(f"| {row.signal} | {row.measurement} | {row.control} | - | - | - | not measured | - | 0 |")
+            lines.append(f"| {row.signal} | {row.measurement} | {row.control} | - | - | - | not measured | - | - | 0 |")
             continue
         summary = row.summary(samples)
         verdict = ("beats its control" if summary["low"] > 0 else "below its control" if summary["high"] < 0
@@ -94,6 +98,7 @@ def evidence_markdown(measurements: list[Measurement], samples: int = 10_000) ->
             f"| {row.signal} | {row.measurement} | {row.control} | {row.format(summary['signal_mean'])} | "
             f"{row.format(summary['control_mean'])} | {row.format(summary['effect'], True)} "
             f"[{row.format(summary['low'], True)}, {row.format(summary['high'], True)}] | {verdict} | "
+            f"{' / '.join(row.format(value, True) for value in summary['per_seed'])} | "
             f"{_seed_list(summary['seeds'])} | {summary['num_units']} {row.unit} |"
         )
     return "\n".join(lines)
