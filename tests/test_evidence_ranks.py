@@ -123,7 +123,7 @@ def test_rank_evidence_scores_the_parsed_lists_of_each_request(monkeypatch):
             expected += rank_sign_agreement([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]],
                                             [len(row["relevant_items"])] * 2, 2, 5)
         assert len(expected) == 16 and result.pairs[seed] == expected
-    assert (result.signal, result.unit) == ("Rank-GRPO spans", "ranked item")
+    assert (result.signal, result.unit) == ("Rank-GRPO spans (exp_inf credit)", "ranked items")
 
 
 def test_rank_evidence_on_the_tiny_model(monkeypatch):

@@ -102,10 +102,10 @@ def rank_evidence(
     items parsed as the trainer parses them and scored against the request's relevant and watched movies (N: the
     request's ``list_length``)."""
     measurement = Measurement(
-        signal="Rank-GRPO spans",
+        signal=f"Rank-GRPO spans ({credit} credit)",
         measurement="sign of the item's advantage agrees with its relevance",
         control="the completion's sequence-level advantage (GRPO)",
-        unit="ranked item",
+        unit="ranked items",
     )
     tokenizer.padding_side = "left"
     for seed in seeds:
