@@ -34,10 +34,10 @@ def test_the_command_writes_every_parts_rows_and_reuses_its_steps(tmp_path, tiny
     rows = json.loads((work / "evidence.json").read_text())
     assert (work / "evidence.png").stat().st_size and (work / "evidence.svg").stat().st_size
     signals = [row["signal"] for row in rows]
-    assert signals[:6] == ["critical tokens (lowest score)"] * 2 + ["TGDPO token rewards (lowest r̂)",
-                           "T-REG token rewards (lowest r̂)", "attention credit (top FAI)",
-                           "HAPO entropy (highest entropy)"]
-    assert signals[7:] == ["cDPO (prefix pairs, 1 steps)"] * 2 + ["cDPO (independent pairs, 1 steps)"] * 2 + [
+    assert signals[:9] == ["critical tokens (lowest score)"] * 2 + [
+        "TGDPO token rewards (lowest r̂)", "T-REG token rewards (lowest r̂)"] + ["attention credit (top FAI)"] * 2 + [
+        "HAPO entropy (highest entropy)"] + ["attention credit (γ > 1)"] * 2
+    assert signals[9:] == ["cDPO (prefix pairs, 1 steps)"] * 2 + ["cDPO (independent pairs, 1 steps)"] * 2 + [
         "cDPO (prefix pairs, 1 steps)"]
     assert len(table) == 2 + len(rows)
     rollout = rows[1]

@@ -92,14 +92,15 @@ def test_replace_and_continue_puts_the_second_ranked_token_at_the_chosen_positio
 
 def test_top_positions_and_the_random_control_from_the_same_completion():
     assert top_positions([0.1, 0.9, 0.5, 0.9], 2) == [1, 3]  # ties: the earlier position first
-    drawn = random_positions(7, 3, seed=4, row=2)
+    drawn = random_positions(7, 3, 4, 2)
     assert len(set(drawn)) == 3 and all(0 <= position < 7 for position in drawn)
-    assert drawn == random_positions(7, 3, seed=4, row=2)  # seeded by (seed, row) only
-    draws = {tuple(random_positions(7, 3, seed=4, row=row)) for row in range(20)}
+    assert drawn == random_positions(7, 3, 4, 2)  # seeded by (seed, row) only
+    assert drawn != random_positions(7, 3, 4, 2, 1)  # another draw of the same row
+    draws = {tuple(random_positions(7, 3, 4, row)) for row in range(20)}
     assert len(draws) > 10  # each trajectory its own draw
     counts = torch.zeros(5)
     for row in range(2000):
-        counts[random_positions(5, 1, seed=0, row=row)] += 1
+        counts[random_positions(5, 1, 0, row)] += 1
     assert counts.min() > 300  # uniform over the completion's candidates (400 expected each)
 
 
@@ -145,12 +146,18 @@ def test_the_measurements_perturb_the_signals_top_tokens_and_random_ones_of_the_
         return ["4" if position in (0, 4) else "3" for _, position in perturbations]  # these two change the answer
 
     monkeypatch.setattr(module, "replace_and_continue", answers)
-    anchors, forking, calculations = module.perturbation_evidence(None, tokenizer, seeds=[7], num_questions=2, top_k=2)
-    randoms = {row: random_positions(n, 2, seed=7, row=row) for row in (0, 1)}
+    anchors, matched, forking, calculations, calculations_matched = module.perturbation_evidence(
+        None, tokenizer, seeds=[7], num_questions=2, top_k=2)
+    randoms = {row: random_positions(n, 2, 7, row) for row in (0, 1)}
+    scorable = [0, 6]  # the positions with FAI > 0 (not the final EOS): the position-matched draw is among them
+    matched_draws = {row: [scorable[i] for i in random_positions(2, 2, 7, row, 1)] for row in (0, 1)}
     assert sorted(asked) == sorted({(row, p) for row in (0, 1) for p in [0, 6, 4, 12, *randoms[row]]})
     assert all(position < n for _, position in asked)  # never the final EOS
     for row in (0, 1):
         control = sum(p in (0, 4) for p in randoms[row]) / 2
         assert anchors.pairs[7][row] == (0.5, control) and forking.pairs[7][row] == (0.5, control)
+        assert sorted(matched_draws[row]) == scorable and matched.pairs[7][row] == (0.5, 0.5)
     calculation_share = sum(calculation_tokens(tokenizer, ids)) / n
     assert calculations.pairs[7] == [(1.0, calculation_share)] * 2
+    flags = calculation_tokens(tokenizer, ids)
+    assert calculations_matched.pairs[7] == [(1.0, (flags[0] + flags[6]) / 2)] * 2  # among the FAI > 0 tokens

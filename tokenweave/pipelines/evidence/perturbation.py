@@ -1,7 +1,7 @@
 """Ground truth and perturbation for the GRPO signals that read the policy itself: attention credit and HAPO's entropy.
 
 On the greedy trajectories of a seed's arithmetic questions (:func:`tokenweave.inference.perturbation.greedy_trajectories`),
-three measurements, each unit one trajectory:
+three measurements, each unit one trajectory (five rows: the attention rows also against position-matched controls):
 
 * **attention credit, perturbation** (the paper's Table 1, with the final answer in place of continuation overlap):
   of the ``top_k`` tokens with the highest FAI (the global anchors), the share whose replacement by the second-ranked
@@ -13,8 +13,14 @@ three measurements, each unit one trajectory:
   (inside a step line's ``L op R = C``: :func:`tokenweave.data.arithmetic_errors.calculation_spans`), against the
   share of all the trajectory's tokens that are: the exact expectation of a random selection of the same count.
 
+FAI averages the attention a token gets from 10 to 100 tokens later (``attention_credit_horizon``), so in a short
+trajectory only its early tokens can have FAI above 0, and early tokens decide more of what follows. Both attention
+rows therefore have a second, position-matched control: ``top_k`` random tokens among those with FAI > 0 (drawn with
+the keys ``(seed, row, 1)``), and the share of calculation tokens among the tokens with FAI > 0.
+
 The candidates of a trajectory are its completion tokens but a final EOS; trajectories with fewer than ``2 · top_k``
-candidates, or without a final answer to change, are skipped. The random tokens are ``top_k`` distinct candidates drawn with
+candidates, or without a final answer to change, are skipped (and from the position-matched row, those with fewer
+than ``top_k`` tokens with FAI > 0). The random tokens are ``top_k`` distinct candidates drawn with
 :func:`tokenweave.tokens.controls.row_generator` ``(seed, row)``; they may include a signal's tokens, as a random
 selection would. One set of random tokens serves both signals' controls (the same count on the same trajectory).
 """
@@ -37,9 +43,10 @@ def top_positions(scores: list[float], count: int) -> list[int]:
     return sorted(range(len(scores)), key=lambda position: (-scores[position], position))[:count]
 
 
-def random_positions(num_candidates: int, count: int, seed: int, row: int) -> list[int]:
-    """``count`` distinct positions of ``range(num_candidates)``, drawn uniformly, seeded by ``(seed, row)`` only."""
-    return torch.randperm(num_candidates, generator=row_generator(seed, row))[:count].tolist()
+def random_positions(num_candidates: int, count: int, seed: int, *keys: int) -> list[int]:
+    """``count`` distinct positions of ``range(num_candidates)``, drawn uniformly, seeded by ``(seed, *keys)`` only
+    (the trajectory's row, and which draw of it)."""
+    return torch.randperm(num_candidates, generator=row_generator(seed, *keys))[:count].tolist()
 
 
 def calculation_tokens(tokenizer, completion_ids: list[int]) -> list[bool]:
@@ -79,8 +86,13 @@ def perturbation_evidence(
     forking = Measurement("HAPO entropy (highest entropy)", f"answer changes when one of the top-{top_k} tokens is "
                           "replaced by the second-ranked token", f"{top_k} random tokens of the same trajectory",
                           "trajectories")
+    matched = Measurement("attention credit (top FAI)", anchors.measurement, f"{top_k} random tokens of the same "
+                          "trajectory with FAI > 0 (the positions it can credit)", "trajectories")
     calculations = Measurement("attention credit (γ > 1)", "credited tokens that are calculation tokens",
                                "all tokens of the trajectory (a random selection of the same count)", "trajectories")
+    calculations_matched = Measurement("attention credit (γ > 1)", calculations.measurement, "the tokens of the "
+                                       "trajectory with FAI > 0 (a random selection of the same count among them)",
+                                       "trajectories")
     eos = tokenizer.eos_token_id
     for seed in seeds:
         dataset = load_run_dataset("arithmetic", "test", "grpo", num_examples=num_questions, difficulty=difficulty,
@@ -93,14 +105,21 @@ def perturbation_evidence(
             count = trajectory.candidates(eos)
             if count < 2 * top_k or trajectory.answer is None:  # no answer to change
                 continue
-            chosen[row] = {"fai": top_positions(credit.fai[row, :count].tolist(), top_k),
-                           "entropy": top_positions(trajectory.entropy[:count], top_k),
+            fai = credit.fai[row, :count].tolist()
+            scorable = [position for position in range(count) if fai[position] > 0]  # where FAI can credit
+            chosen[row] = {"fai": top_positions(fai, top_k), "entropy": top_positions(trajectory.entropy[:count], top_k),
                            "random": random_positions(count, top_k, seed, row)}
+            if len(scorable) >= top_k:
+                chosen[row]["scorable"] = [scorable[index]
+                                           for index in random_positions(len(scorable), top_k, seed, row, 1)]
             gamma = credit.gamma[row, :count].tolist()
             is_calculation = calculation_tokens(tokenizer, trajectory.completion_ids[:count])
             credited = [calc for calc, value in zip(is_calculation, gamma, strict=True) if value > 1.0]
             if credited:
                 calculations.add(seed, sum(credited) / len(credited), sum(is_calculation) / count)
+                if scorable:
+                    calculations_matched.add(seed, sum(credited) / len(credited),
+                                             sum(is_calculation[position] for position in scorable) / len(scorable))
         perturbations = sorted({(row, position) for row, sets in chosen.items() for positions in sets.values()
                                 for position in positions})
         answers = dict(zip(perturbations, replace_and_continue(
@@ -114,4 +133,6 @@ def perturbation_evidence(
             control = changed_share(row, sets["random"])
             anchors.add(seed, changed_share(row, sets["fai"]), control)
             forking.add(seed, changed_share(row, sets["entropy"]), control)
-    return [anchors, forking, calculations]
+            if "scorable" in sets:
+                matched.add(seed, changed_share(row, sets["fai"]), changed_share(row, sets["scorable"]))
+    return [anchors, matched, forking, calculations, calculations_matched]

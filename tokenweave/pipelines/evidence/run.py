@@ -128,7 +128,7 @@ def run_evidence(
         model, tokenizer = _loaded(str(warm_start or first.model))
         settings = {"questions": counts.perturbation_questions, "top_k": counts.top_k,
                     "max_new_tokens": counts.max_new_tokens, "difficulty": first.task_difficulty,
-                    "model": policy_record(warm_start, first.model)}
+                    "model": policy_record(warm_start, first.model), "controls": ["random", "position-matched"]}
         steps = [_measurements_step(
             f"perturbation_seed{seed}", {**settings, "seed": seed},
             lambda seed=seed: perturbation_evidence(
