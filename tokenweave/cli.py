@@ -187,38 +187,28 @@ def _sft_heatmap_command(args) -> None:
         print(f"wrote {len(view.rows)} weighted rows to {args.output}")
 
 
-def _dpo_heatmap_command(args) -> None:
-    """``tokenweave dpo-heatmap``: the per-token values a DPO run's token signals give its token-level loss for its
-    first pairs' chosen and rejected completions (:func:`tokenweave.heatmap.dpo_signals_from_config`)."""
+def _signal_view_command(args) -> None:
+    """``tokenweave dpo-heatmap`` / ``grpo-heatmap``: the per-token values a DPO run's token signals give its
+    token-level loss for its first pairs' chosen and rejected completions
+    (:func:`tokenweave.heatmap.dpo_signals_from_config`), or a GRPO run's policy loss for completions of its first
+    prompts, with each token's advantage (:func:`tokenweave.heatmap.grpo_signals_from_config`)."""
     from .heatmap import (
         dpo_signals_from_config,
+        grpo_signals_from_config,
         render_dpo_html,
         render_dpo_terminal,
         terminal_color,
     )
 
-    view = dpo_signals_from_config(args.config, num_rows=args.rows)
+    trainer = "grpo" if args.command == "grpo-heatmap" else "dpo"
+    view = (grpo_signals_from_config(args.config, num_prompts=args.prompts) if trainer == "grpo"
+            else dpo_signals_from_config(args.config, num_rows=args.rows))
     common = {"method": view.method, "options": view.options}
     if args.terminal:
         print(render_dpo_terminal(view.rows, color=terminal_color(sys.stdout), **common), end="")
     if args.output:
-        page = render_dpo_html(view.rows, title=f"DPO token signals: {view.method}", source=args.config, **common)
-        Path(args.output).write_text(page, encoding="utf-8")
-        print(f"wrote {len(view.rows)} completions' token values to {args.output}")
-
-
-def _grpo_heatmap_command(args) -> None:
-    """``tokenweave grpo-heatmap``: each completion token's advantage and the per-token values a GRPO run's token
-    signals give its policy loss, for completions of its first prompts (:func:`tokenweave.heatmap.grpo_signals_from_config`)."""
-    from .heatmap import grpo_signals_from_config, render_dpo_html, render_dpo_terminal, terminal_color
-
-    view = grpo_signals_from_config(args.config, num_prompts=args.prompts)
-    common = {"method": view.method, "options": view.options}
-    if args.terminal:
-        print(render_dpo_terminal(view.rows, color=terminal_color(sys.stdout), **common), end="")
-    if args.output:
-        page = render_dpo_html(view.rows, title=f"GRPO token signals: {view.method}", source=args.config,
-                               trainer="grpo", **common)
+        page = render_dpo_html(view.rows, title=f"{trainer.upper()} token signals: {view.method}", source=args.config,
+                               trainer=trainer, **common)
         Path(args.output).write_text(page, encoding="utf-8")
         print(f"wrote {len(view.rows)} completions' token values to {args.output}")
 
@@ -438,32 +428,33 @@ def build_parser() -> argparse.ArgumentParser:
     sft_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
     sft_heatmap.add_argument("--terminal", action="store_true", help="Print the weighted tokens to the terminal.")
 
-    dpo_heatmap = command(
-        "dpo-heatmap", _dpo_heatmap_command,
-        help="Show the per-token values a DPO run's token signals give its token-level loss (token_rewards of tgdpo "
-        "and treg, token_weights of cdpo, weights and weight_rules, distillation_loss of aligndistil, ...) for the "
-        "chosen and rejected completions of the first pairs of its train dataset, before training, as an HTML page "
-        "or in the terminal.",
-    )
-    dpo_heatmap.set_defaults(needs_output=True)
-    dpo_heatmap.add_argument("--config", required=True, help="The DPO run config (with a token-level loss_type).")
-    dpo_heatmap.add_argument("--rows", type=int, default=8, help="The first N pairs of the prepared train dataset.")
-    dpo_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
-    dpo_heatmap.add_argument("--terminal", action="store_true", help="Print the valued tokens to the terminal.")
+    def signal_view(name: str, help: str, config_help: str, count: str, count_help: str, default: int) -> None:
+        """A view of the values a run config's token signals give its loss (``dpo-heatmap``, ``grpo-heatmap``)."""
+        view = command(name, _signal_view_command, help=help)
+        view.set_defaults(needs_output=True)
+        view.add_argument("--config", required=True, help=config_help)
+        view.add_argument(count, type=int, default=default, help=count_help)
+        view.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
+        view.add_argument("--terminal", action="store_true", help="Print the valued tokens to the terminal.")
 
-    grpo_heatmap = command(
-        "grpo-heatmap", _grpo_heatmap_command,
-        help="Show each completion token's advantage and the per-token values a GRPO run's token signals give its "
-        "policy loss (RLSD's factor, attention credit's per-token advantages, HAPO's entropy signal, ...) for "
-        "completions the model samples for the first prompts of its train dataset, before training, as an HTML page "
-        "or in the terminal.",
+    signal_view(
+        "dpo-heatmap",
+        "Show the per-token values a DPO run's token signals give its token-level loss (token_rewards of tgdpo and "
+        "treg, token_weights of cdpo, weights and weight_rules, distillation_loss of aligndistil, ...) for the chosen "
+        "and rejected completions of the first pairs of its train dataset, before training, as an HTML page or in the "
+        "terminal.",
+        "The DPO run config (with a token-level loss_type).", "--rows",
+        "The first N pairs of the prepared train dataset.", 8,
     )
-    grpo_heatmap.set_defaults(needs_output=True)
-    grpo_heatmap.add_argument("--config", required=True, help="The GRPO run config (with token_signals).")
-    grpo_heatmap.add_argument("--prompts", type=int, default=2,
-                              help="The first N prompts of the prepared train dataset (num_generations_eval each).")
-    grpo_heatmap.add_argument("--output", default=None, help="Write the self-contained HTML page here.")
-    grpo_heatmap.add_argument("--terminal", action="store_true", help="Print the valued tokens to the terminal.")
+    signal_view(
+        "grpo-heatmap",
+        "Show each completion token's advantage and the per-token values a GRPO run's token signals give its policy "
+        "loss (RLSD's factor, attention credit's per-token advantages, HAPO's entropy signal, ...) for completions "
+        "the model samples for the first prompts of its train dataset, before training, as an HTML page or in the "
+        "terminal.",
+        "The GRPO run config (with token_signals).", "--prompts",
+        "The first N prompts of the prepared train dataset (num_generations_eval each).", 2,
+    )
 
     localize = command(
         "localize", _localize_command,
