@@ -49,17 +49,20 @@ def _loaded(model: str):
     return loaded.eval(), tokenizer
 
 
-def _critical_configs(work_dir: Path, seeds: Sequence[int], budget: Budget, config_file: Path) -> dict:
-    """Each seed's critical-token pipeline config: the file's with the budget's counts, its localization and rollout
-    steps, no training after them."""
-    configs = {}
+def _critical_configs(work_dir: Path, seeds: Sequence[int], budget: Budget,
+                      config_file: Path) -> tuple[dict, str | None]:
+    """Each seed's critical-token pipeline config (the file's with the budget's counts, its localization and rollout
+    steps, no training after them), and the file's ``cdpo_config`` (the run the preference and learning parts
+    train)."""
+    configs, cdpo_config = {}, None
     for seed in seeds:
         config = quickstart_config(str(work_dir / f"seed{seed}"), seed, config_file)
+        cdpo_config = config.cdpo_config
         configs[seed] = replace(config, compare_dpo=False, compare_shuffled=False, cdpo_config=None,
                                 num_examples=budget.critical_questions, measure_localization=True,
                                 rollout_trajectories=budget.rollout_trajectories,
                                 rollout_samples=budget.rollout_samples)
-    return configs
+    return configs, cdpo_config
 
 
 def _token_rewards(config, cdpo_config: str, steps: dict[str, Path]) -> dict[str, Path]:
@@ -100,9 +103,8 @@ def run_evidence(
         raise ValueError(f"tokenweave evidence: unknown part(s) {unknown} (known: {list(PARTS)}) or budget "
                          f"{budget!r} (known: {list(BUDGETS)}).")
     counts, work_dir = BUDGETS[budget], Path(work_dir)
-    configs = _critical_configs(work_dir, seeds, counts, Path(critical_config))
+    configs, cdpo_config = _critical_configs(work_dir, seeds, counts, Path(critical_config))
     measurements, first = [], configs[seeds[0]]
-    cdpo_config = quickstart_config(str(work_dir), seeds[0], Path(critical_config)).cdpo_config
     if cdpo_config is None and {"preference", "learning"} & set(parts):
         raise ValueError(f"{critical_config} has no cdpo_config: the preference and learning parts train its run.")
     if len(seeds) < 5:
