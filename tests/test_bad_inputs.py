@@ -6,6 +6,7 @@ Each case is a config (or command line) with one thing wrong; loading a model ra
 check that is missing or comes too late fails its case."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -108,6 +109,15 @@ def test_a_bad_run_is_refused_before_the_model_loads(tmp_path, case, base, value
     assert not output_dir.exists()
 
 
+def refused_by_cli(argv: list[str], capsys) -> str:
+    """The one line ``tokenweave <argv>`` refuses its input with (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and line.startswith(f"tokenweave {argv[0]}: error: ")
+    return line
+
+
 PIPELINE_CASES = [
     ("one-sample", {"num_samples_per_prompt": 1}, "num_samples_per_prompt must be >= 2"),
     ("zero-questions", {"num_examples": 0}, "num_examples must be >= 1"),
@@ -125,14 +135,13 @@ PIPELINE_CASES = [
 
 
 @pytest.mark.parametrize("case, values, message", PIPELINE_CASES, ids=[case[0] for case in PIPELINE_CASES])
-def test_a_bad_pipeline_is_refused_before_the_model_loads(tmp_path, case, values, message):
+def test_a_bad_pipeline_is_refused_before_the_model_loads(tmp_path, capsys, case, values, message):
     config = yaml.safe_load((CONFIGS / "critical_tiny.yaml").read_text())
     work_dir = tmp_path / "work"
     config |= {"work_dir": str(work_dir), **values}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=message):
-        cli_main(["critical", "--config", str(path)])
+    assert re.search(message, refused_by_cli(["critical", "--config", str(path)], capsys))
     assert not work_dir.exists()
 
 
@@ -148,12 +157,11 @@ COMMAND_CASES = [
 
 
 @pytest.mark.parametrize("case, argv, message", COMMAND_CASES, ids=[case[0] for case in COMMAND_CASES])
-def test_a_bad_command_is_refused_before_the_model_loads(tmp_path, case, argv, message):
+def test_a_bad_command_is_refused_before_the_model_loads(tmp_path, capsys, case, argv, message):
     empty = data_file(tmp_path, "empty.jsonl", [])
     output = tmp_path / "out"
     argv = [arg.format(empty=empty, out=output) for arg in argv]
-    with pytest.raises(ValueError, match=message):
-        cli_main([*argv, "--model", "tiny-llama"])
+    assert re.search(message, refused_by_cli([*argv, "--model", "tiny-llama"], capsys))
     assert not output.exists()
 
 

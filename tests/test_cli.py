@@ -1,17 +1,13 @@
 """The ``tokenweave`` command as a TRL user meets it: help with defaults for every option, launch flags as ``trl``
-has them, ``tokenweave env``, ``tokenweave plot``, and clear refusals."""
-
-import json
+has them, ``tokenweave env``, and clear refusals (``tokenweave plot``: test_plots.py)."""
 
 import pytest
-from PIL import Image
 
 from tokenweave.cli import build_parser
 from tokenweave.cli import main as cli_main
 from tokenweave.environment import STACK, environment
 from tokenweave.launch import accelerate_config_names, resolve_accelerate_config, split_launch_arguments
 from tokenweave.pipelines.quickstart import NUM_TEST_EXAMPLES
-from tokenweave.plots import comparison_table, load_run, plot_command, token_metric_keys
 
 from .conftest import LAUNCH, REPO_ROOT
 
@@ -25,6 +21,7 @@ def subcommands():
 def test_every_option_of_every_command_has_help_and_shows_its_default():
     for name, command in subcommands().items():
         options = [action for action in command._actions if action.option_strings and action.dest != "help"]
+        options = [action for action in options if action.dest != "debug"]  # the switch of every command: off
         for action in options:
             assert action.help, f"tokenweave {name} {action.option_strings[0]} has no help text"
         if options:
@@ -81,57 +78,6 @@ def test_env_prints_every_version(capsys):
     for _, label in STACK:
         assert f"- {label} version: " in printed
     assert environment()["PyTorch version"].startswith("2.") and "Built-in model cache" in printed
-
-
-def write_run(directory, name, history, **info):
-    run = directory / name
-    run.mkdir()
-    (run / "run_info.json").write_text(json.dumps({"log_history": history, **info}))
-    return run
-
-
-def test_plot_writes_pngs_and_a_table_with_one_row_per_run(tmp_path, capsys):
-    grpo = [{"step": step, "loss": 1.0 / step, "reward": 0.1 * step, "rewards/correctness/mean": 0.05 * step,
-             "hapo/sampling_temperature": 1 + 0.01 * step, "entropy/q50": 2.0, "step_time": 2.0 + step % 2}
-            for step in range(1, 6)]
-    dpo = [{"step": step, "loss": 0.69 - 0.01 * step, "weights/rejected": 0.7, "rewards/margins": 0.1 * step}
-           for step in range(1, 4)]
-    runs = [write_run(tmp_path, "hapo-run", grpo, method="grpo", token_method="hapo", global_step=5,
-                      token_metric_prefixes=["entropy/q", "hapo/"]),
-            write_run(tmp_path, "cdpo-run", dpo, method="dpo", token_method="cdpo", global_step=3,
-                      token_metric_prefixes=["weights/", "kl/"])]
-    (runs[1] / "eval.json").write_text(json.dumps({"accuracy": 0.25}))
-    cli_main(["plot", *map(str, runs), "--output", str(tmp_path / "plots")])
-    assert "runs.md" in capsys.readouterr().out
-    for name in ("loss.png", "rewards.png", "token_metrics.png"):
-        image = Image.open(tmp_path / "plots" / name)
-        assert image.size[0] >= 400 and image.size[1] >= 250
-        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
-        assert colours is not None and len(colours) > 10  # lines, text and axes, not a blank page
-    table = (tmp_path / "plots" / "runs.md").read_text().splitlines()
-    assert len(table) == 4
-    # final loss 1/5, final reward 0.5, no accuracy, step time the median of 3, 2, 3, 2, 3
-    assert table[2] == "| hapo-run | grpo | hapo | 5 | 0.2 | 0.5 |  | 3 |"
-    assert table[3] == "| cdpo-run | dpo | cdpo | 3 | 0.66 |  | 0.25 |  |"  # the accuracy of its eval.json
-    # the token metrics: the names with a prefix its run declared (run_info.json)
-    assert token_metric_keys([load_run(run) for run in runs]) == ["entropy/q50", "hapo/sampling_temperature",
-                                                                  "weights/rejected"]
-    assert load_run(runs[0]).series("reward") == ([1, 2, 3, 4, 5], [0.1 * step for step in range(1, 6)])
-    assert comparison_table([load_run(runs[1])], [runs[1]], accuracies={"cdpo-run": 0.5}).endswith("| 0.5 |  |\n")
-
-
-def test_plot_of_a_directory_that_is_not_a_run_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a tokenweave run directory"):
-        plot_command([str(tmp_path)], str(tmp_path / "plots"))
-
-
-def test_plot_reads_a_run_without_run_info_from_its_newest_complete_checkpoint(tmp_path):
-    for step, complete in ((2, True), (10, True), (12, False)):  # 10 > 2 by number, not by name; 12 half-written
-        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
-        checkpoint.mkdir(parents=True)
-        if complete:
-            (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step, "loss": 1.0}]}))
-    assert load_run(tmp_path / "run").series("loss") == ([10], [1.0])
 
 
 def test_progress_that_the_modules_log_is_shown_on_the_commands_stdout(tmp_path, capsys):

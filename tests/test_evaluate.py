@@ -210,4 +210,4 @@ def test_eval_takes_any_dataset_with_prompt_and_answer_columns_and_refuses_a_mis
     written = json.loads(output.read_text())
     assert [sample["answer"] for sample in written["samples"]] == ["1", "2", "3"] and written["num_examples"] == 3
     with pytest.raises(ValueError, match=r"has no split 'test'; it has \['train'\]"):
-        cli_main(["eval", "--model", "tiny-llama", "--task", str(tmp_path / "questions.jsonl")])
+        cli_main(["eval", "--model", "tiny-llama", "--task", str(tmp_path / "questions.jsonl"), "--debug"])

@@ -130,6 +130,44 @@ def test_without_policy_loss_it_is_trl(model_dir, tmp_path):
     assert_same_update(loss_and_grads(trainer, [batch]), loss_and_grads(reference, [batch]))
 
 
+def limit_torch_quantile(monkeypatch, limit: int) -> None:
+    """``torch.quantile`` refusing more than ``limit`` elements, as it refuses more than 2^24: a generation batch's
+    tokens gathered over 64 processes (16 completions × 16k tokens each) pass that."""
+    unlimited = torch.quantile
+
+    def limited(values, *args, **kwargs):
+        if values.numel() > limit:
+            raise RuntimeError("quantile() input tensor is too large")
+        return unlimited(values, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "quantile", limited)
+
+
+@pytest.mark.parametrize("ours", [dict(policy_loss="grpo"), dict(loss_type="grpo")], ids=["policy-loss", "trl-path"])
+def test_entropy_quantiles_and_trls_top_entropy_mask_take_any_number_of_tokens(model_dir, tmp_path, monkeypatch, ours):
+    """The entropy metrics' quantiles and TRL's top-entropy mask (``top_entropy_quantile``, which TRL's own
+    ``_compute_loss`` also calls) use tokens.quantile.quantile: TRL's values, with torch.quantile's limit mocked down
+    to 4 of the batch's 33 tokens."""
+    trainer = make_trainer(model_dir, tmp_path, top_entropy_quantile=0.5, **ours)
+    reference = make_trainer(model_dir, tmp_path, GRPOTrainer, GRPOConfig, loss_type="grpo", top_entropy_quantile=0.5)
+    batch = make_batch(trainer)
+    mask = batch["completion_mask"]
+    _, entropies = token_logps_and_entropies(trainer, batch)
+    trl_mask = reference.get_high_entropy_mask(entropies, mask, 0.5)
+    trl_update = loss_and_grads(reference, [batch])
+    trl_quantiles = torch.quantile(entropies[mask.bool()], torch.tensor([0.2, 0.5, 0.8])).tolist()
+    assert 0 < trl_mask.sum() < mask.sum()
+
+    limit_torch_quantile(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="too large"):
+        reference.get_high_entropy_mask(entropies, mask, 0.5)
+    assert torch.equal(trainer.get_high_entropy_mask(entropies, mask, 0.5), trl_mask)
+    assert_same_update(loss_and_grads(trainer, [batch]), trl_update)
+    if "policy_loss" in ours:  # the metrics tokenweave adds to TRL's
+        metrics = trainer._metrics["train"]
+        assert [metrics[f"entropy/q{q}"][-1] for q in (20, 50, 80)] == pytest.approx(trl_quantiles, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (b) Off-policy effects by hand. Old log-probs are set so that every ratio is exactly r = 1.5, A = +1:
 #   dapo: clip(1.5, 0.8, 1.28) = 1.28 → ℓ = −1.28 on every token, loss = −1.28, and no gradient (all clipped);

@@ -43,13 +43,13 @@ def test_rows_are_formatted_like_the_arithmetic_task_and_their_solutions_are_cor
 def test_the_task_reads_the_hub_dataset_and_has_no_preference_format(monkeypatch):
     asked = []
 
-    def hub(name, config):
-        asked.append((name, config))
+    def hub(name, config, streaming=False):
+        asked.append((name, config, streaming))
         return DatasetDict({"train": Dataset.from_list(HUB_ROWS), "test": Dataset.from_list(HUB_ROWS[:1])})
 
     monkeypatch.setattr(loading, "load_dataset", hub)
     train = loading.load_run_dataset("gsm8k", "train", "grpo", num_examples=1)
-    assert asked == [("openai/gsm8k", "main")] and len(train) == 1 and train[0]["answer"] == "72"
+    assert asked == [("openai/gsm8k", "main", False)] and len(train) == 1 and train[0]["answer"] == "72"
     assert loading.load_run_dataset("gsm8k", "test", "sft").column_names == ["prompt", "completion"]
     with pytest.raises(ValueError, match="no format for method 'dpo'"):
         loading.load_run_dataset("gsm8k", "train", "dpo")

@@ -8,6 +8,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from tokenweave.losses.policy import adaptive_clip_bounds, redistribute_advantage
+from tokenweave.models import build_tiny_tokenizer
 from tokenweave.tokens.advantage import token_group_advantage, token_group_advantage_values
 from tokenweave.tokens.entropy import EntropyStats, adaptive_temperature, entropy_signal, entropy_stats
 from tokenweave.trainers.hapo import AdaptiveTemperatureLogitsProcessor
@@ -95,6 +96,33 @@ def test_stats_applied_to_the_next_batch(released_sign, signal, temperature):
 
 def test_adaptive_temperature_without_stats_is_the_base_temperature():
     close(adaptive_temperature(NEXT_ENTROPY, None, base_temperature=2.0, tau=0.1), [2.0] * 4)
+
+
+@pytest.mark.parametrize("released_sign", [False, True])
+@pytest.mark.parametrize("entropy, mask", [
+    (torch.ones(1, 0), torch.ones(1, 0)),  # no token gathered from any process
+    (ENTROPY, torch.zeros_like(ENTROPY_MASK)),  # every completion masked (e.g. all truncated)
+], ids=["no-tokens", "all-masked"])
+def test_statistics_of_no_valid_token_are_neutral(entropy, mask, released_sign):
+    # no statistics to take: ĥ = 0 for every entropy, so the next generation samples at T_base, as the first one
+    stats = entropy_stats(entropy, mask, 0.8, released_sign=released_sign)
+    close(stats.signal(NEXT_ENTROPY), [0.0] * 4)
+    close(adaptive_temperature(NEXT_ENTROPY, stats, base_temperature=2.0, tau=0.1), [2.0] * 4)
+    close(entropy_signal(entropy, mask, 0.8, released_sign=released_sign), torch.zeros(entropy.shape))
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2], ids=["statistics-in-the-loss", "statistics-at-generation"])
+def test_hapo_trains_when_every_completion_is_truncated_and_masked(model_dir, tmp_path, num_iterations):
+    # TRL's mask_truncated_completions masks every completion that hits max_completion_length (EOS suppressed here):
+    # HAPO's statistics then have no token, from the loss's entropies (on-policy) or from π_old's at generation
+    from .grpo_harness import make_trainer
+
+    trainer = make_trainer(model_dir, tmp_path, policy_loss="hapo", mask_truncated_completions=True,
+                           max_completion_length=2, num_iterations=num_iterations, max_steps=1,
+                           generation_kwargs={"suppress_tokens": [build_tiny_tokenizer().eos_token_id]})
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert trainer.signals["hapo"].temperature_processor.stats.scale_pos == 0  # neutral: the next samples at T_base
 
 
 def test_logits_processor_hand_values():

@@ -18,12 +18,12 @@ from .conftest import REPO_ROOT
 
 PACKAGE = "tokenweave"
 LAYERS = (
-    ("models", "data", "rewards", "checks", "registry", "stats"),
+    ("models", "data", "rewards", "checks", "registry", "stats", "run_files", "provenance"),
     ("tokens",),
     ("losses",),
     ("trainers",),
     ("inference",),
-    ("train", "config", "launch"),
+    ("train", "config", "launch", "preflight", "resume"),
     ("pipelines",),
     ("cli", "heatmap", "environment", "plots"),
 )
@@ -170,3 +170,13 @@ def test_relative_imports_resolve_against_the_importing_module(tmp_path):
         "tokenweave/tokens/__init__.py:2 imports tokenweave.losses",
         "tokenweave/tokens/entropy.py:1 imports tokenweave.inference",
     ]
+
+
+def test_the_run_file_names_are_transformers_own():
+    """``tokenweave.run_files`` names transformers' checkpoint files without importing it: the same names."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from tokenweave import run_files
+
+    assert (run_files.TRAINER_STATE_NAME, run_files.PREFIX_CHECKPOINT_DIR) == (TRAINER_STATE_NAME, PREFIX_CHECKPOINT_DIR)

@@ -12,7 +12,8 @@ from trl import SFTConfig, SFTTrainer
 from tokenweave.checks import ConfigError
 from tokenweave.config import RunArguments, parse_run_config
 from tokenweave.data.arithmetic import _split_of, load_arithmetic
-from tokenweave.data.loading import BUILTIN_TASKS, load_run_dataset
+from tokenweave.data import BUILTIN_TASKS
+from tokenweave.data.loading import load_run_dataset
 from tokenweave.data.noisy_arithmetic import (
     NOISE_KINDS,
     load_noisy_arithmetic,

@@ -66,7 +66,8 @@ def hapo_case(model_dir, tmp_path) -> dict:
 
 
 def rank_grpo_case(model_dir, tmp_path) -> dict:
-    trainer = make_trainer(model_dir, tmp_path, policy_loss="rank_grpo", rank_list_length=3, **FLOAT64)
+    # epsilon 0.2: the lower clip c203bc0 applied (TRL's default ε; the rank_grpo default is now the paper's 0.06)
+    trainer = make_trainer(model_dir, tmp_path, policy_loss="rank_grpo", rank_list_length=3, epsilon=0.2, **FLOAT64)
     advantages = rank_advantages(trainer)
     batch = make_batch(trainer)
     batch |= {"rank_ids": hand_made_rank_ids(batch, 3), "advantages": advantages[:, : batch["completion_ids"].size(1)]}

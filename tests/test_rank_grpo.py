@@ -5,8 +5,10 @@ import math
 
 import pytest
 import torch
+import yaml
 from trl import GRPOConfig, GRPOTrainer
 
+from tokenweave.config import parse_run_config
 from tokenweave.losses.policy import PolicyLossConfig, rank_grpo_policy_loss
 from tokenweave.models import build_tiny_tokenizer
 from tokenweave.rewards.ranking import (
@@ -216,13 +218,16 @@ def digit_gains(items, **columns):
     return [[float(any(char.isdigit() for char in text)) for text in answer] for answer in items]
 
 
-def test_after_generation_gives_per_rank_advantages(model_dir, tmp_path):
+@pytest.mark.parametrize("shaping", [True, False])
+def test_after_generation_gives_per_rank_advantages(model_dir, tmp_path, shaping):
+    # the EOS token's own advantage is zeroed with or without the length shaping (the released code's rule)
     tokenizer = build_tiny_tokenizer()
     newline, eos = tokenizer.convert_tokens_to_ids("\n"), tokenizer.eos_token_id
     n = 3
     trainer = make_trainer(
         model_dir, tmp_path, policy_loss="rank_grpo", rank_list_length=n, rank_gain_func="tests.test_rank_grpo:digit_gains",
-        max_completion_length=24, generation_kwargs={"sequence_bias": {(newline,): 4.0, (eos,): 2.5}}, **RANK_CLIP,
+        max_completion_length=24, generation_kwargs={"sequence_bias": {(newline,): 4.0, (eos,): 2.5}},
+        rank_length_shaping=shaping, **RANK_CLIP,
     )
     from tokenweave.data.recommendation import load_recommendation
 
@@ -243,14 +248,18 @@ def test_after_generation_gives_per_rank_advantages(model_dir, tmp_path):
         items_per_row.append(len(lines))
     assert any(count > n for count in items_per_row) and any(eos_rows)  # overflow and EOS both exercised
     advantages = rank_group_advantages(torch.tensor(gains), group_size=4)
+    # an EOS whose rank has an advantage: keeping it would differ from zeroing it
+    assert any(eos_rows[b] and row_ranks[-1] < n and advantages[b, row_ranks[-1]] != 0 for b, row_ranks in
+               enumerate(ranks))
+    overflow_penalty = -0.1 if shaping else 0.0
     expected = torch.zeros_like(output["advantages"])
     for b, row_ranks in enumerate(ranks):
         for t, rank in enumerate(row_ranks):
-            expected[b, t] = advantages[b, rank] if rank < n else -0.1  # the overflow penalty
-        if eos_rows[b]:  # the EOS token: its shaping value only
+            expected[b, t] = advantages[b, rank] if rank < n else overflow_penalty
+        if eos_rows[b]:  # the EOS token: its shaping value only (0 without shaping)
             last = len(row_ranks) - 1
             expected[b, last] = (0.1 if items_per_row[b] == n else -0.1 if items_per_row[b] < n else 0.0) + (
-                -0.1 if row_ranks[last] >= n else 0.0)
+                -0.1 if row_ranks[last] >= n else 0.0) if shaping else 0.0
     torch.testing.assert_close(output["advantages"], expected)
     torch.testing.assert_close(output["rank_ids"] * mask, torch.tensor(
         [r + [0] * (mask.size(1) - len(r)) for r in ranks]))
@@ -275,6 +284,29 @@ def test_config_follows_the_policy_loss():
     assert clipped.policy_loss_config().adaptive_clip
     with pytest.raises(ValueError, match="both set the advantages"):
         config(policy_loss="rank_grpo", hapo_token_advantage=True)
+
+
+def test_a_rank_config_without_epsilon_clips_at_the_papers_bounds(tmp_path):
+    # configs/rank_grpo_tiny.yaml sets neither epsilon nor epsilon_high: the loss clips the rank ratio to [0.94, 1.08]
+    # (TRL's epsilon default 0.2 would clip at 0.8); a value the user sets, even TRL's 0.2, is kept
+    tiny = CONFIGS / "rank_grpo_tiny.yaml"
+    assert not {"epsilon", "epsilon_high"} & set(yaml.safe_load(tiny.read_text()))
+    training_args = parse_run_config(["--config", str(tiny)])[1]
+    bounds = training_args.policy_loss_config()
+    assert (bounds.epsilon_low, bounds.epsilon_high) == (0.06, 0.08)
+    # the bounds the loss applies: a rank ratio of 0.5 with A = -1 is clipped to 0.94, one of 2.0 with A = 1 to 1.08
+    loss, _ = rank_grpo_policy_loss(torch.log(torch.tensor([[0.5], [2.0]])), torch.zeros(2, 1),
+                                    torch.tensor([-1.0, 1.0]), torch.ones(2, 1), bounds,
+                                    rank_ids=torch.zeros(2, 1, dtype=torch.long), num_ranks=1)
+    torch.testing.assert_close(loss, torch.tensor([[0.94], [-1.08]]))
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text(tiny.read_text() + "epsilon: 0.2\n")
+    assert parse_run_config(["--config", str(explicit)])[1].policy_loss_config().epsilon_low == 0.2
+    assert parse_run_config(["--config", str(tiny), "--epsilon", "0.1"])[1].epsilon == 0.1
+    # other policy losses, and the rank_grpo signal under another loss, keep TRL's default
+    assert config(policy_loss="dapo").epsilon == 0.2
+    assert config(policy_loss="dapo", token_signals=["rank_grpo"]).epsilon == 0.2
+    assert config().epsilon == 0.2
 
 
 def test_the_entropy_adaptive_clip_combines_with_the_rank_ratio():

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from tokenweave.data.arithmetic import load_arithmetic
-from tokenweave.data.loading import BUILTIN_TASKS, load_run_dataset
+from tokenweave.data import BUILTIN_TASKS
+from tokenweave.data.loading import load_run_dataset
 from tokenweave.data.recommendation import (
     GENRES,
     MAX_CANDIDATES,

@@ -303,7 +303,7 @@ def test_score_tokens_command_writes_what_the_training_config_reads(tmp_path, ca
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config | {"token_cleaning_ratio": 0.5}))
     with pytest.raises(StepConfigChanged, match="token_cleaning_ratio: 0.6 -> 0.5"):
-        cli_main(["score-tokens", "--config", str(changed), "--output", str(output)])
+        cli_main(["score-tokens", "--config", str(changed), "--output", str(output), "--debug"])
     info = train(["--config", str(path), "--dataset_name", str(output)])
     assert info["token_signals"] == ["token_cleaning"] and info["global_step"] == 1
     assert "arXiv:2502.01968" in info["papers"]

@@ -150,7 +150,7 @@ def test_lora_layers_need_use_peft(tmp_path):
 def test_resume_from_the_newest_complete_checkpoint(tmp_path, caplog):
     # `true` (YAML) and "true" (the command line) resume from the newest checkpoint with trainer_state.json (written
     # last); a half-written newer one is skipped with a message
-    from tokenweave.train import resume_checkpoint
+    from tokenweave.resume import resume_checkpoint
 
     for step, complete in ((2, True), (10, True), (12, False)):
         checkpoint = tmp_path / f"checkpoint-{step}"
@@ -160,12 +160,12 @@ def test_resume_from_the_newest_complete_checkpoint(tmp_path, caplog):
     (tmp_path / "checkpoint-notes").mkdir()  # not a checkpoint
     with caplog.at_level("WARNING"):
         assert resume_checkpoint(tmp_path, True) == str(tmp_path / "checkpoint-10")
-    assert "Skipping the incomplete checkpoint" in caplog.text and "checkpoint-12" in caplog.text
+    assert "Skipping the checkpoint checkpoint-12" in caplog.text and "trainer_state.json: missing" in caplog.text
     assert resume_checkpoint(tmp_path, "true") == resume_checkpoint(tmp_path, "True") == str(tmp_path / "checkpoint-10")
     assert resume_checkpoint(tmp_path, "false") is None and resume_checkpoint(tmp_path, None) is None
     assert resume_checkpoint(tmp_path, False) is None
     assert resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-2")) == str(tmp_path / "checkpoint-2")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError, match="no checkpoint that can be resumed from"):
         resume_checkpoint(empty, "true")

@@ -15,6 +15,8 @@ from tokenweave.inference.sampling import sample_trajectories
 from tokenweave.inference.shards import Shard, batch_seed
 from tokenweave.inference.vllm_sampling import import_vllm
 
+from .conftest import CONFIGS
+
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
@@ -81,3 +83,20 @@ def test_without_vllm_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ImportError, match="pip install vllm"):
         import_vllm()
+
+
+def test_the_critical_pipeline_refuses_sampler_vllm_without_vllm_before_anything_trains(monkeypatch, tmp_path):
+    from tokenweave.pipelines.critical import parse_pipeline_config
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ValueError, match=r"sampler: vllm needs vLLM, which is not installed: pip install vllm"):
+        parse_pipeline_config(["--config", str(CONFIGS / "critical_tiny.yaml"), "--sampler", "vllm",
+                               "--work_dir", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_critical_pipeline_accepts_sampler_vllm_where_it_is_installed(fake_vllm, tmp_path):
+    from tokenweave.pipelines.critical import parse_pipeline_config
+
+    config = parse_pipeline_config(["--config", str(CONFIGS / "critical_tiny.yaml"), "--sampler", "vllm"])
+    assert config.sampler == "vllm"

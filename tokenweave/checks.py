@@ -90,7 +90,8 @@ RANGES: dict[str, Range] = {
     "lora_r": AT_LEAST_ONE, "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, high_open=True),
     # TRL's SFT / DPO / GRPO configs
     "max_length": AT_LEAST_ONE, "max_prompt_length": AT_LEAST_ONE, "max_completion_length": AT_LEAST_ONE,
-    "label_smoothing": Range(0, 0.5), "num_generations": Range(2), "num_generations_eval": Range(2),
+    "label_smoothing": Range(0, 0.5), "num_generations": Range(2),
+    "num_generations_eval": AT_LEAST_ONE,  # TRL: one completion per prompt is enough to score an evaluation
     "steps_per_generation": AT_LEAST_ONE, "generation_batch_size": AT_LEAST_ONE, "num_iterations": AT_LEAST_ONE,
     "temperature": POSITIVE, "top_p": Range(0, 1, low_open=True), "top_k": NON_NEGATIVE, "min_p": UNIT,
     "repetition_penalty": POSITIVE, "epsilon": NON_NEGATIVE, "epsilon_high": NON_NEGATIVE, "delta": POSITIVE,
@@ -128,8 +129,9 @@ COMBINATIONS: list[tuple[tuple[str, ...], Callable[[object], str | None]]] = [
 
 # fields whose values are wider than their annotation says, as their library reads them: PEFT takes
 # lora_target_modules "all-linear", TRL's DPOConfig one loss_type string for a list of one, Trainer.train
-# resume_from_checkpoint true (the newest checkpoint)
-ALSO_ACCEPTED: dict[str, type] = {"lora_target_modules": str, "loss_type": str, "resume_from_checkpoint": bool}
+# resume_from_checkpoint true (the newest checkpoint), TRL's GRPOConfig scale_rewards true ("group") or false ("none")
+ALSO_ACCEPTED: dict[str, type] = {"lora_target_modules": str, "loss_type": str, "resume_from_checkpoint": bool,
+                                  "scale_rewards": bool}
 
 
 def _type_name(hint) -> str:

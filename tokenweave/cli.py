@@ -26,11 +26,19 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 QUICKSTART_HEATMAP_FILE = "critical_tokens.html"  # under the quickstart's output_dir
 QUICKSTART_PLOTS_DIR = "plots"  # the training curves and runs.md, under the quickstart's output_dir
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+REFUSED_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, ImportError)
+"""What a command raises for an input it refuses (an option, a config key, a path, a missing extra): printed as one
+line, ``tokenweave <command>: error: <what, where, the fix>``, with exit status 2, as argparse refuses a flag.
+``tokenweave --debug <command>`` (or ``--debug`` after a command that takes no config, where it is no training
+option: not after ``train``, where ``--debug`` is transformers' option) or ``TOKENWEAVE_DEBUG=1`` shows the traceback
+instead."""
+DEBUG_VARIABLE = "TOKENWEAVE_DEBUG"
 
 
 def _task_arguments(args) -> dict:
@@ -83,29 +91,43 @@ def _pairs_command(args) -> None:
 
 def _train_command(argv: list[str]) -> None:
     """``tokenweave train``: under ``accelerate launch`` when launch flags are given (:mod:`tokenweave.launch`),
-    else in this process."""
-    from .launch import launch_arguments_parser, relaunch
+    else in this process. The raw config's cheap checks (:mod:`tokenweave.preflight`) run first, before torch and TRL
+    are imported; under launch flags the whole config is parsed and checked here, once, before any worker starts."""
+    from .launch import launch_arguments_parser, launch_settings, planned_processes, relaunch
+    from .preflight import check_raw_run_config, config_file_of
 
     if {"-h", "--help"} & set(argv):
-        print(launch_arguments_parser().format_help())
-    if not relaunch("tokenweave.train", argv):
         from .train import train
 
+        print(launch_arguments_parser().format_help())
+        train(argv)  # the method's options, as TrlParser lists them
+        return
+    check_raw_run_config(argv, config_file_of(argv))
+    from .config import parse_run_config, planned_world_size, run_option_names
+    from .train import check_writable, train
+
+    options = run_option_names(argv)
+    launch, run_argv = launch_settings(argv, options)
+    if launch and "LOCAL_RANK" not in os.environ:  # checked here once, as the workers will parse it
+        with planned_world_size(planned_processes(launch)):
+            check_writable(Path(parse_run_config(run_argv)[1].output_dir))
+    if not relaunch("tokenweave.train", argv, options):
         train(argv)
 
 
 def _critical_command(argv: list[str]) -> None:
     """``tokenweave critical``: the pipeline in this process, its training steps under ``accelerate launch`` when
     launch flags are given (:mod:`tokenweave.launch`)."""
-    from .launch import launch_arguments_parser, split_launch_arguments
-    from .pipelines.critical import parse_pipeline_config, run_critical_pipeline
+    from .config import config_keys
+    from .launch import launch_arguments_parser, launch_settings
+    from .pipelines.critical import CriticalPipelineConfig, parse_pipeline_config, run_critical_pipeline
 
     if {"-h", "--help"} & set(argv):
         print(launch_arguments_parser().format_help())
     elif "--config" not in argv:
         sys.exit("tokenweave critical needs --config FILE.yaml, the pipeline config (e.g. configs/critical_tiny.yaml); "
                  "--help lists its fields.")
-    launch, argv = split_launch_arguments(argv)
+    launch, argv = launch_settings(argv, config_keys(CriticalPipelineConfig))
     outputs = run_critical_pipeline(parse_pipeline_config(argv), launch=launch)
     for step, path in outputs.items():
         print(f"{step:>10}: {path}")
@@ -146,7 +168,7 @@ def _heatmap_command(args) -> None:
 
 
 def _attention_heatmap_command(args) -> None:
-    from .config import read_config_file
+    from .preflight import read_config_file
     from .heatmap import render_credit_html, render_credit_terminal, terminal_color
     from .inference.attention_credit import sample_credit_trajectories
     from .trainers.attention import credit_options
@@ -159,10 +181,9 @@ def _attention_heatmap_command(args) -> None:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
     )
     if args.terminal:
-        print(render_credit_terminal(trajectories, color=terminal_color(sys.stdout)), end="")
+        print(render_credit_terminal(trajectories, options=options, color=terminal_color(sys.stdout)), end="")
     if args.output:
-        page = render_credit_html(trajectories, rule=options.attention_credit_rule,
-                                  title=f"Attention credit: {args.model}")
+        page = render_credit_html(trajectories, options=options, title=f"Attention credit: {args.model}")
         Path(args.output).write_text(page, encoding="utf-8")
         print(f"wrote {len(trajectories)} credited completions to {args.output}")
 
@@ -242,7 +263,7 @@ def _quickstart_command(args) -> None:
     """The quickstart (:mod:`tokenweave.pipelines.quickstart`), its summary, and the heatmap page of its pairs."""
     from datasets import load_from_disk
 
-    from .config import read_config_file
+    from .preflight import read_config_file
     from .heatmap import trajectories_from_dataset
     from .pipelines.quickstart import NUM_TEST_EXAMPLES, PIPELINE_DIR, format_summary, quickstart_config, run_quickstart
     from .plots import plot_command
@@ -300,10 +321,26 @@ def _add_task_arguments(parser: argparse.ArgumentParser, default_num_examples: i
     parser.add_argument("--max_new_tokens", type=int, default=96, help="Most tokens generated per completion.")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version and the git commit (:func:`tokenweave.provenance.version_string`, which asks git:
+    only when asked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .provenance import version_string
+
+        print(version_string())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pipelines.evidence import BUDGETS, PARTS
 
-    parser = argparse.ArgumentParser(prog="tokenweave", description="Token-aware fine-tuning and RL on top of TRL.")
+    parser = argparse.ArgumentParser(prog="tokenweave", description="Token-aware fine-tuning and RL on top of TRL.",
+                                     epilog=f"A refused input ends a command with one line; tokenweave --debug "
+                                     f"<command> (or {DEBUG_VARIABLE}=1) shows its traceback.")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="Print tokenweave's version and git commit.")
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the traceback of a refused input instead of its one line.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, help: str, passes_arguments: bool = False, **kwargs) -> argparse.ArgumentParser:
@@ -313,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         subcommand = commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT,
                                          add_help=not passes_arguments, **kwargs)
         subcommand.set_defaults(handler=handler, passes_arguments=passes_arguments, needs_output=False)
+        if not passes_arguments:
+            subcommand.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                    help="Show the traceback of a refused input instead of its one line.")
         return subcommand
 
     command("train", _train_command, passes_arguments=True,
@@ -496,10 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     evidence.add_argument("--critical_config", default=None,
                           help="The critical-token pipeline config of the arithmetic rows (its warm start is their "
                                "model; default: the repository's configs/critical_smollm2_full.yaml).")
-    plot = command("plot", _plot_command, help="Training curves of one or more runs as PNG (loss, rewards, token-aware metrics) and a "
+    plot = command("plot", _plot_command, help="Training curves of one or more runs as PNG and SVG (loss, rewards, token-aware metrics) and a "
                    "Markdown table comparing them (runs.md).")
     plot.add_argument("runs", nargs="+", help="Run output directories (run_info.json, or checkpoint-N/).")
-    plot.add_argument("--output", required=True, help="Directory for the PNG files and runs.md.")
+    plot.add_argument("--output", required=True, help="Directory for the PNG and SVG files and runs.md.")
 
     command("env", _env_command, help="Versions of tokenweave and its stack, devices, accelerate config, model cache.")
     return parser
@@ -522,21 +562,51 @@ def show_progress() -> None:
         logger.setLevel(logging.INFO)
 
 
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_PARSERS = ("parse_run_config", "parse_pipeline_config")
+
+
+def is_refused_input(error: BaseException) -> bool:
+    """Whether ``error`` (a :data:`REFUSED_INPUT` type) refuses an input: raised by tokenweave's own code (its checks
+    of options, data, paths, checkpoints) or while a config was parsed (TRL's checks of its options), not from deep in
+    a library while the work ran (a bug there keeps its traceback)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and (Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)
+                             or any(frame.name in CONFIG_PARSERS for frame in frames))
+
+
+def refuse(command: str, error: BaseException) -> None:
+    """Print ``error`` as the one-line refusal of ``command`` (:data:`REFUSED_INPUT`) and exit with status 2."""
+    first, *more = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    message = f"{first} {'; '.join(more)}" if more else first
+    print(f"tokenweave {command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The ``tokenweave`` command: argparse's subcommands, each with its handler (:func:`build_parser`)."""
+    """The ``tokenweave`` command: argparse's subcommands, each with its handler (:func:`build_parser`); an input it
+    refuses ends it with one line (:data:`REFUSED_INPUT`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     show_progress()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.passes_arguments:
-        args.handler(rest)
-        return
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.needs_output and not (args.output or args.terminal):
-        parser.error(f"{args.command} needs --output, --terminal or both.")
-    args.handler(args)
+    if args.command == "critical" and "--debug" in rest:  # the pipeline has no option of that name
+        rest.remove("--debug")
+        args.debug = True
+    debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    if not args.passes_arguments:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.needs_output and not (args.output or args.terminal):
+            parser.error(f"{args.command} needs --output, --terminal or both.")
+    try:
+        args.handler(rest if args.passes_arguments else args)
+    except REFUSED_INPUT as error:
+        if debug or not is_refused_input(error):
+            raise
+        refuse(args.command, error)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import difflib
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
+from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
+from trl.scripts.utils import DatasetConfig
 
-from .checks import UNIT, check_options
+from .checks import UNIT, ConfigError, check_options
 from .data.noisy_arithmetic import NOISE_KINDS
+from .launch import launch_settings_from_config
+from .preflight import check_report_to, config_file_of
 from .trainers import METHODS
 
 
@@ -34,6 +38,9 @@ def _check_noise_kinds(kinds: list[str]) -> str | None:
     if unknown or not kinds:
         return f"task_noise_kinds must be one or more of {list(NOISE_KINDS)}, got {kinds!r}"
     return None
+
+
+MIXTURE_KEYS = {item.name for item in fields(DatasetConfig)}  # what a `datasets:` entry may set, as in TRL
 
 
 @dataclass
@@ -81,6 +88,25 @@ class RunArguments:
         metadata={"help": f"Built-in noisy_arithmetic task: the kinds of planted error, one or more of "
                   f"{list(NOISE_KINDS)} (a wrong calculation step carried on to a wrong answer; a junk span)."},
     )
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's dataset mixture (DatasetMixtureConfig): a list of {path, name, data_dir, data_files, split, "
+            "columns, fraction} mappings, each loaded with datasets.load_dataset and concatenated (fraction: each "
+            "one's share), as trl.get_dataset does. When given, dataset_name is not used."
+        },
+    )
+    streaming: bool = field(default=False, metadata={"help": "TRL's mixture key: stream the datasets of `datasets`."})
+    dataset_streaming: bool = field(
+        default=False, metadata={"help": "TRL's key: stream dataset_name (a hub id or data files; needs max_steps)."}
+    )
+    test_split_size: float | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's mixture key: hold out this share (a float in (0, 1)) or number of rows of the train data as "
+            "the eval split (datasets' train_test_split, seeded with the run's seed), instead of dataset_test_split."
+        },
+    )
     lora_layers: list[int] | None = field(
         default=None,
         metadata={
@@ -101,23 +127,19 @@ class RunArguments:
 
     def __post_init__(self):
         check_options(self)
+        for index, mixed in enumerate(self.datasets or []):
+            if not isinstance(mixed, dict) or "path" not in mixed or set(mixed) - MIXTURE_KEYS:
+                raise ConfigError(f"datasets[{index}] must be a mapping with a path and TRL's DatasetConfig keys only "
+                                  f"({', '.join(sorted(MIXTURE_KEYS))}), got {mixed!r}.")
+        if self.test_split_size is not None and not (0 < self.test_split_size < 1 or self.test_split_size >= 1 and
+                                                     float(self.test_split_size).is_integer()):
+            raise ConfigError(f"test_split_size must be a share in (0, 1) or a whole number of rows, got "
+                              f"{self.test_split_size!r}.")
 
-
-def read_config_file(path: str | Path) -> dict:
-    """The mapping in the YAML config file ``path``, as written."""
-    try:
-        with open(path) as handle:
-            config = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"Config file {str(path)!r} must contain a YAML mapping.")
-    return config
-
-
-def config_file_of(argv: list[str]) -> dict:
-    """The mapping in the ``--config`` file named on the command line ``argv`` (empty without one)."""
-    return read_config_file(argv[argv.index("--config") + 1]) if "--config" in argv else {}
+    @property
+    def is_streaming(self) -> bool:
+        """Whether the train data is streamed (``streaming`` with a mixture, ``dataset_streaming`` without)."""
+        return self.streaming if self.datasets else self.dataset_streaming
 
 
 def config_keys(*dataclass_types) -> set[str]:
@@ -161,6 +183,28 @@ def _requested_method(argv: list[str], config: dict) -> str:
     return config["method"]
 
 
+def run_option_names(argv: list[str]) -> set[str]:
+    """The option names of the run that the command line ``argv`` asks for (its method's dataclasses): what stays a
+    training option when it is also an ``accelerate launch`` flag (``gradient_accumulation_steps``)."""
+    method = _requested_method(argv, config_file_of(argv))
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}: choose one of {sorted(METHODS)}.")
+    return config_keys(RunArguments, METHODS[method][1], ModelConfig)
+
+
+@contextmanager
+def planned_world_size(processes: int):
+    """Within the block, every TRL config sees a world of ``processes`` processes (``TrainingArguments.world_size``):
+    how a launcher checks the run its workers will parse, whose batch checks (GRPO's generation batch, divisible by
+    ``num_generations``) count the processes, while itself being one process with no process group."""
+    original = TrainingArguments.world_size
+    TrainingArguments.world_size = property(lambda self: processes)
+    try:
+        yield
+    finally:
+        TrainingArguments.world_size = original
+
+
 def parse_run_config(argv: list[str] | None = None):
     """Parse ``--config file.yaml [--key value ...]`` into ``(run_args, training_args, model_args)``.
 
@@ -174,21 +218,26 @@ def parse_run_config(argv: list[str] | None = None):
         raise ValueError(f"Unknown method {method!r}: choose one of {sorted(METHODS)}.")
     dataclass_types = (RunArguments, METHODS[method][1], ModelConfig)
     known = config_keys(*dataclass_types)
+    _, config = launch_settings_from_config(config, known)  # the launcher's keys (tokenweave.launch), not the run's
     unknown_keys = sorted(set(config) - known)
     if unknown_keys:
         raise ValueError(
             f"Unknown config key(s) {unknown_keys} for method {method!r}: not a field of RunArguments, "
             f"{METHODS[method][1].__name__} or ModelConfig.{did_you_mean(unknown_keys, known)}"
         )
-    run_args, training_args, model_args, remaining = TrlParser(dataclass_types, prog="tokenweave train").parse_args_and_config(
-        argv, return_remaining_strings=True
-    )
+    run_args, training_args, model_args, _, remaining = TrlParser(
+        dataclass_types, prog="tokenweave train"
+    ).parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)  # _: launch keys
     if remaining:
         flags = [arg.removeprefix("--").split("=", 1)[0] for arg in remaining if arg.startswith("--")]
         raise ValueError(
             f"Unknown command-line argument(s) {remaining} for method {method!r}: not a field of RunArguments, "
             f"{METHODS[method][1].__name__} or ModelConfig.{did_you_mean(flags, known)}"
         )
+    check_report_to(training_args.report_to)
+    if run_args.is_streaming and training_args.max_steps <= 0:
+        raise ConfigError("A streamed dataset has no length: set max_steps (the steps to train) with "
+                          "streaming / dataset_streaming.")
     return run_args, training_args, model_args
 
 

@@ -1,5 +1,6 @@
-"""``tokenweave env``: what to paste into a bug report, as ``trl env`` prints it, plus tokenweave's own facts (the
-built-in model cache and what is in it, the shipped accelerate configs and the folder they are read from)."""
+"""``tokenweave env``: what to paste into a bug report, as ``trl env`` prints it, plus tokenweave's own facts (its
+version and git commit, the built-in model cache and what is in it, the shipped accelerate configs and the folder they
+are read from)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-# the stack, in the order it is printed: (distribution name, label)
+# the stack under tokenweave, in the order it is printed: (distribution name, label)
 STACK = (
-    ("tokenweave", "tokenweave"),
     ("trl", "TRL"),
     ("transformers", "Transformers"),
     ("torch", "PyTorch"),
@@ -60,12 +60,14 @@ def environment() -> dict[str, str]:
     """Every fact ``tokenweave env`` prints, by label."""
     from .launch import accelerate_config_names, accelerate_configs_dir
     from .models.registry import cache_dir
+    from .provenance import describe, provenance
 
     cache = cache_dir()
     cached = sorted(path.name for path in cache.iterdir() if path.is_dir()) if cache.is_dir() else []
     return {
         "Platform": platform.platform(),
         "Python": platform.python_version(),
+        "tokenweave version": describe(provenance()),  # the code that runs, with its commit (not pip's record)
         **{f"{label} version": installed_version(name) for name, label in STACK},
         "Devices": devices(),
         "Accelerate default config": accelerate_default_config(),

@@ -21,6 +21,15 @@ without ``weight_chosen`` (cDPO's default), are drawn faded and labelled so. Whe
 reference ``solution``, the ground-truth first error of the rejected trajectory
 (:func:`tokenweave.pipelines.localization.first_error_token`) is outlined, with its rank among the message tokens.
 
+The attention-credit view (``tokenweave attention-heatmap``; :func:`render_credit_html`,
+:func:`render_credit_terminal`: pure functions of :class:`CreditTrajectory` and the run's ``attention_credit_*``
+options) shades each sampled token by its γ on a scale from 1 to the largest γ the configured rule can give
+(:func:`largest_credit`: 1.75 for the coupled rule's defaults, not γ_amp), and draws WAAD and FAI with one point per
+token aligned with it: on the page an SVG chart with a column per token (its label under it), axes, ticks and labels;
+in the terminal rows of levels above the tokens. Completions are labelled by
+:func:`tokenweave.inference.evaluate.answer_verdict` (correct only with the task's answer line, never from the
+reward's fallback to the last number).
+
 The SFT token-weight view (``tokenweave sft-heatmap --config run.yaml [--rows 8]``) draws the same cells for the
 weights an SFT run's token signals put on its label tokens (:func:`sft_weights_from_config`: the trainer built as
 ``tokenweave train`` builds it, its first rows weighed by ``TokenSFTTrainer.signal_weights``; :func:`render_sft_html`,
@@ -56,6 +65,7 @@ from .data.loading import last_user_message
 from .inference.attention_credit import CreditTrajectory
 from .pipelines.localization import first_error_token, message_tokens
 from .rewards.math import extract_answer
+from .trainers.attention import AttentionCreditConfig
 
 # Lightness (HSL, per cent) of a token's red background at score 0 (critical) and at score 1.
 DARKEST, LIGHTEST = 27.0, 97.0
@@ -374,82 +384,209 @@ def terminal_color(stream) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Attention credit (arXiv 2510.13554): γ, WAAD and FAI of sampled completions (tokenweave attention-heatmap).
 # ---------------------------------------------------------------------------------------------------------------
-CREDIT_HUE = 140  # green: a credited token's background, darker as γ goes from 1 to γ_amp
+CREDIT_HUE = 140  # green: a credited token's background, darker as γ goes from 1 to the rule's largest γ
+CREDIT_DARKEST = 45.0  # the lightness of the largest γ
+WAAD_COLOUR, FAI_COLOUR = "#1565c0", "#e65100"
 _SPARKS = "▁▂▃▄▅▆▇█"
+# The chart above each completion (px): one column per token, the axes' labels left and right, the tokens below.
+_COLUMN, _MARGIN, _TOP, _PLOT_HEIGHT, _LABELS_HEIGHT = 16, 64, 12, 90, 64
+_LABEL_CHARS = 8  # a token's label on the chart's x axis is cut to this many characters
+TERMINAL_WIDTH = 100  # the columns of the terminal view's aligned rows (label included)
 
 
-def sparkline(values: Sequence[float]) -> str:
-    """``values`` as a line of block characters, scaled from their minimum to their maximum."""
-    if not values:
-        return ""
+def largest_credit(options: AttentionCreditConfig) -> float:
+    """The largest γ the configured rule can give a token, the dark end of the colour scale (with γ_amp < 1: the γ
+    furthest below 1). ``local_chunk`` and ``global_anchor`` give γ_amp; ``coupled`` (Eq. 19,
+    :mod:`tokenweave.tokens.attention`) gives up to 1 + (γ_amp − 1)·(1 + α), to an anchor credited in full that is
+    also the introduction of a dominated anchor. A scale that stopped at γ_amp would draw those tokens as γ_amp."""
+    share = 1.0 + options.attention_credit_alpha if options.attention_credit_rule == "coupled" else 1.0
+    return 1.0 + (options.attention_credit_amplification - 1.0) * share
+
+
+def credit_strength(gamma: float, largest: float) -> float:
+    """Where γ lies on the colour scale from 1 (0) to ``largest`` (1), clipped to [0, 1]."""
+    if largest == 1.0:
+        return 0.0
+    return min(max((gamma - 1.0) / (largest - 1.0), 0.0), 1.0)
+
+
+def _credit_background(gamma: float, largest: float) -> tuple[int, int, float] | None:
+    """A token's green background: none at γ = 1, darker up to ``largest``."""
+    strength = credit_strength(gamma, largest)
+    return (CREDIT_HUE, 70, LIGHTEST - (LIGHTEST - CREDIT_DARKEST) * strength) if strength > 0 else None
+
+
+def _hex_colour(background: tuple[int, int, float]) -> str:
+    """An HSL background as ``#rrggbb`` (SVG renderers other than browsers may not read ``hsl()``)."""
+    hue, saturation, lightness = background
+    rgb = colorsys.hls_to_rgb(hue / 360, lightness / 100, saturation / 100)
+    return "#" + "".join(f"{round(255 * channel):02x}" for channel in rgb)
+
+
+def _axis_range(values: Sequence[float]) -> tuple[float, float]:
+    """A curve's axis: from its smallest to its largest value in the completion (a flat curve: to its value + 1), so
+    that the rhythm shows where the values are close (WAAD near its window W on every token)."""
     low, high = min(values), max(values)
-    scale = (len(_SPARKS) - 1) / (high - low) if high > low else 0.0
-    return "".join(_SPARKS[round((value - low) * scale)] for value in values)
+    return low, high if high > low else low + 1.0
 
 
-def _credit_svg(trajectory: CreditTrajectory) -> str:
-    """An inline SVG of WAAD (blue) and FAI (orange) over the completion's tokens, each scaled to its maximum."""
+def _shown(token: str) -> str:
+    """A token on one line: a newline as ↵, a tab as ⇥ (where tokens stand in columns)."""
+    return token.replace("\n", "↵").replace("\t", "⇥")
+
+
+def _credit_svg(trajectory: CreditTrajectory, largest: float) -> str:
+    """A chart of WAAD (left axis) and FAI (right axis) over the completion: one column per token, shaded by its γ,
+    with one point of each curve at the column's centre and the token as the x-axis label below it; each axis from
+    the curve's minimum to its maximum in the completion (:func:`_axis_range`), ticks at both ends and half-way."""
     n = len(trajectory.tokens)
-    if n < 2:
+    if n == 0:
         return ""
-    lines = []
-    for values, colour in ((trajectory.waad, "#1565c0"), (trajectory.fai, "#e65100")):
-        top = max(values) or 1.0
-        points = " ".join(f"{index * 100 / (n - 1):.2f},{38 - 36 * value / top:.2f}" for index, value in enumerate(values))
-        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" vector-effect="non-scaling-stroke" '
-                     f'points="{points}"/>')
-    return ('<svg class="curves" viewBox="0 0 100 40" preserveAspectRatio="none" role="img" '
-            f'aria-label="WAAD and FAI per token">{"".join(lines)}</svg>')
+    left, right, bottom = _MARGIN, _MARGIN + n * _COLUMN, _TOP + _PLOT_HEIGHT
+    width, height = right + _MARGIN, bottom + _LABELS_HEIGHT
+    parts = []
+    for index, gamma in enumerate(trajectory.gamma):
+        background = _credit_background(gamma, largest)
+        if background is not None:
+            parts.append(f'<rect class="gamma" x="{left + index * _COLUMN}" y="{_TOP}" width="{_COLUMN}" '
+                         f'height="{_PLOT_HEIGHT}" fill="{_hex_colour(background)}"/>')
+    parts.append(f'<g class="axis" stroke="#555"><line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}"/>'
+                 f'<line x1="{left}" y1="{_TOP}" x2="{left}" y2="{bottom}"/>'
+                 f'<line x1="{right}" y1="{_TOP}" x2="{right}" y2="{bottom}"/></g>')
+    for name, values, colour, axis_x, side in (("waad", trajectory.waad, WAAD_COLOUR, left, -1),
+                                               ("fai", trajectory.fai, FAI_COLOUR, right, 1)):
+        low, high = _axis_range(values)
+        anchor = "end" if side < 0 else "start"
+        for fraction in (0.0, 0.5, 1.0):
+            y = bottom - _PLOT_HEIGHT * fraction
+            parts.append(f'<line class="tick" x1="{axis_x}" y1="{y:.1f}" x2="{axis_x + 4 * side}" y2="{y:.1f}" '
+                         f'stroke="{colour}"/><text class="tick {name}" x="{axis_x + 6 * side}" y="{y:.1f}" '
+                         f'text-anchor="{anchor}" dominant-baseline="middle" fill="{colour}">'
+                         f'{_number(low + (high - low) * fraction)}</text>')
+        title_x, middle = axis_x + (_MARGIN - 10) * side, _TOP + _PLOT_HEIGHT / 2
+        parts.append(f'<text class="axis-label {name}" transform="rotate(-90 {title_x} {middle})" x="{title_x}" '
+                     f'y="{middle}" text-anchor="middle" dominant-baseline="middle" fill="{colour}">'
+                     f'{name.upper()}</text>')
+        points = [(left + _COLUMN * (index + 0.5), bottom - _PLOT_HEIGHT * (value - low) / (high - low))
+                  for index, value in enumerate(values)]
+        parts.append(f'<polyline class="{name}" fill="none" stroke="{colour}" stroke-width="1.5" '
+                     f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}"/>')
+        parts.extend(f'<circle class="{name}" cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"><title>'
+                     f'{html.escape(f"{name.upper()} of token {index} {trajectory.tokens[index]!r}: {value:.4f}")}'
+                     f'</title></circle>' for index, ((x, y), value) in enumerate(zip(points, values, strict=True)))
+    for index, token in enumerate(trajectory.tokens):
+        x = left + _COLUMN * (index + 0.5)
+        shown = _shown(token)
+        label = shown if len(shown) <= _LABEL_CHARS else shown[: _LABEL_CHARS - 1] + "…"
+        parts.append(f'<line class="tick" x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 3}" stroke="#555"/>'
+                     f'<text class="tick token" transform="rotate(90 {x:.1f} {bottom + 5})" x="{x:.1f}" '
+                     f'y="{bottom + 5}" dominant-baseline="middle" font-family="monospace" xml:space="preserve">'
+                     f'<title>{html.escape(f"token {index}: {token!r}")}</title>{html.escape(label)}</text>')
+    parts.append(f'<text class="axis-label token" x="{left - 6}" y="{bottom + 22}" text-anchor="end">token</text>')
+    return (f'<div class="chart"><svg class="curves" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'font-family="sans-serif" font-size="10" role="img" aria-label="WAAD and FAI per token">'
+            f'{"".join(parts)}</svg></div>')
 
 
-def _credit_cells(trajectory: CreditTrajectory) -> list[Cell]:
-    """Each token on green, darker as its γ goes from 1 to γ_amp (none at γ = 1), marked where γ ≠ 1; γ, WAAD and
-    FAI on hover."""
+def _credit_cells(trajectory: CreditTrajectory, largest: float, shown=lambda token: token) -> list[Cell]:
+    """Each token (as ``shown``) on green, darker as its γ goes from 1 to ``largest`` (none at γ = 1), marked where
+    γ ≠ 1; γ, WAAD and FAI on hover."""
     cells = []
     for index, token in enumerate(trajectory.tokens):
-        strength = trajectory.strength(index)
-        background = (CREDIT_HUE, 70, LIGHTEST - (LIGHTEST - 45.0) * strength) if strength > 0 else None
         gamma = trajectory.gamma[index]
         title = f"γ = {gamma:.3f}; WAAD = {trajectory.waad[index]:.3f}; FAI = {trajectory.fai[index]:.4f}"
-        cells.append(Cell(token, background, title=title, marker=None if gamma == 1.0 else f"[{token}|{gamma:.2f}]"))
+        text = shown(token)
+        cells.append(Cell(text, _credit_background(gamma, largest), title=title,
+                          marker=None if gamma == 1.0 else f"[{text}|{gamma:.2f}]"))
     return cells
 
 
-_CREDIT_STYLE = """.curves { width: 100%; height: 40px; display: block; background: #fafafa; border: 1px solid #eee; }
+def _aligned_rows(trajectory: CreditTrajectory, largest: float, color: bool, width: int = TERMINAL_WIDTH) -> str:
+    """The terminal's chart: rows of WAAD and FAI levels (▁ … █: the completion's minimum … maximum, :func:`_axis_range`)
+    over the tokens they belong to, each level repeated across its token's width, the tokens on one line (↵ for a newline), cut into
+    lines of ``width`` columns."""
+    cells = _credit_cells(trajectory, largest, shown=_shown)
+    ranges = _axis_range(trajectory.waad), _axis_range(trajectory.fai)
+    labels = ("WAAD │", "FAI  │", "     │")
+    lines, waad_row, fai_row, token_row, used = [], "", "", [], 0
+
+    def flush():
+        if token_row:
+            lines.extend([labels[0] + waad_row, labels[1] + fai_row, labels[2] + _terminal_cells(token_row, color)])
+
+    for index, cell in enumerate(cells):
+        cell_width = len(cell.marker) if not color and cell.marker is not None else len(cell.text)
+        if token_row and used + cell_width > width - len(labels[0]):
+            flush()
+            waad_row, fai_row, token_row, used = "", "", [], 0
+        levels = [_SPARKS[round((len(_SPARKS) - 1) * (values[index] - low) / (high - low))]
+                  for values, (low, high) in zip((trajectory.waad, trajectory.fai), ranges, strict=True)]
+        waad_row += levels[0] * cell_width
+        fai_row += levels[1] * cell_width
+        token_row.append(cell)
+        used += cell_width
+    flush()
+    axes = "; ".join(f"{name} {_SPARKS[0]} {_number(low)} … {_SPARKS[-1]} {_number(high)}"
+                     for name, (low, high) in zip(("WAAD", "FAI"), ranges, strict=True)) + "; each level above its token"
+    return "\n".join([axes, *lines])
+
+
+_CREDIT_STYLE = """.chart { overflow-x: auto; margin: 0.3em 0; }
+.curves { display: block; background: #fafafa; }
 .waad { color: #1565c0; font-weight: bold; } .fai { color: #e65100; font-weight: bold; }"""
 _CREDIT_INTRO = """<p>Attention-derived credit (the preplan-and-anchor rhythm, arXiv 2510.13554) of sampled completions: the
 advantage of each token is multiplied by &gamma;. Background: &gamma; = 1 <span class="legend"></span>
-&gamma; = &gamma;<sub>amp</sub> = {amplification}. Above each completion, per token and each scaled to its maximum:
-<span class="waad">WAAD</span> (windowed average attention distance of the local heads: how far back the token's
-state looks) and <span class="fai">FAI</span> (future attention influence: how much the global heads of later tokens
-attend to it). Hover over a token for its values. Rule: {rule}.</p>"""
+&gamma; = {largest}, {scale}. Above each completion, a chart with one column per token (its label under it, shaded as
+the token is): <span class="waad">WAAD</span> (left axis; the windowed average attention distance of the local heads:
+how far back the token's state looks) and <span class="fai">FAI</span> (right axis; future attention influence: how
+much the global heads of later tokens attend to it), one point per token, each axis from the completion's minimum
+to its maximum. Hover over a token or a point for its values. Rule: {rule}. A completion is labelled correct or incorrect
+only when it ends with the task's answer line "The answer is N."; any other is labelled "no answer" (the rewards and
+the accuracy of <code>tokenweave eval</code> fall back to the last number of the text; this label does not).</p>"""
 
 
-def render_credit_html(trajectories: Sequence[CreditTrajectory], *, rule: str, title: str = "Attention credit") -> str:
-    """A self-contained HTML page: per completion its summary, the WAAD / FAI curves and the tokens shaded by γ."""
+def _scale_text(options: AttentionCreditConfig) -> str:
+    """What the top of the colour scale is, for the page's intro."""
+    amplification = options.attention_credit_amplification
+    if options.attention_credit_rule == "coupled":
+        return (f"the largest &gamma; of the coupled rule, 1 + (&gamma;<sub>amp</sub> &minus; 1)(1 + &alpha;) with "
+                f"&gamma;<sub>amp</sub> = {amplification}, &alpha; = {options.attention_credit_alpha} (an anchor "
+                "credited in full that also introduces a dominated anchor)")
+    return f"&gamma;<sub>amp</sub>, the one &gamma; the {html.escape(options.attention_credit_rule)} rule gives"
+
+
+def render_credit_html(trajectories: Sequence[CreditTrajectory], *, options: AttentionCreditConfig,
+                       title: str = "Attention credit") -> str:
+    """A self-contained HTML page: per completion its summary, the WAAD / FAI chart aligned with its tokens and the
+    tokens shaded by γ on a scale up to the largest γ of ``options``' rule (:func:`largest_credit`)."""
+    largest = largest_credit(options)
 
     def block(trajectory: CreditTrajectory) -> str:
-        spans = _html_cells(_credit_cells(trajectory))
-        return (f'<p class="summary">{html.escape(trajectory.summary())}</p>\n{_credit_svg(trajectory)}\n'
+        spans = _html_cells(_credit_cells(trajectory, largest))
+        return (f'<p class="summary">{html.escape(trajectory.summary())}</p>\n{_credit_svg(trajectory, largest)}\n'
                 f'<div class="trajectory">{spans}</div>')
 
-    amplification = trajectories[0].amplification if trajectories else 1.5
-    legend = f"linear-gradient(to right, hsl({CREDIT_HUE},70%,{LIGHTEST}%), hsl({CREDIT_HUE},70%,45%))"
-    intro = _CREDIT_INTRO.format(amplification=amplification, rule=html.escape(rule))
+    legend = (f"linear-gradient(to right, hsl({CREDIT_HUE},70%,{LIGHTEST}%), "
+              f"hsl({CREDIT_HUE},70%,{CREDIT_DARKEST}%))")
+    intro = _CREDIT_INTRO.format(largest=_number(largest), scale=_scale_text(options),
+                                 rule=html.escape(options.attention_credit_rule))
     blocks = _by_question(trajectories, _html_instruction, _html_question, block)
     return _page(title, legend, _CREDIT_STYLE, intro, blocks)
 
 
-def render_credit_terminal(trajectories: Sequence[CreditTrajectory], *, color: bool) -> str:
-    """A plain-text view: per completion its summary, WAAD and FAI sparklines, and the tokens, credited ones with a
-    green background (``color``) or marked ``[token|γ]``."""
+def render_credit_terminal(trajectories: Sequence[CreditTrajectory], *, options: AttentionCreditConfig,
+                           color: bool) -> str:
+    """A plain-text view: per completion its summary, then rows of WAAD and FAI levels over the tokens they belong to,
+    credited tokens on green (``color``, up to the largest γ of ``options``' rule) or marked ``[token|γ]``."""
+    largest = largest_credit(options)
 
     def block(trajectory: CreditTrajectory) -> str:
-        return (f"--- {trajectory.summary()}\nWAAD {sparkline(trajectory.waad)}\nFAI  {sparkline(trajectory.fai)}\n"
-                + _terminal_cells(_credit_cells(trajectory), color))
+        return f"--- {trajectory.summary()}\n" + _aligned_rows(trajectory, largest, color)
 
-    legend = ("credited tokens (γ > 1) on green, darker as γ grows" if color else
-              "credited tokens marked [token|γ]") + "; WAAD / FAI sparklines from each completion's minimum to maximum"
+    shading = (f"credited tokens (γ ≠ 1) on green, darker as γ goes to {_number(largest)}" if color else
+               "credited tokens marked [token|γ]")
+    legend = (f"{shading}; a completion is correct or incorrect only when it ends with \"The answer is N.\", else "
+              "\"no answer\"")
     blocks = _by_question(trajectories, _terminal_instruction, _terminal_question, block)
     return "\n".join([legend, *blocks]) + "\n"
 

@@ -5,11 +5,17 @@ losses, preference losses, token signals, reward functions, rank gain functions,
 A registry is a plain dict from name to object, filled by its module's decorator. :func:`lookup` answers a registered
 name, imports ``package.module`` for a name with a colon and returns its attribute, and otherwise raises one
 ``ValueError`` that lists the registered names, so that a typo in a config fails before anything heavy loads.
+
+A ``package.module`` is imported from the current directory (put on ``sys.path`` as TRL's scripts do for reward
+functions, whether the run has one process or a launcher started many) or the installed packages: a config that names
+code runs that code, so run only configs you trust.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -44,6 +50,8 @@ def lookup(name: str, registry: Mapping[str, T], what: str, accepts: Callable[[o
         raise ValueError(f"unknown {what} {name!r}; registered: {', '.join(sorted(registry))}, or "
                          f"'package.module:{expected.split()[0]}'")
     module_name, _, attribute = name.partition(":")
+    if os.getcwd() not in sys.path:  # as TRL's scripts import user reward functions: the same on one process or many
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

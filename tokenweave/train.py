@@ -21,26 +21,34 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl import get_peft_config, get_quantization_config
 
 from .checks import ConfigError, check_options
 from .config import given_run_config, parse_run_config
-from .data.loading import load_run_dataset
+from .data.loading import checked_rows, load_mixture, load_run_dataset
 from .models import resolve_model
+from .preflight import check_dataset_names
+from .provenance import provenance
+from .resume import (
+    RunIdentityCallback,
+    check_same_run,
+    finished_run,
+    resume_checkpoint,
+    resume_value,
+    run_identity,
+)
 from .rewards import get_reward_func
+from .run_files import RUN_CONFIG_FILE, RUN_INFO_FILE
 from .trainers import METHODS
 from .trainers.card import token_method
 from .trainers.signals import active_signal_classes
 
-RUN_INFO_FILE = "run_info.json"
-RUN_CONFIG_FILE = "run_config.yaml"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 logger = logging.get_logger(__name__)
 
@@ -61,9 +69,46 @@ def run_dataset_kwargs(run_args) -> dict:
     )
 
 
+def load_run_splits(run_args, training_args):
+    """``(train dataset, eval dataset or None)`` of a run: TRL's mixture (``datasets:``) or ``dataset_name``'s splits;
+    with ``test_split_size``, the eval rows held out of the train data (seeded with the run's seed) instead of
+    ``dataset_test_split``. A GRPO train dataset with fewer prompts than one generation batch takes is refused: TRL's
+    sampler would give no batch, and the run would train 0 steps and save the base model as if trained."""
+    if run_args.datasets:
+        train_dataset = load_mixture(run_args.datasets, run_args.method, streaming=run_args.streaming,
+                                     num_examples=run_args.num_train_examples)
+    else:
+        train_dataset = load_run_dataset(run_args.dataset_name, run_args.dataset_train_split,
+                                         num_examples=run_args.num_train_examples,
+                                         streaming=run_args.dataset_streaming, **run_dataset_kwargs(run_args))
+    eval_dataset = None
+    if run_args.test_split_size is not None:
+        if run_args.is_streaming:
+            raise ConfigError("test_split_size splits a dataset by its length, which a streamed one has not: give "
+                              "dataset_test_split instead, or turn streaming off.")
+        size = run_args.test_split_size
+        splits = train_dataset.train_test_split(test_size=size if size < 1 else int(size), seed=training_args.seed)
+        train_dataset, eval_dataset = splits["train"], splits["test"]
+    elif training_args.eval_strategy != "no" and not run_args.datasets:
+        eval_dataset = load_run_dataset(run_args.dataset_name, run_args.dataset_test_split,
+                                        num_examples=run_args.num_test_examples, **run_dataset_kwargs(run_args))
+    elif training_args.eval_strategy != "no":
+        raise ConfigError("A dataset mixture (datasets:) has no test split of its own: set test_split_size to hold "
+                          "out eval rows, or eval_strategy: no.")
+    if run_args.method == "grpo" and not run_args.is_streaming:  # generation_batch_size is over all processes
+        prompts = training_args.generation_batch_size // training_args.num_generations
+        if len(train_dataset) < prompts:
+            raise ConfigError(f"The train data has {len(train_dataset)} prompts, fewer than one generation batch takes "
+                              f"({prompts}: generation_batch_size {training_args.generation_batch_size} / "
+                              f"num_generations {training_args.num_generations}): the run would train 0 steps. Give "
+                              "more prompts or a smaller batch.")
+    return train_dataset, eval_dataset
+
+
 def build_trainer(run_args, training_args, model_args):
     """Check the inputs and build the method's trainer (no training yet)."""
     check_options(model_args)  # the other two configs check themselves in __post_init__
+    check_dataset_names(run_args)  # here, not when parsing: a pipeline's config names data its earlier steps write
     if training_args.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ConfigError(
             "An FSDP launch of a use_cpu run: accelerate turns FSDP on for accelerator devices only, so this would "
@@ -80,18 +125,11 @@ def build_trainer(run_args, training_args, model_args):
         model_init_kwargs["quantization_config"] = quantization_config
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
-    dataset_kwargs = run_dataset_kwargs(run_args)
-    train_dataset = load_run_dataset(
-        run_args.dataset_name, run_args.dataset_train_split, num_examples=run_args.num_train_examples, **dataset_kwargs
-    )
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_run_dataset(
-            run_args.dataset_name, run_args.dataset_test_split, num_examples=run_args.num_test_examples, **dataset_kwargs
-        )
+    train_dataset, eval_dataset = load_run_splits(run_args, training_args)
     for split, dataset in ((run_args.dataset_train_split, train_dataset), (run_args.dataset_test_split, eval_dataset)):
+        checked, name = checked_rows(dataset), f"{run_args.dataset_name} (split {split!r})"
         for token_signal in active_signal_classes(training_args) if dataset is not None else ():
-            token_signal.check_dataset(dataset, training_args, f"{run_args.dataset_name} (split {split!r})")
+            token_signal.check_dataset(checked, training_args, name)
     peft_config = get_peft_config(model_args)
     if run_args.lora_layers is not None:
         if peft_config is None:
@@ -100,7 +138,7 @@ def build_trainer(run_args, training_args, model_args):
     trainer_kwargs = {}
     if run_args.method == "grpo":
         trainer_kwargs["reward_funcs"] = [get_reward_func(name) for name in run_args.reward_funcs]
-    return trainer_class(
+    trainer = trainer_class(
         model=model_path,
         args=training_args,
         train_dataset=train_dataset,
@@ -108,6 +146,9 @@ def build_trainer(run_args, training_args, model_args):
         peft_config=peft_config,
         **trainer_kwargs,
     )
+    trainer.card_dataset_name = (", ".join(mixed["path"] for mixed in run_args.datasets) if run_args.datasets
+                                 else run_args.dataset_name)  # every card it writes, push_to_hub's too
+    return trainer
 
 
 def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
@@ -116,6 +157,7 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     method = token_method(trainer.args, trainer.trainer_kind)
     return {
+        "tokenweave": provenance(),
         "method": run_args.method,
         "token_method": method["method"],
         "loss_type": method["loss_type"],
@@ -133,6 +175,9 @@ def run_info(trainer, run_args, model_args, train_metrics: dict) -> dict:
         "activation_checkpointing": trainer.args.activation_checkpointing,
         "activation_checkpointing_kwargs": trainer.args.activation_checkpointing_kwargs,
         "global_step": trainer.state.global_step,
+        "planned_steps": trainer.state.max_steps,
+        "num_train_epochs": trainer.args.num_train_epochs,
+        "completed": False,
         "train_metrics": train_metrics,
         "log_history": trainer.state.log_history,
     }
@@ -150,31 +195,19 @@ def exit_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def checkpoints_newest_first(output_dir: Path) -> list[Path]:
-    """The ``checkpoint-N`` directories of ``output_dir``, highest N first (complete or not)."""
-    return sorted((path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                   if path.is_dir() and path.name.split("-")[-1].isdigit()),
-                  key=lambda path: int(path.name.split("-")[-1]), reverse=True)
-
-
-def resume_checkpoint(output_dir: Path, resume_from_checkpoint) -> str | None:
-    """The checkpoint a run resumes from: ``True`` (YAML) or ``"true"`` (the command line, where the field is a
-    string) is the newest *complete* ``checkpoint-N`` of ``output_dir`` (complete: it has ``trainer_state.json``,
-    which transformers writes last; one a killed run left half-written is skipped, with a message); ``False`` /
-    ``"false"`` / None: none; anything else is a checkpoint directory."""
-    value = resume_from_checkpoint
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    if value is None or value is False:
-        return None
-    if value is not True:
-        return str(value)
-    for checkpoint in checkpoints_newest_first(output_dir):
-        if (checkpoint / TRAINER_STATE_NAME).exists():
-            return str(checkpoint)
-        logger.warning("Skipping the incomplete checkpoint %s (no %s): resuming from an earlier one.", checkpoint,
-                       TRAINER_STATE_NAME)
-    raise ValueError(f"resume_from_checkpoint: {output_dir} has no complete checkpoint to resume from.")
+def check_writable(output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that cannot be written (itself, or the nearest folder above it that exists), before
+    anything loads: otherwise the run would find out when it saves, after training."""
+    existing = next(path for path in (output_dir.absolute(), *output_dir.absolute().parents) if path.exists())
+    what = "it" if existing == output_dir.absolute() else f"the folder above it that exists, {str(existing)!r},"
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(existing)
+        with tempfile.TemporaryFile(dir=existing):  # a real write: permission bits do not tell for root or mounts
+            pass
+    except OSError as error:
+        raise ConfigError(f"output_dir {str(output_dir)!r}: {what} cannot be written ({type(error).__name__}); give a "
+                          "writable output_dir.") from None
 
 
 def train_from_args(
@@ -194,14 +227,25 @@ def train_from_args(
     """
     exit_with_launcher()
     output_dir = Path(training_args.output_dir)
+    check_writable(output_dir)
     created_output_dir = not output_dir.exists()
+    identity = run_identity(run_args, training_args, model_args, METHODS[run_args.method][0].trainer_kind)
+    finished = finished_run(output_dir, training_args) if resume_value(training_args.resume_from_checkpoint) else None
+    if finished is not None:
+        logger.warning("%s has finished (step %s): nothing to resume; its saved model is left as it is.",
+                       output_dir, finished["global_step"])
+        return finished
+    checkpoint = resume_checkpoint(output_dir, training_args.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_same_run(checkpoint, identity)
     try:
         trainer = build_trainer(run_args, training_args, model_args)
     except BaseException:
         if created_output_dir and trainer_is_main_process():
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, training_args.resume_from_checkpoint))
+    trainer.add_callback(RunIdentityCallback(identity))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     info = run_info(trainer, run_args, model_args, result.metrics)
     if trainer.accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +254,9 @@ def train_from_args(
             (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=False))
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(model_name=output_dir.name)
+    info["completed"] = True  # the model and the card are saved: a resume of this run has nothing left to do
+    if trainer.accelerator.is_main_process:
+        (output_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     if finish_distributed:  # every rank done with the files, then Trainer.end(): trackers and the process group
         trainer.accelerator.wait_for_everyone()
         trainer.end()

@@ -4,11 +4,14 @@
 :func:`sample_credit_trajectories` samples completions of a task's questions (as TRL's GRPO generation does: the chat
 template, sampling at ``temperature``, each completion up to and including its first EOS), then computes
 :func:`tokenweave.trainers.attention.attention_credit` over the whole sampled batch, the head groups of that batch,
-with the ``attention_credit_*`` options of a run config. Rendered by :mod:`tokenweave.heatmap`.
+with the ``attention_credit_*`` options of a run config. ``attention_credit_layers`` is checked against the model's
+layers before sampling, and completions too short for FAI's horizon are warned about
+(:func:`tokenweave.trainers.attention.short_for_horizon`). Rendered by :mod:`tokenweave.heatmap`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,30 +20,26 @@ from tqdm.auto import tqdm
 from ..checks import check_values
 from ..data.loading import last_user_message, load_run_dataset
 from ..data.token_columns import token_texts
-from ..rewards.math import extract_answer
-from ..trainers.attention import AttentionCreditConfig, attention_credit, middle_layers
+from ..trainers.attention import AttentionCreditConfig, attention_credit, credit_layers, short_for_horizon
+from .evaluate import answer_verdict
 from .generation import generate_with_shared_prefix
 from .loading import load_model_and_tokenizer
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class CreditTrajectory:
     """One sampled completion with its tokens' attention credit: γ (the advantage multiplier), WAAD (how far back
-    the local heads look from the token) and FAI (how much the global heads attend to it later); ``amplification``
-    is the run's γ_amp, ``label`` what the completion is (e.g. "correct: 12")."""
+    the local heads look from the token) and FAI (how much the global heads attend to it later); ``label`` what the
+    completion is (e.g. "correct: 12")."""
 
     question: str
     tokens: list[str]
     gamma: list[float]
     waad: list[float]
     fai: list[float]
-    amplification: float = 1.5
     label: str = ""
-
-    def strength(self, index: int) -> float:
-        """How much of γ_amp − 1 token ``index`` gets, in [0, 1] (1: fully credited)."""
-        if self.amplification == 1.0:
-            return 0.0
-        return min(max((self.gamma[index] - 1.0) / (self.amplification - 1.0), 0.0), 1.0)
 
     def summary(self) -> str:
         """One line: the label, the credited share and mean γ, the top FAI tokens and the largest WAAD jump."""
@@ -88,7 +87,7 @@ def sample_credit_trajectories(
     dataset = load_run_dataset(task, split, "grpo", num_examples=num_examples, difficulty=difficulty, seed=task_seed)
     loaded_model, tokenizer = load_model_and_tokenizer(model, adapter=adapter)
     loaded_model.eval()
-    layers = options.attention_credit_layers or middle_layers(loaded_model.config.num_hidden_layers)
+    layers = credit_layers(options.attention_credit_layers, loaded_model.config.num_hidden_layers)
     prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
                for row in dataset]
     encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
@@ -106,6 +105,9 @@ def sample_credit_trajectories(
     completion_ids = torch.nn.utils.rnn.pad_sequence(completions, batch_first=True,
                                                      padding_value=tokenizer.pad_token_id)
     completion_mask = _completion_mask(completion_ids, tokenizer.eos_token_id)
+    warning = short_for_horizon(completion_mask, options)
+    if warning is not None:
+        logger.warning(warning)
     prompt_ids = encoded["input_ids"].repeat_interleave(num_samples_per_prompt, 0)
     prompt_mask = encoded["attention_mask"].repeat_interleave(num_samples_per_prompt, 0)
     credit = attention_credit(loaded_model, prompt_ids, prompt_mask, completion_ids * completion_mask,
@@ -116,13 +118,11 @@ def sample_credit_trajectories(
         length = int(completion_mask[index].sum())
         ids = completion_ids[index, :length].tolist()
         label = ""
-        if row.get("answer") is not None:
-            parsed = extract_answer(tokenizer.decode(ids, skip_special_tokens=True))
-            label = f"correct: {parsed}" if parsed == row["answer"] else f"incorrect: {parsed}, gold {row['answer']}"
+        if row.get("answer") is not None:  # correct only with the task's answer line, never from a fallback parse
+            label = answer_verdict(tokenizer.decode(ids, skip_special_tokens=True), row["answer"])
         trajectories.append(CreditTrajectory(
             question=last_user_message(row["prompt"]), tokens=token_texts(tokenizer, ids),
             gamma=credit.gamma[index, :length].tolist(), waad=credit.waad[index, :length].tolist(),
-            fai=credit.fai[index, :length].tolist(), amplification=options.attention_credit_amplification,
-            label=label,
+            fai=credit.fai[index, :length].tolist(), label=label,
         ))
     return trajectories

@@ -5,6 +5,9 @@ equals the gold answer (:func:`tokenweave.rewards.math.is_correct`). A task with
 answers, the recommendation task): Recall@k and NDCG@k of the answers' items (:mod:`tokenweave.rewards.ranking`,
 the catalog-grounded hits of Rank-GRPO). Works on a base model, a full checkpoint, or a LoRA adapter directory
 (loaded on its base model).
+
+:func:`answer_verdict` is the strict label the views put on one completion (``tokenweave attention-heatmap``): the
+answer only where the completion is in the task's answer format, never the reward's fallback to the last number.
 """
 
 from __future__ import annotations
@@ -15,9 +18,26 @@ from pathlib import Path
 from ..checks import check_values
 from ..data.loading import load_run_dataset
 from .loading import load_model_and_tokenizer
-from ..rewards.math import extract_answer, is_correct
+from ..rewards.math import extract_answer, format_reward, is_correct
 from ..rewards.ranking import item_key, load_catalog, ndcg_at_k, parse_ranked_list, recall_at_k, relevance_gains
 from .generation import generate_completions
+
+
+NO_ANSWER = 'no answer (no final line "The answer is N.")'
+"""The verdict of a completion that is not in the task's answer format (:func:`answer_verdict`)."""
+
+
+def answer_verdict(text: str, gold: str) -> str:
+    """What a completion is, for a label a reader trusts: ``"correct: N"`` or ``"incorrect: N, gold G"`` when ``text``
+    ends with the task's answer line "The answer is N." (:func:`~tokenweave.rewards.math.format_reward`; ``N`` then
+    compared with ``gold`` as the correctness reward compares it), else :data:`NO_ANSWER`.
+
+    Stricter than the accuracy of :func:`evaluate_accuracy` and the rewards (unchanged): without the answer phrase they
+    read the last number of the text, so gibberish that ends on the gold number counts as correct there."""
+    if not format_reward([None], [text])[0]:
+        return NO_ANSWER
+    parsed = extract_answer(text)
+    return f"correct: {parsed}" if is_correct(text, gold) else f"incorrect: {parsed}, gold {gold}"
 
 
 def evaluate_accuracy(model, tokenizer, dataset, *, batch_size: int = 32, max_new_tokens: int = 96, desc="eval"):

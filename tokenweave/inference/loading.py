@@ -3,12 +3,11 @@ LoRA adapter directory on its base model, with a tokenizer that pads on the left
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..models import resolve_model
+from ..models import adapter_base_model, resolve_model
 
 
 def load_model_and_tokenizer(name_or_path: str, adapter: str | None = None, dtype: torch.dtype = torch.float32):
@@ -25,7 +24,7 @@ def load_model_and_tokenizer(name_or_path: str, adapter: str | None = None, dtyp
     adapter_config = Path(path) / "adapter_config.json"
     if adapter is None and adapter_config.exists():
         adapter = path
-        path = resolve_model(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+        path = resolve_model(adapter_base_model(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -46,7 +45,7 @@ def save_merged_model(adapter: str, output_dir: str) -> None:
     from transformers import AutoTokenizer
 
     model, _ = load_model_and_tokenizer(adapter)  # merged
-    base = resolve_model(json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"])
+    base = resolve_model(adapter_base_model(adapter))
     model.save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base).save_pretrained(
         output_dir

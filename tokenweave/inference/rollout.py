@@ -18,11 +18,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..rewards.math import is_correct
-from .generation import generate_with_shared_prefix
+from .generation import GenerationProgress, generate_with_shared_prefix
 
 
 class ForbidFirstToken(LogitsProcessor):
@@ -67,7 +66,8 @@ def rollout_continuations(
     tested token; the completion text is ``prefixes[i][completion_starts[i]:]`` plus the continuation, decoded
     without special tokens, and is correct when its answer equals ``answers[i]``
     (:func:`tokenweave.rewards.math.is_correct`). Sampling is at ``temperature`` with top-p 1 and no top-k, seeded.
-    The new token ids stop after the first EOS.
+    The new token ids stop after the first EOS. A bar ``desc`` over the generated tokens moves at every step
+    (:class:`.generation.GenerationProgress`).
     """
     if not len(prefixes) == len(forbidden_ids) == len(completion_starts) == len(answers):
         raise ValueError("prefixes, forbidden_ids, completion_starts and answers must have the same length.")
@@ -79,7 +79,8 @@ def rollout_continuations(
     continuations: list[list[tuple[list[int], bool]]] = [[] for _ in prefixes]
     prefixes_per_batch = max(1, batch_size // num_rollouts)
     torch.manual_seed(seed)
-    with tqdm(total=len(prefixes) * num_rollouts, desc=desc, unit="rollout") as progress:
+    with GenerationProgress(len(prefixes) * num_rollouts, max_new_tokens, tokenizer.eos_token_id,
+                            desc=desc) as progress:
         for begin in range(0, len(prefixes), prefixes_per_batch):
             rows = list(range(begin, min(begin + prefixes_per_batch, len(prefixes))))
             batch = tokenizer.pad({"input_ids": [list(prefixes[row]) for row in rows]}, return_tensors="pt").to(device)
@@ -90,6 +91,7 @@ def rollout_continuations(
                 batch["input_ids"],
                 batch["attention_mask"],
                 num_rollouts,
+                progress=progress,
                 max_new_tokens=max_new_tokens,
                 do_sample=True,
                 temperature=temperature,
@@ -107,7 +109,6 @@ def rollout_continuations(
                 ids = list(prefixes[row][completion_starts[row] :]) + new_tokens
                 continuations[row].append((new_tokens, is_correct(tokenizer.decode(ids, skip_special_tokens=True),
                                                                   answers[row])))
-            progress.update(len(rows) * num_rollouts)
     return continuations
 
 

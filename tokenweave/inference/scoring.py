@@ -17,7 +17,6 @@ Contents, top to bottom:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.token_columns import token_texts, tokenize_like_dpo
-from ..models import causal_lm, check_direct_head_calls, resolve_model
+from ..models import adapter_base_model, causal_lm, check_direct_head_calls, resolve_model
 from .loading import load_model_and_tokenizer
 from .shards import Shard
 from ..tokens.critical import chunked_contrastive_scores
@@ -99,7 +98,7 @@ def _adapter_base(path: str) -> str | None:
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.exists():
         return None
-    return resolve_model(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+    return resolve_model(adapter_base_model(adapter_config.parent))
 
 
 @torch.no_grad()

@@ -10,9 +10,18 @@ The engine takes ``tensor_parallel_size`` GPUs of this process; vLLM is not a de
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 
 from .generation import chat_prompt_ids
 from .shards import batch_seed
+
+
+def vllm_is_installed() -> bool:
+    """Whether ``import vllm`` would find it, without importing it (a module already imported counts)."""
+    if "vllm" in sys.modules:
+        return sys.modules["vllm"] is not None
+    return importlib.util.find_spec("vllm") is not None
 
 
 def import_vllm():

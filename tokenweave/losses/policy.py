@@ -557,6 +557,12 @@ def hapo_policy_loss(
     )
 
 
+RANK_GRPO_EPSILON_LOW = 0.06
+"""Rank-GRPO's lower clip range (the released code's ``epsilon``; with the registered ``epsilon_high`` 0.08 the rank
+ratio is clipped to [0.94, 1.08]): TRL's ``epsilon`` when ``policy_loss: rank_grpo`` leaves it unset
+(``trainers.rank.RankGrpoConfig``), where TRL's default 0.2 would clip at 0.8."""
+
+
 @register_policy_loss("rank_grpo", epsilon_high=0.08, trl_loss_type="dapo", paper=RANK_GRPO_PAPER)
 def rank_grpo_policy_loss(
     logps: torch.Tensor,
@@ -580,7 +586,8 @@ def rank_grpo_policy_loss(
 
     ``rank_ids`` ``[B, T]`` (0..N−1, N for overflow) and ``num_ranks`` N come from the rank_grpo token signal
     (``trainers.rank``), as do the per-rank advantages ``A [B, T]``. The paper's clip is ε_lo = 0.06, ε_hi = 0.08
-    (TRL ``epsilon`` / ``epsilon_high``), aggregated with token-mean (the released code's bnpo is a micro-batch token
+    (TRL ``epsilon`` / ``epsilon_high``, their defaults with this loss: :data:`RANK_GRPO_EPSILON_LOW` and the
+    registered ``epsilon_high``), aggregated with token-mean (the released code's bnpo is a micro-batch token
     mean; token-mean here divides by the generation batch's tokens, so the update does not depend on the split).
     Given an ``entropy_signal`` ĥ (the hapo signal, ``hapo_adaptive_clip``) and ``config.adaptive_clip``, the bounds
     are HAPO's entropy-adaptive ones (:func:`adaptive_clip_bounds`). With one span per completion (N = 1) this is

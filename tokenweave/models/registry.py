@@ -11,12 +11,25 @@
 
 Built-in models are written to ``$TOKENWEAVE_CACHE`` (default ``~/.cache/tokenweave``) atomically and under
 a file lock, so several ``accelerate launch`` processes can resolve the same name at once.
+
+What a run records of its base model must load on another machine, where that cache path means nothing: a LoRA
+adapter's ``base_model_name_or_path`` is the built-in's public hub id (``smollm2-135m``:
+``HuggingFaceTB/SmolLM2-135M-Instruct``), or its built-in name when it has none (``tiny-llama``), never the cache
+path (:func:`portable_base_model`, :func:`make_peft_model_portable`). Beside it, :data:`BUILTIN_BASE_FILE` names the
+built-in model itself, which tokenweave's loaders read first (:func:`adapter_base_model`): the public id online means
+the hub's model, whose weights differ from the de-quantised conversion the adapter was trained on.
+``resolve_model`` accepts the public id too (offline and not in the hub cache: the built-in). On request,
+:func:`alias_in_hub_cache` registers the conversion in the Hugging Face hub cache under its public id, so that
+``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` finds it with ``HF_HUB_OFFLINE=1``: never by itself, since
+every offline reader of that cache would then get the conversion for the official id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +57,7 @@ _TINY_SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>"]
 # Bump when the tiny model's architecture or tokenizer changes, so stale caches are not reused.
 _TINY_VERSION = 1
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -53,6 +67,65 @@ def cache_dir() -> Path:
 
 SMOLLM2_PUBLIC_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_DIR = "SmolLM2-135M-Instruct"  # under cache_dir()
+PUBLIC_IDS = {SMOLLM2_135M: SMOLLM2_PUBLIC_ID}
+"""The hub id of each built-in model that is a public model (the tiny models are not)."""
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The directory in the cache where the built-in model ``name`` is materialised."""
+    return cache_dir() / (_SMOLLM2_DIR if name == SMOLLM2_135M else f"{name}-v{_TINY_VERSION}")
+
+
+def portable_base_model(name_or_path: str) -> str:
+    """How a saved run names its base model so that it loads on another machine: a built-in model (by name, or by
+    its directory in this machine's cache) is its public hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), or its
+    built-in name when it has none (``tiny-llama``); anything else (a hub id, your own model directory) as given."""
+    for name in BUILTIN_MODELS:
+        if name_or_path == name or Path(name_or_path).expanduser() == builtin_model_dir(name):
+            return PUBLIC_IDS.get(name, name)
+    return name_or_path
+
+
+BUILTIN_BASE_FILE = "tokenweave_base_model.json"
+"""Beside a saved adapter on a built-in model: ``{"builtin_model": name}``, the base tokenweave's loaders use."""
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub id (``org/name``)."""
+    return bool(_HUB_ID.match(name))
+
+
+def builtin_model_name(name_or_path: str | None) -> str | None:
+    """The built-in model ``name_or_path`` is (by name, or by its directory in this machine's cache), or None."""
+    return next((name for name in BUILTIN_MODELS if name_or_path == name
+                 or name_or_path and Path(name_or_path).expanduser() == builtin_model_dir(name)), None)
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The base model of the LoRA adapter saved in ``adapter_dir``, for :func:`resolve_model`: the built-in model it
+    was trained on (:data:`BUILTIN_BASE_FILE`), else the ``base_model_name_or_path`` of its ``adapter_config.json``."""
+    sidecar = Path(adapter_dir) / BUILTIN_BASE_FILE
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())["builtin_model"]
+    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def alias_in_hub_cache(name: str) -> None:
+    """Register the built-in model ``name`` (its conversion, for ``smollm2-135m``) in the Hugging Face hub cache under
+    its public id (:func:`register_in_hub_cache`), so that plain transformers and ``AutoPeftModelForCausalLM`` load an
+    adapter on it offline. Opt-in: every offline reader of that cache then gets this model for the public id."""
+    register_in_hub_cache(PUBLIC_IDS[name], Path(resolve_model(name)))
+
+
+def make_peft_model_portable(model) -> None:
+    """Name the base model of each of ``model``'s LoRA adapters by :func:`portable_base_model` (PEFT records the
+    directory the base was loaded from: for a built-in model, this machine's cache). Called on a trainer's model
+    before it saves anything, every ``adapter_config.json`` it writes (checkpoints, the final adapter, what
+    ``push_to_hub`` uploads) names a base that ``AutoPeftModelForCausalLM`` and :func:`resolve_model` load elsewhere.
+    A model without adapters is left as it is (a full model's ``config.json`` records no path)."""
+    for peft_config in getattr(model, "peft_config", {}).values():
+        if peft_config.base_model_name_or_path:
+            peft_config.base_model_name_or_path = portable_base_model(peft_config.base_model_name_or_path)
 
 
 def public_model_id(name_or_path: str | None) -> str | None:
@@ -60,26 +133,26 @@ def public_model_id(name_or_path: str | None) -> str | None:
     directory in the cache) ``HuggingFaceTB/SmolLM2-135M-Instruct``; None for ``tiny-llama`` and local directories."""
     if not name_or_path:
         return None
-    if name_or_path == SMOLLM2_135M or Path(name_or_path).expanduser() == cache_dir() / _SMOLLM2_DIR:
-        return SMOLLM2_PUBLIC_ID
-    if Path(name_or_path).expanduser().exists() or name_or_path in BUILTIN_MODELS:
+    portable = portable_base_model(name_or_path)
+    if Path(portable).expanduser().exists() or portable in BUILTIN_MODELS:
         return None
-    return name_or_path if _HUB_ID.match(name_or_path) else None
+    return portable if _HUB_ID.match(portable) else None
 
 
 def resolve_model(name_or_path: str) -> str:
     """Turn a config's ``model_name_or_path`` into something ``from_pretrained`` loads with no hub access.
 
-    Built-in names are materialised in the cache and their directory is returned; a local directory is
-    returned as it is; a hub id is returned as it is. Anything else is a ``FileNotFoundError`` that names
-    the value, raised before any training starts.
+    Built-in names are materialised in the cache and their directory is returned; a local directory is returned
+    as it is; a hub id is returned as it is, except the public id of a built-in model offline and not in the hub
+    cache, which is that built-in model (so an adapter saved on another machine, naming its base by public id,
+    loads here). Anything else is a ``FileNotFoundError`` that names the value, raised before any training starts.
     """
     if name_or_path in (TINY_LLAMA, TINY_LLAMA_REFERENCE):
         seed = 0 if name_or_path == TINY_LLAMA else 1
-        return str(_materialise(cache_dir() / f"{name_or_path}-v{_TINY_VERSION}",
+        return str(_materialise(builtin_model_dir(name_or_path),
                                 lambda directory: _save_on_this_process(*build_tiny_llama(seed=seed), directory)))
     if name_or_path == SMOLLM2_135M:
-        return str(_materialise(cache_dir() / _SMOLLM2_DIR, _convert_smollm2))
+        return str(_materialise(builtin_model_dir(SMOLLM2_135M), _convert_smollm2))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
@@ -94,6 +167,9 @@ def resolve_model(name_or_path: str) -> str:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            builtin = next((name for name, public_id in PUBLIC_IDS.items() if public_id == name_or_path), None)
+            if builtin is not None:
+                return resolve_model(builtin)
             raise FileNotFoundError(
                 f"Model {name_or_path!r} is not a local directory and is not in the hub cache "
                 f"(HF_HUB_OFFLINE=1). Built-in models: {list(BUILTIN_MODELS)}."
@@ -116,6 +192,51 @@ def _materialise(target: Path, build) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def register_in_hub_cache(repo_id: str, directory: Path) -> None:
+    """Make ``from_pretrained(repo_id)`` find the model ``directory`` offline: its files in the Hugging Face hub cache
+    (``$HF_HUB_CACHE``) as a snapshot of ``repo_id`` that ``refs/main`` points to, hard links where the file system
+    allows (no second copy of the weights), else copies.
+
+    Done once (nothing when the hub cache has ``repo_id`` already: a real download or an earlier registration) under
+    a file lock. The snapshot's revision is a hash of ``repo_id`` and the directory's name, not a hub commit: online,
+    ``huggingface_hub`` sees that ``main`` moved and downloads the hub's files (for SmolLM2, its original weights, not
+    this de-quantised Q4_1 conversion). A hub cache this process cannot write to (a shared read-only one) is left as
+    it is, with a warning: the model is still loaded from ``directory``; only ``AutoPeftModelForCausalLM`` by hub id
+    then needs the hub."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    lock = Path(constants.HF_HUB_CACHE) / ".locks" / repo.name / "tokenweave.lock"  # where the hub keeps its locks
+    revision = hashlib.sha1(f"tokenweave:{repo_id}:{directory.name}".encode()).hexdigest()
+    try:
+        (repo / "snapshots").mkdir(parents=True, exist_ok=True)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)):
+            if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+                return
+            snapshot = repo / "snapshots" / revision
+            shutil.rmtree(snapshot, ignore_errors=True)  # a registration cut short
+            staging = Path(tempfile.mkdtemp(prefix=revision + ".", dir=repo / "snapshots"))
+            try:
+                for source in directory.iterdir():
+                    if source.is_file():
+                        try:
+                            os.link(source, staging / source.name)
+                        except OSError:  # another file system, or one without hard links
+                            shutil.copy2(source, staging / source.name)
+                os.replace(staging, snapshot)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            (repo / "refs").mkdir(exist_ok=True)
+            (repo / "refs" / "main").write_text(revision)
+    except OSError as error:
+        logger.warning("Could not register %s in the hub cache %s (%s): AutoPeftModelForCausalLM.from_pretrained of "
+                       "an adapter on %s needs the hub; tokenweave's loaders still find %s.", directory, repo, error,
+                       repo_id, repo_id)
 
 
 def build_tiny_tokenizer():

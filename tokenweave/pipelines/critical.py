@@ -67,13 +67,15 @@ from datasets import Dataset, load_from_disk
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
-from ..checks import check_options
-from ..config import RunArguments, config_file_of, config_keys, load_run_config, read_config_file
+from ..checks import ConfigError, check_options
+from ..config import RunArguments, config_keys, load_run_config
 from ..data.preferences import build_preference_pairs, build_sft_sets, pair_statistics, sample_statistics
 from ..inference.loading import load_model_and_tokenizer, save_merged_model
 from ..inference.sampling import SAMPLERS, sample_trajectories
 from ..inference.scoring import score_with_models
-from ..launch import run_launched
+from ..inference.vllm_sampling import vllm_is_installed
+from ..launch import launch_settings_from_config, run_launched
+from ..preflight import config_file_of, read_config_file
 from ..train import train_from_args
 from .localization import format_localization, format_rollout, localization_report, rollout_report
 from .steps import Step, run_steps
@@ -245,6 +247,9 @@ class CriticalPipelineConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{name} {path!r} does not exist.")
+        if self.sampler == "vllm" and not vllm_is_installed():  # before the warm start trains
+            raise ConfigError("sampler: vllm needs vLLM, which is not installed: pip install vllm (on a GPU machine), "
+                              "or sampler: transformers.")
 
 
 def parse_pipeline_config(argv: list[str] | None = None) -> CriticalPipelineConfig:
@@ -253,8 +258,13 @@ def parse_pipeline_config(argv: list[str] | None = None) -> CriticalPipelineConf
     A YAML key or flag that is not a field is a ``ValueError`` naming it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    _check_keys(config_file_of(argv))
-    (pipeline_config,) = TrlParser((CriticalPipelineConfig,), prog="tokenweave critical").parse_args_and_config(argv)
+    _, config = launch_settings_from_config(config_file_of(argv), config_keys(CriticalPipelineConfig))
+    _check_keys(config)  # the launcher's keys (accelerate_config, num_processes: tokenweave.launch) left out
+    pipeline_config, _, remaining = TrlParser((CriticalPipelineConfig,), prog="tokenweave critical").parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True)
+    if remaining:
+        raise ValueError(f"Unknown command-line argument(s) {remaining} for tokenweave critical: not fields of "
+                         "CriticalPipelineConfig (see tokenweave/pipelines/critical.py).")
     return pipeline_config
 
 

@@ -22,10 +22,10 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import read_config_file
+from ..preflight import read_config_file
 from ..inference.evaluate import evaluate_model
 from ..models import resolve_model
-from ..train import RUN_INFO_FILE
+from ..run_files import RUN_INFO_FILE
 from .critical import (
     REPORT_FILE,
     STATISTICS_FILE,

@@ -12,6 +12,10 @@ record is written as ``step_config.json`` inside the step's directory.
   and what changed, and says how to proceed (delete those directories to recompute them, or use another work
   directory). Finished work is never silently reused for a changed config, nor silently thrown away.
 * A directory with no record (not written by a step) is an error too.
+* A finished step also records each output file's size and a hash of its first and last MiB (``step_output.json``:
+  cheap for many-GB weights, and the same after a copy of the work directory); a step whose files were replaced or
+  removed since (a standalone run that wrote its ``output_dir`` there) is not reused: :class:`StepOutputChanged`
+  names the files. Files added since (a dataset's map cache) are not a change.
 
 A step that reads the output of a step run by another :func:`run_steps` call puts :func:`made_from` of that output
 into its settings (not its path), so a change upstream reaches it all the same.
@@ -19,6 +23,7 @@ into its settings (not its path), so a change upstream reaches it all the same.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +35,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)  # progress (INFO); the tokenweave command shows it
 
 STEP_RECORD = "step_config.json"
+STEP_OUTPUT = "step_output.json"  # {relative file path: [size, ends hash]} of the output as the step finished it
+HASHED_BYTES = 1 << 20  # from each end of a file
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,44 @@ class StepConfigChanged(ValueError):
     """Finished steps in the work directory were made from a config other than the current one."""
 
 
+class StepOutputChanged(ValueError):
+    """A finished step's output files were replaced or removed after the step wrote them."""
+
+
+def file_stamp(path: Path) -> list:
+    """``[size, sha256 of the first and last HASHED_BYTES]`` of the file ``path``: what tells a replaced file (other
+    weights of the same shape differ in both ends) without reading many GB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(HASHED_BYTES))
+        if size > HASHED_BYTES:
+            handle.seek(max(size - HASHED_BYTES, HASHED_BYTES))
+            digest.update(handle.read())
+    return [size, digest.hexdigest()]
+
+
+def output_files(directory: Path) -> dict[str, list]:
+    """``{relative path: file_stamp}`` of every file under ``directory`` but the step's own records."""
+    return {str(path.relative_to(directory)): file_stamp(path)
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name not in (STEP_RECORD, STEP_OUTPUT)}
+
+
+def check_output_unchanged(name: str, directory: Path) -> None:
+    """Refuse to reuse step ``name``'s output in ``directory`` if a file it wrote was replaced or removed since
+    (:class:`StepOutputChanged`); a step finished before outputs were recorded is not checked."""
+    recorded_file = directory / STEP_OUTPUT
+    if not recorded_file.exists():
+        return
+    now = output_files(directory)
+    changed = [path for path, stamp in json.loads(recorded_file.read_text()).items() if now.get(path) != stamp]
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise StepOutputChanged(f"The output of the step {name!r} ({directory}) changed after the step wrote it: "
+                                f"{shown} replaced or removed (a run with its output_dir there?). Delete {directory} "
+                                "to recompute it.")
+
+
 def run_steps(work_dir: Path, steps: Sequence[Step], log_prefix: str) -> dict[str, Path]:
     """Run every step not done yet, in order (module docstring); returns each step's output directory.
 
@@ -77,6 +122,7 @@ def run_steps(work_dir: Path, steps: Sequence[Step], log_prefix: str) -> dict[st
     for step in steps:
         target = outputs[step.name]
         if (target / STEP_RECORD).exists():
+            check_output_unchanged(step.name, target)
             logger.info(f"[{log_prefix}] {step.name}: done already ({target}), skipped")
             continue
         staging = target.with_name(f".{target.name}.partial")
@@ -84,6 +130,7 @@ def run_steps(work_dir: Path, steps: Sequence[Step], log_prefix: str) -> dict[st
         logger.info(f"[{log_prefix}] {step.name}: running")
         step.build(staging)
         staging.mkdir(parents=True, exist_ok=True)
+        (staging / STEP_OUTPUT).write_text(json.dumps(output_files(staging), indent=1) + "\n")
         (staging / STEP_RECORD).write_text(json.dumps(records[step.name], indent=2) + "\n")
         os.replace(staging, target)
     return outputs

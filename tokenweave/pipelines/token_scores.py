@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.loading import load_run_dataset
-from ..models import resolve_model
+from ..models import adapter_base_model, resolve_model
 from ..train import run_dataset_kwargs
 from ..trainers.token_cleaning import TOKEN_CLEANING_LEVELS
 from .steps import STEP_RECORD, Step, run_steps
@@ -167,7 +167,7 @@ def load_scoring_model(path: str, training_args, model_args, device: torch.devic
     if adapter_config.exists():
         from peft import PeftModel
 
-        base = resolve_model(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+        base = resolve_model(adapter_base_model(adapter_config.parent))
         model = PeftModel.from_pretrained(create_model_from_path(base, **kwargs), path).merge_and_unload()
     else:
         model = create_model_from_path(path, **kwargs)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -66,14 +67,43 @@ def parse_ranked_list(text: str) -> list[RankedItem]:
 
 def get_item_parser(name: str | None) -> ItemParser:
     """:func:`parse_ranked_list` for None, else the function at ``package.module:function`` (text → ranked items
-    with ascending starts)."""
+    with ascending starts), its answers checked by :func:`checked_items` on every call: a parser's wrong offsets
+    would otherwise put every token of an answer on a wrong rank, silently."""
     if name is None:
         return parse_ranked_list
     module, _, attribute = name.partition(":")
     parser = getattr(importlib.import_module(module), attribute, None) if attribute else None
     if not callable(parser):
         raise ValueError(f"item parser {name!r} is not a callable 'package.module:function'")
-    return parser
+
+    def checked_parser(text: str) -> list[RankedItem]:
+        return checked_items(parser(text), text, name)
+
+    return checked_parser
+
+
+def checked_items(items, text: str, parser_name: str) -> list[RankedItem]:
+    """``items`` (what the item parser ``parser_name`` returned for ``text``) as a list, if they are
+    :class:`RankedItem` with an ``int`` start and a ``str`` text and their starts increase strictly inside ``text``
+    (``0 <= start < len(text)``); otherwise a one-line ``ValueError`` naming the parser and what is wrong."""
+    problem = None
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        problem = f"a {type(items).__name__}, not a list"
+    elif not all(isinstance(item, RankedItem) for item in items):
+        problem = f"items of type {sorted({type(item).__name__ for item in items} - {'RankedItem'})}"
+    elif not all(type(item.start) is int and isinstance(item.text, str) for item in items):
+        problem = "a RankedItem whose start is not an int or whose text is not a str"
+    else:
+        starts = [item.start for item in items]
+        if any(not 0 <= start < len(text) for start in starts):
+            problem = f"starts {starts} outside the text's characters 0..{len(text) - 1}"
+        elif any(later <= earlier for earlier, later in zip(starts, starts[1:])):
+            problem = f"starts {starts} that do not strictly increase"
+    if problem is not None:
+        raise ValueError(f"rank_item_parser {parser_name!r} returned {problem} for the answer {text[:60]!r}: it must "
+                         "return a list of tokenweave.rewards.ranking.RankedItem(start, text), one per item in rank "
+                         "order, with strictly increasing character offsets inside the answer; fix the parser.")
+    return list(items)
 
 
 def item_key(text: str) -> tuple[str, int] | None:
@@ -181,6 +211,31 @@ def get_rank_gain_func(name: str) -> Callable[..., list[list[float]]]:
         raise ValueError(f"unknown rank gain function {name!r}; registered: {', '.join(sorted(RANK_GAIN_FUNCS))}, "
                          "or 'package.module:function'")
     return func
+
+
+def checked_gains(gains, items: Sequence[Sequence[str]], func_name: str) -> list[list[float]]:
+    """``gains`` (what the rank gain function ``func_name`` returned for the answers' ``items``) as lists of floats,
+    if they are one sequence of real numbers per answer, one number per item; otherwise a one-line ``ValueError``
+    naming the function and what is wrong."""
+    problem = None
+    if isinstance(gains, (str, bytes)) or not isinstance(gains, Sequence):
+        problem = f"a {type(gains).__name__}, not a list"
+    elif len(gains) != len(items):
+        problem = f"{len(gains)} rows for {len(items)} answers"
+    else:
+        for index, (row, answer) in enumerate(zip(gains, items, strict=True)):
+            if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+                problem = f"a {type(row).__name__} for answer {index}"
+            elif len(row) != len(answer):
+                problem = f"{len(row)} gains for the {len(answer)} items of answer {index}"
+            elif not all(isinstance(gain, numbers.Real) and math.isfinite(gain) for gain in row):
+                problem = f"gains {list(row)!r} for answer {index}, not all finite numbers"
+            if problem is not None:
+                break
+    if problem is not None:
+        raise ValueError(f"rank_gain_func {func_name!r} returned {problem}: it must return one list of finite numbers "
+                         "per answer, one gain per item in rank order; fix the gain function.")
+    return [[float(gain) for gain in row] for row in gains]
 
 
 def load_catalog(name: str | None) -> set[tuple[str, int]] | None:

@@ -53,6 +53,10 @@ def entropy_stats(
 ) -> EntropyStats:
     """Pivot, RMS and the two side scales of the entropy signal over the valid tokens (see module docstring).
 
+    With no valid token (a batch whose completions are all masked, as TRL's ``mask_truncated_completions`` masks
+    the truncated ones), the statistics are neutral: ĥ = 0 for every entropy, so the next generation samples at
+    ``T_base``, as the first one does.
+
     Args:
         entropy: ``[B, T]`` token entropies ``H ≥ 0``.
         mask: ``[B, T]`` 1 for valid tokens, 0 for padding.
@@ -64,10 +68,11 @@ def entropy_stats(
     valid = mask.bool()
     log_entropy = torch.log(entropy.float().clamp_min(_EPS))
     values = log_entropy[valid]
-    if values.numel() == 0:
-        pivot = log_entropy.new_zeros(())
-    else:  # 'nearest' quantile, exactly as the official torch_quantile (Python round, half to even)
-        pivot = values.kthvalue(round(entropy_pivot * (values.numel() - 1)) + 1).values
+    if values.numel() == 0:  # no token (every completion masked, e.g. truncated): statistics under which ĥ = 0
+        zero = log_entropy.new_zeros(())
+        return EntropyStats(pivot=zero, rms=zero + 1.0, scale_pos=zero, scale_neg=zero)
+    # 'nearest' quantile, exactly as the official torch_quantile (Python round, half to even)
+    pivot = values.kthvalue(round(entropy_pivot * (values.numel() - 1)) + 1).values
     centred = (log_entropy - pivot).masked_fill(~valid, 0.0)
     rms = (centred.pow(2).sum() / valid.sum().clamp_min(1)).clamp_min(_EPS).sqrt()
     z = centred / rms  # padding sits at 0, so it cannot move max(z) > 0 or min(z) < 0

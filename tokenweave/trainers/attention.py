@@ -14,10 +14,17 @@ share credited). Logged: ``attention_credit/credited_frac``, ``attention_credit/
 ``attention_credit/waad_mean``, ``attention_credit/fai_mean`` (over the completion tokens of all processes).
 ``tokenweave attention-heatmap`` (:mod:`tokenweave.inference.attention_credit`) shows γ, WAAD and FAI of sampled
 completions.
+
+Both check what only the model and the completions tell: ``attention_credit_layers`` against the model's layers once
+it is loaded, before any generation (:func:`credit_layers`), and completions too short for FAI's horizon
+(:func:`short_for_horizon`, logged once by the signal): a completion of at most H_lo tokens has no later token within
+the horizon of any of its tokens, so its FAI is 0 everywhere and the rules that read FAI credit its first tokens
+(``top_quantile`` breaks ties by position).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -40,6 +47,8 @@ from ..tokens.attention import (
 from .rollout import Generation
 from .signals import TokenSignal, register_token_signal
 
+logger = logging.getLogger(__name__)
+
 
 def credit_reduction(width: int) -> Reduction:
     """What attention credit keeps of each chunk of attention rows: the band of ``width`` entries left of each row's
@@ -58,6 +67,38 @@ def middle_layers(num_layers: int, count: int = 5) -> list[int]:
     if count == 1:
         return [(low + high) // 2]
     return sorted({round(low + i * (high - low) / (count - 1)) for i in range(count)})
+
+
+def credit_layers(layers: list[int] | None, num_layers: int) -> list[int]:
+    """The layers attention credit reads of a model with ``num_layers`` layers: ``layers``
+    (``attention_credit_layers``) or, for None, :func:`middle_layers`. A layer past the model's last is a one-line
+    ``ValueError`` naming the option, the model's layer count and the fix (call it once the model is loaded, before
+    any generation: the reduced forward would otherwise fail at the first step with a ``KeyError``)."""
+    if layers is None:
+        return middle_layers(num_layers)
+    beyond = [layer for layer in layers if layer >= num_layers]
+    if beyond:
+        raise ValueError(f"attention_credit_layers {list(layers)}: {beyond} beyond the model's {num_layers} layers "
+                         f"(indices 0..{num_layers - 1}); choose layers below {num_layers}, or leave "
+                         "attention_credit_layers unset for evenly spaced layers of the middle third.")
+    return list(layers)
+
+
+def short_for_horizon(completion_mask: torch.Tensor, options) -> str | None:
+    """A one-line warning when the rule reads FAI (``global_anchor``, ``coupled``) and some completions
+    (``completion_mask`` ``[B, T]``) have between 1 and H_lo tokens (``attention_credit_horizon``): no later token lies
+    within the horizon of any of theirs, so their FAI is 0 everywhere and the rule credits their first tokens by
+    position, not by attention. None otherwise."""
+    if options.attention_credit_rule == "local_chunk":
+        return None
+    horizon, lengths = list(options.attention_credit_horizon), completion_mask.sum(-1)
+    short = int(((lengths > 0) & (lengths <= horizon[0])).sum())
+    if not short:
+        return None
+    return (f"attention_credit_horizon {horizon}: {short} of {lengths.numel()} completions have {horizon[0]} tokens "
+            f"or fewer, so their FAI is 0 everywhere and the {options.attention_credit_rule} rule credits their first "
+            "tokens by position; set H_lo below the completions' length (attention_credit_horizon) or use "
+            "attention_credit_rule: local_chunk.")
 
 
 CREDIT_SIGNS = ("both", "positive", "negative")
@@ -139,11 +180,14 @@ class AttentionCreditConfig:
                   "choices": list(CREDIT_RULES)},
     )
     attention_credit_layers: list[int] | None = field(
-        default=None, metadata={"help": "Attention credit: the layers read. None: 5 evenly spaced in the middle third."}
+        default=None, metadata={"help": "Attention credit: the layers read (each below the model's layer count, "
+                                        "checked once the model is loaded). None: 5 evenly spaced in the middle third."}
     )
     attention_credit_window: int = field(default=10, metadata={"help": "Attention credit: WAAD's window W."})
     attention_credit_horizon: list[int] = field(
-        default_factory=lambda: [10, 100], metadata={"help": "Attention credit: FAI's horizon [H_lo, H_hi]."}
+        default_factory=lambda: [10, 100],
+        metadata={"help": "Attention credit: FAI's horizon [H_lo, H_hi]. A completion of at most H_lo tokens has no "
+                          "FAI (0 everywhere: the FAI rules credit its first tokens; warned once)."},
     )
     attention_credit_head_fraction: float = field(
         default=0.3, metadata={"help": "Attention credit: the share of heads in the local and in the global group."}
@@ -201,11 +245,16 @@ class AttentionCreditSignal(TokenSignal):
     def __init__(self, trainer):
         super().__init__(trainer)
         num_layers = trainer.accelerator.unwrap_model(trainer.model).config.num_hidden_layers
-        self.layers = trainer.args.attention_credit_layers or middle_layers(num_layers)
+        self.layers = credit_layers(trainer.args.attention_credit_layers, num_layers)
+        self.warned_short = False  # short_for_horizon is logged once
 
     def after_generation(self, generation: Generation) -> dict[str, torch.Tensor]:
         trainer, args, output = self.trainer, self.trainer.args, generation.output
         mask = generation.completion_mask
+        warning = None if self.warned_short else short_for_horizon(mask, args)
+        if warning is not None:
+            logger.warning(warning)
+            self.warned_short = True
         with disable_gradient_checkpointing(trainer.model, args.gradient_checkpointing_kwargs):
             credit = attention_credit(
                 trainer.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], mask, args,

@@ -51,6 +51,7 @@ from trl.trainer.utils import create_model_from_path
 
 from ..checks import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, check_options
 from ..losses.preference import (
+    PREFERENCE_LOSSES,
     PreferenceLossConfig,
     PreferenceLossOutput,
     TokenPairs,
@@ -79,6 +80,11 @@ from .token_rewards import TokenRewardsConfig
 from .treg import TregConfig
 from .weight_rules import WeightRulesConfig
 from .weights import WeightsDPOConfig
+
+TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+"""TRL 1.16's DPO ``loss_type`` values, the branches of ``DPOTrainer._compute_loss``, which TRL checks only at the
+first step: a mirror of TRL, checked against TRL's source by ``tests/test_one_line_errors.py``."""
 
 # Batch keys that are not model inputs (besides the token signals' columns).
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -145,6 +151,11 @@ class TokenDPOConfig(AlignDistilConfig, TgdpoConfig, TregConfig, TokenRewardsCon
     def __post_init__(self):
         check_options(self)  # types, choices and ranges
         super().__post_init__()  # turns a single loss_type string into a list
+        unknown = [name for name in self.loss_type if name not in TRL_DPO_LOSS_TYPES and not is_preference_loss(name)]
+        if unknown:
+            raise ConfigError(f"Unknown loss_type {unknown}: TRL's DPO losses are {', '.join(TRL_DPO_LOSS_TYPES)}; "
+                              f"tokenweave's token-level losses are {', '.join(sorted(PREFERENCE_LOSSES))}, or "
+                              "'package.module:function'.")
         self.resolve_frozen_models()
         token_loss = self.token_loss_type
         if token_loss:

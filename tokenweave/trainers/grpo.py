@@ -46,6 +46,7 @@ from ..losses.policy import (
     nan_extreme,
     trl_aggregate_loss,
 )
+from ..tokens.quantile import quantile
 from .attention import AttentionCreditConfig
 from .card import ModelCardMixin
 from .checkpointing import CheckpointingMixin
@@ -422,6 +423,18 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         return loss
 
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """TRL's top-entropy mask (``top_entropy_quantile``; "Beyond the 80/20 rule"), mirrored from
+        ``GRPOTrainer.get_high_entropy_mask`` (TRL 1.16) with :func:`~tokenweave.tokens.quantile.quantile` in place of
+        ``torch.quantile``, which refuses the more than 2^24 tokens a generation batch gathered over processes can
+        hold: the masked tokens whose entropy is at least the ``threshold``-quantile of the masked tokens' entropies
+        over all processes. TRL's ``_compute_loss`` (``policy_loss`` unset) calls it too."""
+        token_entropies = gather_values(self.accelerator, entropies.detach()[mask.bool()].float())
+        if token_entropies.numel() == 0:
+            return torch.zeros_like(entropies, dtype=torch.bool)
+        entropy_threshold = quantile(token_entropies, threshold)
+        return ((entropies * mask.float()) >= entropy_threshold) & mask.bool()
+
     def _token_weights(self, inputs, logps, old_logps, advantages, mask, entropy_mask) -> list[torch.Tensor]:
         """TRL's per-token factors (``entropy_mask`` among them) and the ``token_weights_column`` signal (their
         product multiplies the loss)."""
@@ -454,7 +467,7 @@ class TokenGRPOTrainer(SignalHostMixin, FiniteTrainingMixin, ModelCardMixin, Che
         metrics["entropy"].append(self._global_masked_mean(entropies.detach(), mask))
         token_entropies = gather_values(self.accelerator, entropies.detach()[mask.bool()].float())
         if token_entropies.numel():
-            quantiles = torch.quantile(token_entropies, torch.tensor(_ENTROPY_QUANTILES, device=token_entropies.device))
+            quantiles = quantile(token_entropies, _ENTROPY_QUANTILES)
             for q, value in zip(_ENTROPY_QUANTILES, quantiles.tolist(), strict=True):
                 metrics[f"entropy/q{round(q * 100)}"].append(value)
         if per_token_kl is not None:

@@ -40,17 +40,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..run_files import PREFIX_CHECKPOINT_DIR, TOKEN_METRICS_FILE
 from ..tokens.controls import inverse_selection, row_generator, shuffle_within_mask
 from .collators import ROW_KEY, TokenColumnsCollator
-from .finite import NonFiniteError, any_non_finite
+from .finite import NonFiniteError, any_non_finite, logged_step
 from .frozen import FrozenModels
 from .signals import TokenBatch, active_signal_classes, signals_init_context
 
-TOKEN_METRICS_FILE = "token_metrics.json"
-"""The prefixes of a run's token-aware metrics (:attr:`SignalHostMixin.token_metric_prefixes`), in each checkpoint
-(``run_info.json`` has them too), for ``tokenweave plot``."""
 SIGNAL_STATE_FILE = "token_signals.pt"
 """The token signals' states in a checkpoint directory (``{name: state_dict}``), saved with the RNG state."""
 FROZEN_STATE_FILE = "frozen_models.pt"
@@ -176,7 +173,7 @@ class SignalHostMixin:
         """A NaN or infinity in what signal ``name`` returned stops the run (a collective: every process checks)."""
         if isinstance(value, Tensor) and value.is_floating_point() and any_non_finite(self, value):
             raise NonFiniteError(f"The token signal {name!r} returned a NaN or infinity in {key!r} at step "
-                                 f"{self.state.global_step}: stopped before training on it.")
+                                 f"{logged_step(self)}: stopped before training on it.")
 
     def signal_control(self, weights: Tensor, mask: Tensor, row_keys: Tensor | None,
                        scores: Tensor | None = None) -> Tensor:

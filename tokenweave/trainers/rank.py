@@ -11,12 +11,16 @@ After each generation (``after_generation``), for every completion of this proce
                     (rewards of every process: a group may span them)
     A_{i,t}       = A_{i,rank(t)} for item tokens, 0 for overflow tokens
 
-and, with ``rank_length_shaping`` (the released code's), added to the token advantages: ``rank_overflow_penalty``
-on every overflow token; on the EOS token (whose own advantage is zeroed) ``rank_eos_bonus`` when the list has
-exactly N items, ``rank_early_stop_penalty`` when it has fewer. The batch gets ``advantages`` ``[B, T]`` and
-``rank_ids`` ``[B, T]``; ``token_inputs`` hands ``rank_ids`` and N to the rank_grpo loss. With another policy loss
-(or TRL's ``loss_type``), the per-rank advantages go with that loss's own ratio (the paper's "GRPO with rank
-rewards" ablation).
+The EOS token's advantage is zeroed (it ends the list and belongs to no rank; the released code zeroes it, shaping
+on or off), and with ``rank_length_shaping`` (the released code's) these are added to the token advantages:
+``rank_overflow_penalty`` on every overflow token; on the EOS token ``rank_eos_bonus`` when the list has exactly N
+items, ``rank_early_stop_penalty`` when it has fewer. A user's ``rank_item_parser`` and ``rank_gain_func`` are
+checked on what they return (``rewards.ranking.checked_items``, ``checked_gains``): item starts strictly increasing
+inside the text, one finite gain per item; an error names the function. The batch gets ``advantages`` ``[B, T]`` and
+``rank_ids`` ``[B, T]``; ``token_inputs`` hands ``rank_ids`` and N to the rank_grpo loss. ``policy_loss: rank_grpo``
+with ``epsilon`` unset clips the rank ratio at the paper's 1 − 0.06 (``RankGrpoConfig``), not TRL's 1 − 0.2. With
+another policy loss (or TRL's ``loss_type``), the per-rank advantages go with that loss's own ratio (the paper's
+"GRPO with rank rewards" ablation).
 
 Metrics (training and evaluation, over all processes): ``rank/recall@N``, ``rank/ndcg@N`` (the answers' Recall@N and
 NDCG@N: from the relevance hits when the rows have ``relevant_items``, whatever the gain function, else from the
@@ -29,12 +33,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from trl import GRPOConfig
 
 from ..checks import AT_LEAST_ONE, FINITE
-from ..losses.policy import RANK_GRPO_PAPER
+from ..losses.policy import RANK_GRPO_EPSILON_LOW, RANK_GRPO_PAPER, get_policy_loss, rank_grpo_policy_loss
 from ..rewards.ranking import (
     RANK_CREDITS,
     causal_rank_rewards,
+    checked_gains,
     get_item_parser,
     get_rank_gain_func,
     load_catalog,
@@ -47,9 +53,14 @@ from .rollout import Generation
 from .signals import TokenBatch, TokenSignal, register_token_signal
 
 
+TRL_EPSILON = GRPOConfig.__dataclass_fields__["epsilon"].default  # TRL's lower clip range, 0.2
+
+
 @dataclass
 class RankGrpoConfig:
-    """Rank-GRPO's fields of ``TokenGRPOConfig`` (a mixin); the released code's defaults unless noted."""
+    """Rank-GRPO's fields of ``TokenGRPOConfig`` (a mixin); the released code's defaults unless noted. It also gives
+    TRL's ``epsilon`` the default None, resolved before TRL reads it: the paper's 0.06 (``RANK_GRPO_EPSILON_LOW``)
+    with ``policy_loss: rank_grpo``, TRL's 0.2 otherwise; a value the user sets is kept."""
 
     option_ranges: ClassVar[dict] = {  # tokenweave.checks reads them
         "rank_list_length": AT_LEAST_ONE, "rank_overflow_penalty": FINITE, "rank_eos_bonus": FINITE,
@@ -92,7 +103,8 @@ class RankGrpoConfig:
     )
     rank_length_shaping: bool = field(
         default=True,
-        metadata={"help": "Rank-GRPO: the released code's length shaping of the EOS and overflow advantages."},
+        metadata={"help": "Rank-GRPO: the released code's length shaping of the EOS and overflow advantages (the EOS "
+                          "token's own advantage is zeroed either way, as in the released code)."},
     )
     rank_overflow_penalty: float = field(
         default=-0.1, metadata={"help": "Rank-GRPO: added to the advantage of every token past the N-th item."}
@@ -103,6 +115,17 @@ class RankGrpoConfig:
     rank_early_stop_penalty: float = field(
         default=-0.1, metadata={"help": "Rank-GRPO: the EOS token's advantage when the answer has fewer than N items."}
     )
+    epsilon: float | None = field(
+        default=None,
+        metadata={"help": f"TRL's lower clip range ε: the ratio is clipped at 1 − ε. None: {RANK_GRPO_EPSILON_LOW} "
+                          f"(Rank-GRPO's) with policy_loss rank_grpo, else {TRL_EPSILON} (TRL's)."},
+    )
+
+    def __post_init__(self):
+        if self.epsilon is None:
+            rank_loss = self.policy_loss is not None and get_policy_loss(self.policy_loss) is rank_grpo_policy_loss
+            self.epsilon = RANK_GRPO_EPSILON_LOW if rank_loss else TRL_EPSILON
+        super().__post_init__()
 
 
 @register_token_signal("rank_grpo")
@@ -167,7 +190,8 @@ class RankGrpoSignal(TokenSignal):
             item_texts.append([item.text for item in items[:n]])
             num_items.append(len(items))
         columns = {key: [row[key] for row in generation.inputs] for key in generation.inputs[0] if key != "prompt"}
-        gains = self.gain_func(item_texts, catalog=self.catalog, **columns)
+        gains = checked_gains(self.gain_func(item_texts, catalog=self.catalog, **columns), item_texts,
+                              trainer.args.rank_gain_func)
         rewards = torch.tensor([causal_rank_rewards(g, n, trainer.args.rank_credit) for g in gains], device=device)
         rank_ids = rank_ids_tensor(ranks, completion_ids.size(1), device)
 
@@ -177,19 +201,19 @@ class RankGrpoSignal(TokenSignal):
         advantages = rank_group_advantages(all_rewards, group_size, trainer.scale_rewards)
         advantages = advantages.view(accelerator.num_processes, -1, n)[accelerator.process_index]
         token_advantages = advantages.gather(1, rank_ids.clamp(max=n - 1)) * (rank_ids < n)
+        eos = self._eos_positions(output, lengths)
+        token_advantages = token_advantages.masked_fill(eos, 0.0)
         if trainer.args.rank_length_shaping:
-            eos, shaping = self._length_shaping(output, rank_ids, num_items, lengths)
-            token_advantages = token_advantages.masked_fill(eos, 0.0) + shaping
+            token_advantages = token_advantages + self._length_shaping(output, rank_ids, num_items, eos)
         self._log_metrics(generation, item_texts, gains, columns, num_items)
         out = {"advantages": token_advantages * mask}
         if self.passes_rank_ids:
             out["rank_ids"] = rank_ids
         return out
 
-    def _length_shaping(self, output, rank_ids, num_items, lengths) -> tuple[torch.Tensor, torch.Tensor]:
-        """The released code's shaping (module docstring): ``(EOS positions [B, T], values [B, T])``, the values
-        added to the token advantages after the EOS token's own advantage is zeroed."""
-        args, n = self.trainer.args, self.num_ranks
+    def _eos_positions(self, output, lengths) -> torch.Tensor:
+        """``[B, T]`` bool: each completion's last token where it is an EOS (a completion cut at the length limit
+        has none)."""
         completion_ids, mask = output["completion_ids"], output["completion_mask"]
         device = completion_ids.device
         rows = torch.arange(completion_ids.size(0), device=device)
@@ -198,12 +222,19 @@ class RankGrpoSignal(TokenSignal):
         ends_with_eos = torch.isin(completion_ids[rows, last], eos_ids) & (mask.sum(-1) > 0)
         eos = torch.zeros(completion_ids.shape, dtype=torch.bool, device=device)
         eos[rows, last] = ends_with_eos
+        return eos
+
+    def _length_shaping(self, output, rank_ids, num_items, eos) -> torch.Tensor:
+        """The released code's shaping (module docstring): ``[B, T]`` values added to the token advantages (the EOS
+        token's own advantage already zeroed), ``eos`` the EOS positions (:meth:`_eos_positions`)."""
+        args, n = self.trainer.args, self.num_ranks
+        mask, device = output["completion_mask"], eos.device
         items = torch.tensor(num_items, device=device)
         eos_value = torch.where(items == n, args.rank_eos_bonus, 0.0) + torch.where(
             items < n, args.rank_early_stop_penalty, 0.0
         )
         overflow = (rank_ids >= n) & mask.bool()
-        return eos, args.rank_overflow_penalty * overflow + eos * eos_value.unsqueeze(1)
+        return args.rank_overflow_penalty * overflow + eos * eos_value.unsqueeze(1)
 
     def _log_metrics(self, generation: Generation, item_texts, gains, columns, num_items) -> None:
         """Recall@N and NDCG@N of the answers (from the relevance hits when the rows have ``relevant_items``, else

@@ -34,7 +34,7 @@ from ...data.loading import load_run_dataset
 from ...data.token_columns import token_char_spans
 from ...inference.perturbation import GreedyTrajectory, greedy_trajectories, replace_and_continue
 from ...tokens.controls import row_generator
-from ...trainers.attention import AttentionCredit, AttentionCreditConfig, attention_credit, middle_layers
+from ...trainers.attention import AttentionCredit, AttentionCreditConfig, attention_credit, credit_layers
 from .table import Measurement
 
 
@@ -66,7 +66,7 @@ def _credit(model, tokenizer, trajectories: list[GreedyTrajectory], options: Att
                                                      padding_value=tokenizer.pad_token_id).to(device)
     completion_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(ids) for ids in completions],
                                                       batch_first=True).to(device)
-    layers = options.attention_credit_layers or middle_layers(model.config.num_hidden_layers)
+    layers = credit_layers(options.attention_credit_layers, model.config.num_hidden_layers)
     with torch.no_grad():
         credit = attention_credit(model, prompts["input_ids"], prompts["attention_mask"], completion_ids,
                                   completion_mask, options, layers, batch_size=batch_size)
