@@ -89,6 +89,8 @@ class PolicyLossDefaults:
 
     loss_agg_mode: str = "token-mean"
     """The aggregation its paper uses (:func:`aggregate_loss`): the default of ``loss_agg_mode``."""
+    epsilon: float | None = None
+    """The lower clip range when TRL's ``epsilon`` is unset (Rank-GRPO's 0.06); None: TRL's default, 0.2."""
     epsilon_high: float | None = None
     """The upper clip range when TRL's ``epsilon_high`` is unset (DAPO's clip-higher 0.28, CISPO's ε_max 5.0);
     None: TRL's ``epsilon`` (symmetric)."""
@@ -113,15 +115,18 @@ def register_policy_loss(
     name: str,
     loss_agg_mode: str = "token-mean",
     *,
+    epsilon: float | None = None,
     epsilon_high: float | None = None,
     trl_loss_type: str | None = None,
     importance_sampling_level: Literal["token", "sequence"] | None = None,
     paper: Paper | None = None,
 ) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator: register a policy loss under ``name`` (a name can be taken only once), with the settings its paper
-    fixes (:class:`PolicyLossDefaults`: aggregation mode, default upper clip, TRL ``loss_type``, ratio level) and the
+    fixes (:class:`PolicyLossDefaults`: aggregation mode, default clip ranges, TRL ``loss_type``, ratio level) and the
     paper itself."""
-    defaults = PolicyLossDefaults(loss_agg_mode, epsilon_high, trl_loss_type, importance_sampling_level, paper)
+    defaults = PolicyLossDefaults(loss_agg_mode=loss_agg_mode, epsilon=epsilon, epsilon_high=epsilon_high,
+                                  trl_loss_type=trl_loss_type, importance_sampling_level=importance_sampling_level,
+                                  paper=paper)
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         if POLICY_LOSSES.get(name, fn) is not fn:
@@ -557,13 +562,7 @@ def hapo_policy_loss(
     )
 
 
-RANK_GRPO_EPSILON_LOW = 0.06
-"""Rank-GRPO's lower clip range (the released code's ``epsilon``; with the registered ``epsilon_high`` 0.08 the rank
-ratio is clipped to [0.94, 1.08]): TRL's ``epsilon`` when ``policy_loss: rank_grpo`` leaves it unset
-(``trainers.rank.RankGrpoConfig``), where TRL's default 0.2 would clip at 0.8."""
-
-
-@register_policy_loss("rank_grpo", epsilon_high=0.08, trl_loss_type="dapo", paper=RANK_GRPO_PAPER)
+@register_policy_loss("rank_grpo", epsilon=0.06, epsilon_high=0.08, trl_loss_type="dapo", paper=RANK_GRPO_PAPER)
 def rank_grpo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -586,8 +585,8 @@ def rank_grpo_policy_loss(
 
     ``rank_ids`` ``[B, T]`` (0..N−1, N for overflow) and ``num_ranks`` N come from the rank_grpo token signal
     (``trainers.rank``), as do the per-rank advantages ``A [B, T]``. The paper's clip is ε_lo = 0.06, ε_hi = 0.08
-    (TRL ``epsilon`` / ``epsilon_high``, their defaults with this loss: :data:`RANK_GRPO_EPSILON_LOW` and the
-    registered ``epsilon_high``), aggregated with token-mean (the released code's bnpo is a micro-batch token
+    (TRL ``epsilon`` / ``epsilon_high``, registered as their defaults with this loss, where TRL's ε 0.2 would clip
+    at 0.8), aggregated with token-mean (the released code's bnpo is a micro-batch token
     mean; token-mean here divides by the generation batch's tokens, so the update does not depend on the split).
     Given an ``entropy_signal`` ĥ (the hapo signal, ``hapo_adaptive_clip``) and ``config.adaptive_clip``, the bounds
     are HAPO's entropy-adaptive ones (:func:`adaptive_clip_bounds`). With one span per completion (N = 1) this is

@@ -75,6 +75,9 @@ _MODEL_INPUT_KEYS = (
 _ENTROPY_QUANTILES = (0.2, 0.5, 0.8)
 
 
+
+TRL_EPSILON = GRPOConfig.__dataclass_fields__["epsilon"].default  # TRL's lower clip range, 0.2
+
 @dataclass
 class TokenGRPOConfig(RlsdConfig, AttentionCreditConfig, RankGrpoConfig, HapoConfig, TokenSignalConfig,
                       FrozenModelsConfig, GRPOConfig):
@@ -85,7 +88,7 @@ class TokenGRPOConfig(RlsdConfig, AttentionCreditConfig, RankGrpoConfig, HapoCon
     ``policy_loss`` unset: TRL's ``loss_type`` path, unchanged (only a signal's advantages, e.g.
     ``hapo_token_advantage``, may be used with it). ``policy_loss`` set: TRL's clip fields are the loss's
     (``epsilon`` → ε_lo, ``epsilon_high`` → ε_hi or, for cispo, ε_max; ``delta``; ``importance_sampling_level``),
-    and the loss's registered defaults (``losses.policy.PolicyLossDefaults``) fill ``loss_agg_mode`` and
+    and the loss's registered defaults (``losses.policy.PolicyLossDefaults``) fill ``loss_agg_mode``, ``epsilon`` and
     ``epsilon_high`` when unset, fix ``importance_sampling_level`` where the loss does, and set ``loss_type`` to the
     TRL loss it extends. ``token_signals`` after ``__post_init__``: the signals that
     are on, in the order they run: first those implied by other fields (``policy_loss: hapo`` implies hapo,
@@ -127,6 +130,11 @@ class TokenGRPOConfig(RlsdConfig, AttentionCreditConfig, RankGrpoConfig, HapoCon
             "the policy loss, e.g. a signal added to the batch by a subclass's _generate_and_score_completions."
         },
     )
+    epsilon: float | None = field(
+        default=None,
+        metadata={"help": f"TRL's lower clip range ε: the ratio is clipped at 1 − ε. None: the policy loss's registered "
+                          f"default (rank_grpo: 0.06), else TRL's {TRL_EPSILON}."},
+    )
     dual_clip_c: float | None = field(
         default=None,
         metadata={
@@ -137,6 +145,10 @@ class TokenGRPOConfig(RlsdConfig, AttentionCreditConfig, RankGrpoConfig, HapoCon
 
     def __post_init__(self):
         check_options(self)  # types, choices and ranges, before TRL's own __post_init__ divides by batch sizes
+        if self.epsilon is None:  # before TRL reads it
+            registered = POLICY_LOSS_DEFAULTS[self.policy_loss] if self.policy_loss and get_policy_loss(
+                self.policy_loss) else None
+            self.epsilon = registered.epsilon if registered and registered.epsilon is not None else TRL_EPSILON
         super().__post_init__()
         self.resolve_frozen_models()
         if self.reference_model_path is not None and self.beta != 0.0:

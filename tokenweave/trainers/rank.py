@@ -18,7 +18,7 @@ items, ``rank_early_stop_penalty`` when it has fewer. A user's ``rank_item_parse
 checked on what they return (``rewards.ranking.checked_items``, ``checked_gains``): item starts strictly increasing
 inside the text, one finite gain per item; an error names the function. The batch gets ``advantages`` ``[B, T]`` and
 ``rank_ids`` ``[B, T]``; ``token_inputs`` hands ``rank_ids`` and N to the rank_grpo loss. ``policy_loss: rank_grpo``
-with ``epsilon`` unset clips the rank ratio at the paper's 1 − 0.06 (``RankGrpoConfig``), not TRL's 1 − 0.2. With
+with ``epsilon`` unset clips the rank ratio at the paper's 1 − 0.06 (the loss's registered default), not TRL's 1 − 0.2. With
 another policy loss (or TRL's ``loss_type``), the per-rank advantages go with that loss's own ratio (the paper's
 "GRPO with rank rewards" ablation).
 
@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from trl import GRPOConfig
 
 from ..checks import AT_LEAST_ONE, FINITE
-from ..losses.policy import RANK_GRPO_EPSILON_LOW, RANK_GRPO_PAPER, get_policy_loss, rank_grpo_policy_loss
+from ..losses.policy import RANK_GRPO_PAPER
 from ..rewards.ranking import (
     RANK_CREDITS,
     causal_rank_rewards,
@@ -53,14 +52,10 @@ from .rollout import Generation
 from .signals import TokenBatch, TokenSignal, register_token_signal
 
 
-TRL_EPSILON = GRPOConfig.__dataclass_fields__["epsilon"].default  # TRL's lower clip range, 0.2
-
-
 @dataclass
 class RankGrpoConfig:
-    """Rank-GRPO's fields of ``TokenGRPOConfig`` (a mixin); the released code's defaults unless noted. It also gives
-    TRL's ``epsilon`` the default None, resolved before TRL reads it: the paper's 0.06 (``RANK_GRPO_EPSILON_LOW``)
-    with ``policy_loss: rank_grpo``, TRL's 0.2 otherwise; a value the user sets is kept."""
+    """Rank-GRPO's fields of ``TokenGRPOConfig`` (a mixin); the released code's defaults unless noted (the clip
+    ranges: the ``rank_grpo`` policy loss's registered defaults)."""
 
     option_ranges: ClassVar[dict] = {  # tokenweave.checks reads them
         "rank_list_length": AT_LEAST_ONE, "rank_overflow_penalty": FINITE, "rank_eos_bonus": FINITE,
@@ -115,17 +110,6 @@ class RankGrpoConfig:
     rank_early_stop_penalty: float = field(
         default=-0.1, metadata={"help": "Rank-GRPO: the EOS token's advantage when the answer has fewer than N items."}
     )
-    epsilon: float | None = field(
-        default=None,
-        metadata={"help": f"TRL's lower clip range ε: the ratio is clipped at 1 − ε. None: {RANK_GRPO_EPSILON_LOW} "
-                          f"(Rank-GRPO's) with policy_loss rank_grpo, else {TRL_EPSILON} (TRL's)."},
-    )
-
-    def __post_init__(self):
-        if self.epsilon is None:
-            rank_loss = self.policy_loss is not None and get_policy_loss(self.policy_loss) is rank_grpo_policy_loss
-            self.epsilon = RANK_GRPO_EPSILON_LOW if rank_loss else TRL_EPSILON
-        super().__post_init__()
 
 
 @register_token_signal("rank_grpo")
