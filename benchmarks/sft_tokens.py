@@ -83,11 +83,7 @@ import yaml
 
 from tokenweave.config import parse_run_config
 from tokenweave.data.loading import load_run_dataset
-from tokenweave.data.noisy_arithmetic import (
-    oracle_weights_column,
-    planted_label_mask,
-    tokenize_like_sft,
-)
+from tokenweave.data.noisy_arithmetic import oracle_weights_column, planted_label_masks
 from tokenweave.pipelines.steps import Step, run_steps
 from tokenweave.stats import paired_bootstrap
 
@@ -210,9 +206,8 @@ def parse(argv: list[str], output_dir: Path):
 def prepare(budget: Budget, work: Path, need: set[str]) -> dict:
     """The reference (merged LoRA SFT on the clean split), the score-tokens dataset and the oracle dataset, each built
     once per budget (reused when their settings match)."""
-    from tokenweave.inference.loading import save_merged_model
+    from tokenweave.pipelines.evidence.sft import train_merged
     from tokenweave.pipelines.token_scores import score_tokens, sft_tokenizer
-    from tokenweave.train import train_from_args
 
     prepared = {}
     base_argv = ["--max_steps", str(budget.steps), "--num_train_examples", str(budget.rows),
@@ -224,8 +219,7 @@ def prepare(budget: Budget, work: Path, need: set[str]) -> dict:
 
         def build_reference(directory: Path) -> None:
             started = time.perf_counter()
-            train_from_args(*parse(reference_argv, directory / "adapter"))
-            save_merged_model(str(directory / "adapter"), str(directory))
+            train_merged(reference_argv, directory)
             (directory / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
 
         prepared["reference"] = run_steps(work, [Step("reference", {"argv": reference_argv}, build_reference)],
@@ -264,40 +258,19 @@ def planted_masks(budget: Budget, work: Path):
     from tokenweave.pipelines.token_scores import sft_tokenizer
 
     run_args, training_args, model_args = parse(run_argv(None, "none", budget, 0, {}), work / "unused")
-    tokenizer = sft_tokenizer(training_args, model_args)
-    masks, ids = [], []
-    for row in noisy_rows(run_args):
-        tokens = tokenize_like_sft(row, tokenizer)
-        masks.append(np.array(planted_label_mask(tokenizer, tokens["input_ids"], tokens["labels"], row["completion"],
-                                                 row["planted_spans"]), dtype=bool))
-        ids.append(tokens["input_ids"])
-    return masks, ids
+    masks, ids = planted_label_masks(noisy_rows(run_args), sft_tokenizer(training_args, model_args))
+    return [np.array(mask, dtype=bool) for mask in masks], ids
 
 
 def method_weights(method: str, controls: list[str], budget: Budget, prepared: dict, ids: list, work: Path) -> dict:
     """``{control: [weights of each row's label tokens]}`` from ``signal_weights`` of a trainer of ``method``'s
     config at the base policy (built with the shuffle control on, so that each row carries its identity; the control
     is then set for each pass), batches of ``batch_size`` rows in dataset order."""
+    from tokenweave.pipelines.evidence.sft import label_token_weights
     from tokenweave.train import build_trainer
-    from tokenweave.trainers.collators import ROW_KEY
 
     trainer = build_trainer(*parse(run_argv(method, "shuffle", budget, 0, prepared), work / "noise_trainer"))
-    dataset = trainer._remove_unused_columns(trainer.train_dataset, description="noise")
-    if len(dataset) != len(ids):
-        raise RuntimeError(f"{method}: the trainer has {len(dataset)} rows, the task {len(ids)}.")
-    results = {control: [None] * len(ids) for control in controls}
-    trainer.model.eval()
-    for begin in range(0, len(dataset), budget.batch_size):
-        rows = [dataset[index] for index in range(begin, min(begin + budget.batch_size, len(dataset)))]
-        batch = trainer.data_collator(rows)
-        labelled = batch["labels"][:, 1:] != -100
-        for control in controls:
-            trainer.args.signal_control = control
-            weights = trainer.signal_weights(batch).float().cpu()
-            for position, index in enumerate(batch[ROW_KEY].tolist()):
-                if list(rows[position]["input_ids"]) != list(ids[index]):
-                    raise RuntimeError(f"{method}: row {index}'s tokens differ from the task's tokenisation.")
-                results[control][index] = weights[position][labelled[position]].numpy()
+    results = label_token_weights(trainer, ids, budget.batch_size, controls)
     del trainer
     gc.collect()
     return results

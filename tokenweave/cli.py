@@ -530,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     evidence.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
                           help="The measurements to run: critical (localization, rollout test), preference (TGDPO's "
                                "and T-REG's token rewards on the same trajectories), perturbation (attention credit, "
-                               "HAPO's entropy), ranks (Rank-GRPO), learning (cDPO on prefix-sharing and independent "
-                               "pairs against DPO and shuffled cDPO at each step budget: the longest).")
+                               "HAPO's entropy), ranks (Rank-GRPO), sft (Rho-1's, TokenCleaning's, ProFit's, DFT's, "
+                               "EAFT's weights against the planted noise of noisy_arithmetic), learning (cDPO on "
+                               "prefix-sharing and independent pairs against DPO and shuffled cDPO at each step "
+                               "budget: the longest).")
     evidence.add_argument("--work_dir", default="outputs/evidence", help="Where the steps, the table and the figure go.")
     evidence.add_argument("--critical_config", default=None,
                           help="The critical-token pipeline config of the arithmetic rows (its warm start is their "

@@ -40,7 +40,7 @@ In a run config (SFT only: ``tokenweave.data.loading`` refuses the task for DPO 
 Per-token ground truth, aligned to the tokens TRL 1.16's SFTTrainer labels:
 
 - :func:`planted_label_mask`: 1/0 for each labelled token (``labels != -100``, in order) whose characters overlap a
-  planted span;
+  planted span; :func:`planted_label_masks`: that mask and the token ids of every row of a dataset;
 - :func:`tokenize_like_sft`: the ``input_ids`` and ``labels`` SFTTrainer gives a conversational prompt-completion
   row (before truncation);
 - :func:`oracle_weights` / :func:`oracle_weights_column`: one weight per labelled token, 0 at planted tokens and 1
@@ -87,6 +87,7 @@ __all__ = [
     "oracle_weights",
     "oracle_weights_column",
     "planted_label_mask",
+    "planted_label_masks",
     "planted_spans",
     "tokenize_like_sft",
     "wrong_step_solution",
@@ -320,6 +321,20 @@ def planted_label_mask(tokenizer, input_ids: Sequence[int], labels: Sequence[int
     planted = [(start + low, start + high) for low, high in planted_spans]
     return [int(any(begin < high and end > low for low, high in planted))
             for begin, end in (spans[index] for index in labelled)]
+
+
+def planted_label_masks(dataset: Dataset, tokenizer,
+                        completion_only_loss: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+    """``(masks, ids)``: for each row of ``dataset`` (rows with ``planted_spans``), :func:`planted_label_mask` of its
+    labelled tokens and its ``input_ids``, as :func:`tokenize_like_sft` gives them (before truncation). The masks are
+    the ground truth a token signal's weights are scored against; the ids tell which of a trainer's rows is which."""
+    masks, ids = [], []
+    for example in dataset:
+        tokens = tokenize_like_sft(example, tokenizer, completion_only_loss)
+        masks.append(planted_label_mask(tokenizer, tokens["input_ids"], tokens["labels"], example["completion"],
+                                        example["planted_spans"]))
+        ids.append(tokens["input_ids"])
+    return masks, ids
 
 
 def oracle_weights(example: dict[str, Any], tokenizer, completion_only_loss: bool = True) -> list[float]:

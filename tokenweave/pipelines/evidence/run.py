@@ -20,6 +20,7 @@ from .learning import learning_evidence, learning_verdicts
 from .perturbation import perturbation_evidence
 from .preference import METHODS, token_reward_evidence
 from .ranks import rank_evidence
+from .sft import reference_step, sft_noise_evidence, sft_settings
 from .table import Measurement, evidence_json, evidence_markdown, load_measurements
 
 LOG_PREFIX = "evidence"
@@ -147,6 +148,13 @@ def run_evidence(
                                   "model": made_from(rank_model)},
             lambda seed=seed: [rank_evidence(model, tokenizer, seeds=[seed], num_requests=counts.rank_requests,
                                              num_samples_per_prompt=counts.rank_samples)],
+        ) for seed in seeds]
+        measurements += _merged([_read(path) for path in run_steps(work_dir, steps, LOG_PREFIX).values()])
+    if "sft" in parts:
+        reference = run_steps(work_dir, [reference_step(counts)], LOG_PREFIX)["sft_reference"]
+        steps = [_measurements_step(
+            f"sft_seed{seed}", sft_settings(counts, seed, reference),
+            lambda seed=seed: sft_noise_evidence(counts, seed, reference, work_dir / f"sft_token_cleaning_seed{seed}"),
         ) for seed in seeds]
         measurements += _merged([_read(path) for path in run_steps(work_dir, steps, LOG_PREFIX).values()])
     if "learning" in parts:  # last: the longest part
