@@ -253,7 +253,8 @@ class AttentionCreditSignal(TokenSignal):
         mask = generation.completion_mask
         warning = None if self.warned_short else short_for_horizon(mask, args)
         if warning is not None:
-            logger.warning(warning)
+            if trainer.accelerator.is_main_process:  # each process has its own completions: said once, by one
+                logger.warning(warning)
             self.warned_short = True
         with disable_gradient_checkpointing(trainer.model, args.gradient_checkpointing_kwargs):
             credit = attention_credit(
