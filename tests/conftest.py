@@ -83,3 +83,13 @@ def scored_pairs(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("scored-pairs")
     dataset.save_to_disk(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """Two different random tiny models as positive and negative scoring models, and their tokenizer."""
+    from tokenweave.inference.scoring import ScoringModel
+
+    positive, tokenizer = build_tiny_llama(seed=0)
+    negative, _ = build_tiny_llama(seed=1)
+    return ScoringModel(positive.eval()), ScoringModel(negative.eval()), tokenizer

@@ -13,7 +13,7 @@ from trl.trainer.dpo_trainer import DPOTrainer
 
 from tokenweave.data.token_columns import tokenize_like_dpo
 from tokenweave.inference.scoring import ScoringModel, load_contrastive_models, score_dataset
-from tokenweave.models import CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, resolve_model
+from tokenweave.models import CHATML_TEMPLATE, build_tiny_tokenizer, resolve_model
 from tokenweave.tokens.critical import chunked_contrastive_scores, contrastive_log_scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,14 +100,6 @@ def test_tokenization_equals_trl_dpo_tokenization(thinking_prompt):
         # The third chosen starts with "<think>" like the generation prompt, its rejected does not: the
         # completion starts after the shorter common prefix, for both.
         assert tokenizer.decode(expected[2]["chosen_ids"]).startswith("<think>7 + 8")
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    """Two different random tiny models as positive and negative, and their tokenizer."""
-    positive, tokenizer = build_tiny_llama(seed=0)
-    negative, _ = build_tiny_llama(seed=1)
-    return ScoringModel(positive.eval()), ScoringModel(negative.eval()), tokenizer
 
 
 def test_dataset_scores_align_with_trl_completion_tokens_and_equal_full_logit_scores(tiny_pair):

@@ -9,7 +9,7 @@ from tokenweave.inference.generation import generate_completions
 from tokenweave.inference.scoring import score_dataset
 from tokenweave.inference.shards import Shard, batch_seed
 
-from .test_critical_scores import PAIRS, tiny_pair  # noqa: F401 (a fixture)
+from .test_critical_scores import PAIRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
