@@ -137,6 +137,11 @@ class RunArguments:
                               f"{self.test_split_size!r}.")
 
     @property
+    def data_name(self) -> str:
+        """What the run trains on, as its cards and its errors name it: the mixture's paths, or ``dataset_name``."""
+        return ", ".join(mixed["path"] for mixed in self.datasets) if self.datasets else self.dataset_name
+
+    @property
     def is_streaming(self) -> bool:
         """Whether the train data is streamed (``streaming`` with a mixture, ``dataset_streaming`` without)."""
         return self.streaming if self.datasets else self.dataset_streaming

@@ -127,7 +127,7 @@ def build_trainer(run_args, training_args, model_args):
 
     train_dataset, eval_dataset = load_run_splits(run_args, training_args)
     for split, dataset in ((run_args.dataset_train_split, train_dataset), (run_args.dataset_test_split, eval_dataset)):
-        checked, name = checked_rows(dataset), f"{run_args.dataset_name} (split {split!r})"
+        checked, name = checked_rows(dataset), f"{run_args.data_name} (split {split!r})"
         for token_signal in active_signal_classes(training_args) if dataset is not None else ():
             token_signal.check_dataset(checked, training_args, name)
     peft_config = get_peft_config(model_args)
@@ -146,8 +146,7 @@ def build_trainer(run_args, training_args, model_args):
         peft_config=peft_config,
         **trainer_kwargs,
     )
-    trainer.card_dataset_name = (", ".join(mixed["path"] for mixed in run_args.datasets) if run_args.datasets
-                                 else run_args.dataset_name)  # every card it writes, push_to_hub's too
+    trainer.card_dataset_name = run_args.data_name  # every card it writes, push_to_hub's too
     return trainer
 
 
