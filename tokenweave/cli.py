@@ -39,6 +39,7 @@ line, ``tokenweave <command>: error: <what, where, the fix>``, with exit status 
 option: not after ``train``, where ``--debug`` is transformers' option) or ``TOKENWEAVE_DEBUG=1`` shows the traceback
 instead."""
 DEBUG_VARIABLE = "TOKENWEAVE_DEBUG"
+DEBUG_HELP = "Show the traceback of a refused input instead of its one line."
 
 
 def _task_arguments(args) -> dict:
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"<command> (or {DEBUG_VARIABLE}=1) shows its traceback.")
     parser.add_argument("--version", action=_VersionAction, nargs=0, help="Print tokenweave's version and git commit.")
     parser.add_argument("--debug", action="store_true",
-                        help="Show the traceback of a refused input instead of its one line.")
+                        help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, help: str, passes_arguments: bool = False, **kwargs) -> argparse.ArgumentParser:
@@ -352,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         subcommand.set_defaults(handler=handler, passes_arguments=passes_arguments, needs_output=False)
         if not passes_arguments:
             subcommand.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                                    help="Show the traceback of a refused input instead of its one line.")
+                                    help=DEBUG_HELP)
         return subcommand
 
     command("train", _train_command, passes_arguments=True,
